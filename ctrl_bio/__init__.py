@@ -1,0 +1,30 @@
+"""ctrl-bio: add new conditional controls to pre-trained diffusion models by reinforcement learning.
+
+CTRL (Zhao et al. 2024, "Adding Conditional Control to Diffusion Models with Reinforcement Learning")
+fine-tunes a zero-initialised label pathway of a frozen pre-trained score model so that it samples
+p(x | y) proportional to p_pre(x) p(y | x). The core is domain-agnostic and imports torch, numpy and scipy
+only; domains live in the top-level ``domains`` namespace package.
+"""
+
+from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
+from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
+from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore, LabelEmbedding, VectorPathway
+from ctrl_bio.objective import ObjectiveEstimate, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.reward import (CalibratedClassifier, ClassifierReport, LabelPrior, LogLikelihoodReward,
+                             expected_calibration_error, mlp_classifier, train_classifier)
+from ctrl_bio.sampling import SamplerOutput, euler_maruyama, time_grid
+from ctrl_bio.sde import SDE, VPSDE
+from ctrl_bio.utils import append_dims
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDE", "VPSDE", "append_dims",
+    "SamplerOutput", "euler_maruyama", "time_grid",
+    "girsanov_kl", "transition_kl", "gaussian_kl",
+    "NULL_LABEL", "AugmentedScore", "VectorPathway", "EmbeddingAugmentedScore", "LabelEmbedding",
+    "CalibratedClassifier", "ClassifierReport", "LabelPrior", "LogLikelihoodReward", "expected_calibration_error",
+    "mlp_classifier", "train_classifier",
+    "ObjectiveEstimate", "WeightedPool", "pathwise_loss", "weighted_score_matching_loss",
+    "FinetuneResult", "NonFiniteLossError", "finetune",
+]

@@ -1,0 +1,184 @@
+"""``finetune``: CTRL fine-tuning of an augmented model from Python with plain arguments.
+
+Estimators (see :mod:`ctrl_bio.objective`):
+- ``pathwise``: maximise J by backpropagating through the sampler (CTRL's own algorithm).
+- ``score_matching``: regress the label pathway onto the optimum of J by denoising score matching on
+  pre-trained samples importance-resampled by p(y|x0)^(gamma/alpha); off-policy, keeps every mode.
+- ``hybrid`` (default): ``score_matching`` first, then ``pathwise`` on J itself from that start; the
+  warm start covers every mode, so the on-policy phase refines J without the collapse a cold start
+  shows (benchmarks/gmm/ablation.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.model import NULL_LABEL, ConditionalScore
+from ctrl_bio.objective import MemoryMode, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.progress import progress_bar
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sde import SDE
+
+Estimator = Literal["pathwise", "score_matching", "hybrid"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the parameters were restored to the last good state."""
+
+
+@dataclass
+class FinetuneResult:
+    """Training record of :func:`finetune`.
+
+    Attributes:
+        history: one dict per evaluation: ``step``, ``phase``, ``loss`` and the no-grad estimates of
+            ``reward``, ``kl`` and ``objective`` (J) on an evaluation batch.
+        seconds: wall-clock time of the whole call, pool generation included.
+        pool_ess: smallest effective sample size of the tilted pool over label combinations (score matching).
+    """
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    pool_ess: float | None = None
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: is the label pathway attached?")
+    return params
+
+
+@torch.no_grad()
+def sample_pretrained_pool(model: ConditionalScore, sde: SDE, x_shape: tuple[int, ...], n: int, *,
+                           n_steps: int, t_end: float, batch_size: int = 4096,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """n samples of the pre-trained model: the augmented model with null labels (exactly s_pre)."""
+    device = next(model.parameters()).device
+    times = time_grid(n_steps, t_end, device=device)
+    chunks = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        y_null = torch.full((b, len(model.n_classes)), NULL_LABEL, dtype=torch.long, device=device)
+        x_init = sde.prior_sampling((b, *x_shape), generator=generator, device=device)
+        chunks.append(euler_maruyama(sde, model.conditioned(y_null), x_init, times, generator=generator,
+                                     keep_trajectory=False).x)
+    return torch.cat(chunks)
+
+
+def _save_checkpoint(params: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(path))
+
+
+def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
+             x_shape: tuple[int, ...], *, estimator: Estimator = "hybrid", alpha: float = 1.0, gamma: float = 1.0,
+             steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100, t_end: float = 1e-3,
+             memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
+             sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
+             eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
+             seed: int = 0, progress: bool = True) -> FinetuneResult:
+    """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
+
+    Args:
+        model: augmented model (frozen pre-trained score + zero-initialised pathway), trained in place.
+        sde: the SDE of the pre-trained model.
+        reward: log p(y | x0) per label (a learned, calibrated classifier, or an exact likelihood).
+        label_prior: p(y) that training labels are drawn from.
+        x_shape: shape of one sample, e.g. ``(d,)`` or ``(4, 200)``.
+        estimator: ``pathwise``, ``score_matching`` or ``hybrid`` (score matching, then pathwise).
+        alpha: KL weight; gamma: reward weight (gamma > 1 sharpens like a guidance scale).
+        steps: pathwise updates; ``sm_steps``: score-matching updates.
+        memory, grad_last_k: how the pathwise gradient is stored (see :func:`pathwise_loss`).
+        pool_size: pre-trained samples the score-matching phase resamples from.
+        eval_every: record a no-grad estimate of J, reward and KL every this many updates.
+        checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
+            a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
+    """
+    if estimator not in ("pathwise", "score_matching", "hybrid"):
+        raise ValueError(f"estimator must be 'pathwise', 'score_matching' or 'hybrid', got {estimator!r}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha}")
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    eval_generator = torch.Generator().manual_seed(seed + 1)
+    result = FinetuneResult()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable_parameters(model)
+    last_good = copy.deepcopy({n: p.detach().clone() for n, p in named.items()})
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+
+    def evaluate(step: int, phase: str, loss: float) -> None:
+        nonlocal last_good
+        with torch.no_grad():
+            y = label_prior.sample(eval_batch_size, eval_generator)
+            est = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
+                                gamma=gamma, memory="full", generator=eval_generator)
+        result.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
+                               "kl": float(est.kl), "objective": float(est.objective)})
+        last_good = {n: p.detach().clone() for n, p in named.items()}
+        if path is not None:
+            _save_checkpoint(last_good, path)
+
+    def check_finite(loss: Tensor, step: int, phase: str) -> None:
+        if not torch.isfinite(loss):
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(last_good[n])
+            where = f"; last good parameters kept in {path}" if path is not None else ""
+            raise NonFiniteLossError(f"{phase} loss became {float(loss)} at update {step}: stopped, "
+                                     f"parameters restored to the last evaluation{where}")
+
+    step = 0
+    evaluate(step, "init", float("nan"))
+    phases = [] if estimator == "pathwise" else [("score_matching", sm_steps)]
+    if estimator != "score_matching":
+        phases.append(("pathwise", steps))
+    for phase, n_updates in phases:
+        if n_updates <= 0:
+            continue
+        params = list(named.values())
+        opt = torch.optim.Adam(params, lr=sm_lr if phase == "score_matching" else lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_updates)
+        if phase == "score_matching":
+            x0 = sample_pretrained_pool(model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end,
+                                        generator=generator)
+            with torch.no_grad():
+                pool = WeightedPool(x0, [f(x0) for f in reward.log_prob_fns], tilt=gamma / alpha)
+            combos = torch.cartesian_prod(*[torch.arange(n) for n in label_prior.n_classes]).reshape(
+                -1, len(label_prior.n_classes))
+            result.pool_ess = min(pool.effective_sample_size(c) for c in combos[:64])
+        with progress_bar(n_updates, f"ctrl {phase}", enabled=progress) as advance:
+            for _ in range(n_updates):
+                y = label_prior.sample(sm_batch_size if phase == "score_matching" else batch_size, generator)
+                if phase == "score_matching":
+                    loss = weighted_score_matching_loss(model, sde, pool, y, t_end=t_end, generator=generator)
+                else:
+                    loss = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
+                                         gamma=gamma, memory=memory, grad_last_k=grad_last_k,
+                                         generator=generator).loss
+                step += 1
+                check_finite(loss, step, phase)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                sched.step()
+                advance(loss=loss.item())
+                if step % eval_every == 0:
+                    evaluate(step, phase, float(loss))
+    if not result.history or result.history[-1]["step"] != step:
+        evaluate(step, phases[-1][0] if phases else "init", float("nan"))
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,131 @@
+"""The CTRL objective and its estimators.
+
+For labels y drawn from a prior p(y), CTRL (Zhao et al. 2024, eq. 6; DESIGN.md) maximises
+
+    J(theta) = E_y E_{x ~ P_theta(.|y)} [ gamma * log p(y | x_0) ] - alpha * KL(P_theta(.|y) || P_pre),
+
+whose maximiser for alpha = gamma = 1 is the Doob h-transform s* = s_pre + grad log h_t(x, y),
+h_t(x, y) = E_pre[p(y | x_0) | x_t = x], i.e. P*(x_0 | y) = p_pre(x_0) p(y | x_0) / p(y) and J* = E_y log p(y).
+
+Two estimators of the same optimum live here:
+- :func:`pathwise_loss`: -J by reparameterised Euler-Maruyama, differentiated through the whole chain
+  (full, with activation checkpointing, or through the last K steps as in DRaFT-K). On-policy: it only
+  sees where the current model goes, so a mode it stops visiting gets no gradient back.
+- :func:`weighted_score_matching_loss`: the optimum as a score-matching regression. Since
+  P*(x_0|y) is proportional to p_pre(x_0) p(y|x_0)^(gamma/alpha), its score at every t is what denoising
+  score matching (Vincent 2011) learns from samples of the pre-trained model importance-resampled with
+  weights p(y|x_0)^(gamma/alpha) (reward-weighted regression, Peters & Schaal 2007, applied to the soft-optimal
+  policy of KL-regularised RL). Off-policy: the behaviour samples come from the pre-trained model, which
+  covers every mode, so no mode can be lost on the way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ctrl_bio.model import AugmentedScore, ConditionalScore
+from ctrl_bio.reward import Reward
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sde import SDE
+from ctrl_bio.utils import append_dims, sum_except_batch
+
+MemoryMode = Literal["full", "checkpoint", "truncate"]
+
+
+@dataclass
+class ObjectiveEstimate:
+    """One minibatch estimate of the CTRL objective (scalars are batch means)."""
+
+    loss: Tensor
+    reward: Tensor
+    kl: Tensor
+    objective: Tensor
+    x0: Tensor
+
+
+def pathwise_loss(model: ConditionalScore, sde: SDE, reward: Reward, y: Tensor, x_shape: tuple[int, ...], *,
+                  n_steps: int = 100, t_end: float = 1e-3, alpha: float = 1.0, gamma: float = 1.0,
+                  memory: MemoryMode = "checkpoint", grad_last_k: int = 10,
+                  generator: torch.Generator | None = None) -> ObjectiveEstimate:
+    """-J for labels y by backpropagation through the Euler-Maruyama sampler.
+
+    Args:
+        model: the augmented model; only its label pathway has trainable parameters.
+        reward: ``(x0, y) -> log p(y | x0)`` summed over labels.
+        y: requested labels, (batch_size, n_labels).
+        x_shape: shape of one sample.
+        memory: ``full`` keeps every step's activations; ``checkpoint`` recomputes them in backward
+            (memory flat in ``n_steps``, same gradient); ``truncate`` differentiates only the last
+            ``grad_last_k`` steps (biased, cheapest).
+    """
+    if memory not in ("full", "checkpoint", "truncate"):
+        raise ValueError(f"memory must be 'full', 'checkpoint' or 'truncate', got {memory!r}")
+    device = next(model.parameters()).device
+    times = time_grid(n_steps, t_end, device=device)
+    x_init = sde.prior_sampling((y.shape[0], *x_shape), generator=generator, device=device)
+    out = euler_maruyama(sde, model.conditioned(y), x_init, times, generator=generator,
+                         checkpoint=memory == "checkpoint",
+                         grad_last_k=grad_last_k if memory == "truncate" else None, keep_trajectory=False)
+    r = reward(out.x, y)
+    kl = out.kl
+    objective = gamma * r - alpha * kl
+    return ObjectiveEstimate(loss=-objective.mean(), reward=r.mean().detach(), kl=kl.mean().detach(),
+                             objective=objective.mean().detach(), x0=out.x.detach())
+
+
+class WeightedPool:
+    """Samples of the pre-trained model with their per-class label log-likelihoods.
+
+    Args:
+        x0: pre-trained samples, (N, ...).
+        class_log_probs: per label k, log p_k(c | x0_i) for every class c, each of shape (N, n_classes_k).
+        tilt: exponent gamma / alpha of the likelihood in the target p_pre(x) p(y|x)^(gamma/alpha).
+    """
+
+    def __init__(self, x0: Tensor, class_log_probs: list[Tensor], tilt: float = 1.0):
+        self.x0 = x0
+        self.class_log_probs = class_log_probs
+        self.tilt = tilt
+        self._probs: dict[tuple[int, ...], Tensor] = {}
+
+    def weights(self, y: Tensor) -> Tensor:
+        """Normalised weights p(y | x0_i)^tilt / sum_j p(y | x0_j)^tilt for one label combination y, (N,)."""
+        key = tuple(int(v) for v in y)
+        if key not in self._probs:  # one softmax per label combination, reused by every draw
+            logw = self.tilt * sum(lp[:, k] for lp, k in zip(self.class_log_probs, key))
+            self._probs[key] = torch.softmax(logw.double(), dim=0)
+        return self._probs[key]
+
+    def effective_sample_size(self, y: Tensor) -> float:
+        """Kish's effective sample size of the importance weights for one label combination y, (K,)."""
+        return float(1.0 / (self.weights(y) ** 2).sum())
+
+    def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One pool sample per row of y, drawn from the pool tilted by p(y | x0)^tilt, (B, ...)."""
+        idx = torch.empty(y.shape[0], dtype=torch.long)
+        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
+        for j, combo in enumerate(combos):
+            rows = (inverse == j).nonzero().squeeze(1)
+            idx[rows] = torch.multinomial(self.weights(combo), rows.numel(), replacement=True, generator=generator)
+        return self.x0[idx]
+
+
+def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, *,
+                                 t_end: float = 1e-3, generator: torch.Generator | None = None) -> Tensor:
+    """Denoising score matching of s_theta(., ., y) on the reward-tilted pre-trained samples.
+
+    Loss: E || sigma_t s_theta(x_t, t, y) + eps ||^2 with x_t = alpha_t x_0 + sigma_t eps, x_0 drawn from the
+    pool tilted by p(y|x_0)^(gamma/alpha) (the sigma_t^2 weighting of Song et al. 2021, i.e. noise units).
+    Its minimiser is the score of the tilted distribution at every t: the optimum of J.
+    """
+    x0 = pool.draw(y, generator)
+    t = t_end + (1.0 - t_end) * torch.rand(y.shape[0], generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = sde.perturb(x0, t, eps)
+    s_theta = model(x_t, t, y)
+    sigma = append_dims(sde.sigma(t), x0.ndim)
+    return sum_except_batch((sigma * s_theta + eps) ** 2).mean()

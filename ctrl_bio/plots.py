@@ -1,0 +1,31 @@
+"""Plots every suite shares: objective, reward and KL over fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, optimum: float | None = None) -> Path:
+    """J, reward and KL against the update count, one line per method (from ``FinetuneResult.history``)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, history in histories.items():
+        steps = [h["step"] for h in history]
+        for ax, key in zip(axes, ("objective", "reward", "kl")):
+            ax.plot(steps, [h[key] for h in history], marker="o", ms=3, label=name)
+    if optimum is not None:
+        axes[0].axhline(optimum, color="k", ls="--", lw=1, label="optimum E log p(y)")
+    for ax, title in zip(axes, ("objective J", "reward E[log p(y|x0)]", "path KL to pre-trained")):
+        ax.set_title(title)
+        ax.set_xlabel("update")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=max(axes[0].get_ylim()[0], (optimum or 0.0) - 10))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,111 @@
+"""Forward and reverse SDEs in the one convention of DESIGN.md.
+
+Time t in [0, 1], data at t = 0 and noise at t = 1. The variance-preserving SDE (Song et al. 2021,
+"Score-Based Generative Modeling through Stochastic Differential Equations", eq. 11) is
+
+    dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW,
+    x_t | x_0 ~ N(alpha_t x_0, sigma_t^2 I),  alpha_t = exp(-1/2 int_0^t beta),  sigma_t^2 = 1 - alpha_t^2,
+
+and its reverse-time SDE (Anderson 1982; Song et al. eq. 6) is
+
+    dx = [f(x, t) - g(t)^2 s(x, t)] dt + g(t) dW_bar,   t from 1 to 0.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import Tensor
+
+from ctrl_bio.utils import append_dims, sum_except_batch
+
+
+class SDE(abc.ABC):
+    """A forward diffusion with a Gaussian marginal x_t | x_0 ~ N(alpha_t x_0, sigma_t^2 I).
+
+    Subclasses give ``beta(t)`` and ``log_alpha(t)``; everything else follows. Every method takes
+    ``t`` as a tensor of shape (batch_size,) (or a scalar tensor) and data of any shape (batch_size, ...).
+    """
+
+    @abc.abstractmethod
+    def beta(self, t: Tensor) -> Tensor:
+        """Instantaneous noise rate beta(t) = g(t)^2."""
+
+    @abc.abstractmethod
+    def log_alpha(self, t: Tensor) -> Tensor:
+        """log alpha_t = -1/2 int_0^t beta(s) ds."""
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: Tensor) -> Tensor:
+        # -expm1(2 log alpha) = 1 - alpha^2 without cancellation near t = 0.
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward drift f(x, t) = -1/2 beta(t) x and diffusion g(t) = sqrt(beta(t))."""
+        beta = self.beta(t)
+        return -0.5 * append_dims(beta, x.ndim) * x, torch.sqrt(beta)
+
+    def marginal_prob(self, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean alpha_t x_0 (shape of x0) and std sigma_t (shape of t) of x_t | x_0."""
+        return append_dims(self.alpha(t), x0.ndim) * x0, self.sigma(t)
+
+    def perturb(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw x_t = alpha_t x_0 + sigma_t eps for the given standard normal ``noise``."""
+        mean, std = self.marginal_prob(x0, t)
+        return mean + append_dims(std, x0.ndim) * noise
+
+    def prior_sampling(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
+                       device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        """Sample the reference distribution at t = 1, N(0, I)."""
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log N(z; 0, I) summed over all dimensions but the batch one: (B, ...) -> (B,)."""
+        n = z[0].numel()
+        return -0.5 * n * math.log(2 * math.pi) - 0.5 * sum_except_batch(z**2)
+
+    def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """Drift of the reverse SDE in forward-time units, f(x, t) - g(t)^2 s(x, t).
+
+        The reverse process runs t from 1 to 0, so one Euler step of size h > 0 moves the state by
+        ``-h * reverse_drift``.
+        """
+        drift, _ = self.sde(x, t)
+        return drift - append_dims(self.beta(t), x.ndim) * score
+
+    def score_from_eps(self, eps: Tensor, t: Tensor) -> Tensor:
+        """s = -eps / sigma_t for a network that predicts the noise."""
+        return -eps / append_dims(self.sigma(t), eps.ndim)
+
+    def denoise(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """Tweedie's posterior mean x0_hat = (x_t + sigma_t^2 s) / alpha_t."""
+        alpha, sigma = append_dims(self.alpha(t), x.ndim), append_dims(self.sigma(t), x.ndim)
+        return (x + sigma**2 * score) / alpha
+
+
+class VPSDE(SDE):
+    """VP-SDE with a linear schedule beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021).
+
+    Args:
+        beta_min: beta(0).
+        beta_max: beta(1); with the defaults alpha_1^2 = exp(-10.05), so x_1 is N(0, I) to 4e-5.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 <= beta_min <= beta_max or beta_max <= 0:
+            raise ValueError(f"need 0 <= beta_min <= beta_max and beta_max > 0, got {beta_min}, {beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_max = float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+
+    def __repr__(self) -> str:
+        return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max})"

@@ -1,0 +1,38 @@
+"""Small shape and reproducibility helpers shared by the core."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def append_dims(v: Tensor, target_ndim: int) -> Tensor:
+    """Append trailing singleton dimensions so that ``v`` broadcasts against a (B, ...) tensor.
+
+    Works for any data shape (vectors, sequences, images), following k-diffusion's ``append_dims``;
+    the core never writes ``[:, None, None, None]``.
+
+    Args:
+        v: tensor of shape (batch_size,) or a scalar tensor.
+        target_ndim: number of dimensions of the tensor ``v`` must broadcast against.
+    """
+    missing = target_ndim - v.ndim
+    if missing < 0:
+        raise ValueError(f"cannot broadcast a {v.ndim}-d tensor against {target_ndim} dimensions")
+    return v.reshape(*v.shape, *([1] * missing))
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first: (B, ...) -> (B,)."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
