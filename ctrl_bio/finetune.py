@@ -2,11 +2,12 @@
 
 Estimators (see :mod:`ctrl_bio.objective`):
 - ``pathwise``: maximise J by backpropagating through the sampler (CTRL's own algorithm).
-- ``score_matching``: regress the label pathway onto the optimum of J by denoising score matching on
+- ``score_matching`` (default): regress the label pathway onto the optimum of J by denoising score matching on
   pre-trained samples importance-resampled by p(y|x0)^(gamma/alpha); off-policy, keeps every mode.
-- ``hybrid`` (default): ``score_matching`` first, then ``pathwise`` on J itself from that start; the
-  warm start covers every mode, so the on-policy phase refines J without the collapse a cold start
-  shows (benchmarks/gmm/ablation.md).
+- ``hybrid``: ``score_matching`` first, then ``pathwise`` on J itself from that warm start.
+
+``score_matching`` is the default: it keeps every mode where ``pathwise`` from a cold start collapses
+(benchmarks/gmm/ablation.md).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _save_checkpoint(params: dict[str, Tensor], path: Path) -> None:
 
 
 def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
-             x_shape: tuple[int, ...], *, estimator: Estimator = "hybrid", alpha: float = 1.0, gamma: float = 1.0,
+             x_shape: tuple[int, ...], *, estimator: Estimator = "score_matching", alpha: float = 1.0, gamma: float = 1.0,
              steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100, t_end: float = 1e-3,
              memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
@@ -96,7 +97,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         reward: log p(y | x0) per label (a learned, calibrated classifier, or an exact likelihood).
         label_prior: p(y) that training labels are drawn from.
         x_shape: shape of one sample, e.g. ``(d,)`` or ``(4, 200)``.
-        estimator: ``pathwise``, ``score_matching`` or ``hybrid`` (score matching, then pathwise).
+        estimator: ``score_matching`` (default), ``pathwise`` or ``hybrid`` (score matching, then pathwise).
         alpha: KL weight; gamma: reward weight (gamma > 1 sharpens like a guidance scale).
         steps: pathwise updates; ``sm_steps``: score-matching updates.
         memory, grad_last_k: how the pathwise gradient is stored (see :func:`pathwise_loss`).
@@ -175,9 +176,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                     torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
                 sched.step()
-                advance(loss=loss.item())
+                advance(loss=loss.detach().item())
                 if step % eval_every == 0:
-                    evaluate(step, phase, float(loss))
+                    evaluate(step, phase, loss.detach().item())
     if not result.history or result.history[-1]["step"] != step:
         evaluate(step, phases[-1][0] if phases else "init", float("nan"))
     result.seconds = time.perf_counter() - start

@@ -1,0 +1,47 @@
+"""The augmented model: zero initialisation is exact, null labels switch the pathway off."""
+
+import pytest
+import torch
+
+from ctrl_bio.model import AugmentedScore, LabelEmbedding, VectorPathway, check_labels
+from ctrl_bio.sampling import euler_maruyama, time_grid
+
+
+def test_zero_init_reproduces_pretrained_sampler_bit_for_bit(small_testbed):
+    tb = small_testbed
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2, 3), hidden=16, depth=2), tb.sde)
+    times, noise, x_init = time_grid(30), torch.randn(30, 64, 2), torch.randn(64, 2)
+    y = torch.stack([torch.randint(0, 2, (64,)), torch.randint(0, 3, (64,))], 1)
+    ref = euler_maruyama(tb.sde, tb.pretrained, x_init, times, noise=noise)
+    aug = euler_maruyama(tb.sde, model.conditioned(y), x_init, times, noise=noise)
+    assert torch.equal(ref.x, aug.x)
+    assert torch.equal(aug.kl, torch.zeros(64))
+
+
+def test_only_the_pathway_trains_and_null_label_is_pretrained(small_testbed):
+    tb = small_testbed
+    pathway = VectorPathway(2, (2,), hidden=16, depth=2)
+    torch.nn.init.normal_(pathway.out.weight)  # as after training
+    model = AugmentedScore(tb.pretrained, pathway, tb.sde)
+    assert all(p.requires_grad for p in model.pathway.parameters())
+    x, t = torch.randn(8, 2), torch.rand(8) * 0.9 + 0.05
+    s_null = model(x, t, torch.full((8, 1), -1))
+    torch.testing.assert_close(s_null, tb.pretrained(x, t), atol=0, rtol=0)
+    assert not torch.allclose(model(x, t, torch.zeros(8, 1, dtype=torch.long)), s_null)
+
+
+def test_label_embedding_null_row_stays_zero():
+    emb = LabelEmbedding((3, 2), emb_dim=5)
+    assert torch.equal(emb(torch.tensor([[0, 1], [-1, -1]])), torch.zeros(2, 5))
+    opt = torch.optim.SGD(emb.parameters(), lr=1.0)
+    (emb(torch.tensor([[1, 0]])).sum() + emb(torch.tensor([[-1, -1]])).sum()).backward()
+    opt.step()
+    assert torch.equal(emb(torch.tensor([[-1, -1]])), torch.zeros(1, 5))
+    assert not torch.equal(emb(torch.tensor([[1, 0]])), torch.zeros(1, 5))
+
+
+def test_label_validation():
+    with pytest.raises(ValueError, match="shape"):
+        check_labels(torch.zeros(4, dtype=torch.long), (2,))
+    with pytest.raises(ValueError, match="0..1"):
+        check_labels(torch.tensor([[0], [2]]), (2,))
