@@ -168,7 +168,8 @@ class EmbeddingAugmentedScore(nn.Module):
     through the same graph so that the KL's pathwise gradient is exact.
 
     Args:
-        net: a score network with signature ``net(x, t, extra_emb=None) -> s``; frozen in place.
+        net: a score network with signature ``net(x, t, extra_emb=None) -> s``; frozen in place. If it also
+            has ``forward_pair(x, t, extra_emb) -> (s, s_pre)`` that is used (one shared trunk).
         n_classes: classes per label.
         emb_dim: width of the network's time embedding.
     """
@@ -181,8 +182,11 @@ class EmbeddingAugmentedScore(nn.Module):
         self.n_classes = self.embedding.n_classes
 
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        s = self.net(x, t, self.embedding(y))
-        s_pre = self.net(x, t)
+        emb = self.embedding(y)
+        if hasattr(self.net, "forward_pair"):  # a network that shares the layers before the label between both
+            s, s_pre = self.net.forward_pair(x, t, emb)
+        else:
+            s, s_pre = self.net(x, t, emb), self.net(x, t)
         return s, s - s_pre
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:

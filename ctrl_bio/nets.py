@@ -59,11 +59,17 @@ class ConvScoreNet(nn.Module):
         kernel_size: odd convolution width.
         n_fourier: Fourier features of t fed to the time MLP.
         groups: GroupNorm groups (must divide ``hidden``).
+        label_blocks: how many of the last blocks receive ``extra_emb`` (None: all of them). Fewer blocks
+            make CTRL's paired evaluation cheaper (:meth:`forward_pair`) at the price of a label pathway
+            that acts on later features only.
     """
 
     def __init__(self, sde: SDE, channels_in: int = 4, hidden: int = 128, n_blocks: int = 8, emb_dim: int = 128,
-                 kernel_size: int = 3, n_fourier: int = 32, groups: int = 8):
+                 kernel_size: int = 3, n_fourier: int = 32, groups: int = 8, label_blocks: int | None = None):
         super().__init__()
+        if label_blocks is not None and not 1 <= label_blocks <= n_blocks:
+            raise ValueError(f"label_blocks must lie in 1..n_blocks ({n_blocks}) or be None, got {label_blocks}")
+        self.label_blocks = label_blocks
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd to keep the length, got {kernel_size}")
         if hidden % groups != 0:
@@ -86,15 +92,32 @@ class ConvScoreNet(nn.Module):
             emb = emb + extra_emb
         return F.silu(emb)
 
-    def predict_eps(self, x: Tensor, t: Tensor, extra_emb: Tensor | None = None) -> Tensor:
-        """Noise prediction eps(x_t, t), (B, C, L) -> (B, C, L)."""
+    @property
+    def first_label_block(self) -> int:
+        """Index of the first block that sees ``extra_emb``; earlier blocks see the plain time embedding."""
+        return 0 if self.label_blocks is None else len(self.blocks) - self.label_blocks
+
+    def _trunk(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Blocks before the label enters, shared by the conditional and the pre-trained evaluation."""
         if x.ndim != 3 or x.shape[1] != self.channels_in:
             raise ValueError(f"expected input of shape (batch_size, {self.channels_in}, length), got {tuple(x.shape)}")
-        emb = self.embed_time(t.to(x.dtype).expand(x.shape[0]), extra_emb)
+        t_vec = (t.expand(x.shape[0]) if t.ndim == 0 else t).to(x.dtype)
+        emb = self.embed_time(t_vec)
         h = self.conv_in(x)
-        for block in self.blocks:
+        for block in self.blocks[:self.first_label_block]:
+            h = block(h, emb)
+        return h, t_vec
+
+    def _head_eps(self, h: Tensor, t_vec: Tensor, extra_emb: Tensor | None) -> Tensor:
+        emb = self.embed_time(t_vec, extra_emb)
+        for block in self.blocks[self.first_label_block:]:
             h = block(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def predict_eps(self, x: Tensor, t: Tensor, extra_emb: Tensor | None = None) -> Tensor:
+        """Noise prediction eps(x_t, t), (B, C, L) -> (B, C, L)."""
+        h, t_vec = self._trunk(x, t)
+        return self._head_eps(h, t_vec, extra_emb)
 
     def forward(self, x: Tensor, t: Tensor, extra_emb: Tensor | None = None) -> Tensor:
         """Score s(x_t, t) = -eps / sigma_t.
@@ -102,10 +125,21 @@ class ConvScoreNet(nn.Module):
         Args:
             x: noisy inputs x_t, (B, C, L) for any length L.
             t: times, (B,) or a scalar tensor.
-            extra_emb: optional (B, emb_dim) added to the time embedding (a label embedding).
+            extra_emb: optional (B, emb_dim) added to the time embedding (a label embedding) of the last
+                ``label_blocks`` blocks.
 
         Returns:
             The score, (B, C, L).
         """
         t_vec = t.expand(x.shape[0]) if t.ndim == 0 else t
         return self.sde.score_from_eps(self.predict_eps(x, t_vec, extra_emb), t_vec)
+
+    def forward_pair(self, x: Tensor, t: Tensor, extra_emb: Tensor) -> tuple[Tensor, Tensor]:
+        """(s with ``extra_emb``, s without it), the blocks before the label computed once for both.
+
+        CTRL's KL needs the pre-trained score at every sampler step; with ``label_blocks`` = k only the
+        last k blocks run twice, which is what keeps a fine-tuning step close to the cost of the network.
+        """
+        h, t_vec = self._trunk(x, t)
+        eps, eps_pre = self._head_eps(h, t_vec, extra_emb), self._head_eps(h, t_vec, None)
+        return self.sde.score_from_eps(eps, t_vec), self.sde.score_from_eps(eps_pre, t_vec)

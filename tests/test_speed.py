@@ -86,3 +86,13 @@ def test_speed_suite_on_a_tiny_config_returns_finite_positive_ratios(monkeypatch
         assert math.isfinite(row.metrics[name]) and row.metrics[name] > 0, name
     assert row.metrics["n_parameters"] > 0
     assert "memory_method" in result.info
+
+
+def test_forward_pair_shares_the_trunk_and_matches_two_forwards() -> None:
+    net = ConvScoreNet(VPSDE(), hidden=16, n_blocks=4, emb_dim=16, label_blocks=2)
+    x, t, emb = torch.randn(3, 4, 20), torch.rand(3), torch.randn(3, 16)
+    s, s_pre = net.forward_pair(x, t, emb)
+    torch.testing.assert_close(s, net(x, t, emb))
+    torch.testing.assert_close(s_pre, net(x, t))
+    with pytest.raises(ValueError, match="label_blocks"):
+        ConvScoreNet(VPSDE(), n_blocks=4, label_blocks=5)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Re-create the recorded gmm results: three mixtures at the suite's default budget, and the estimator
+# ablation on the default mixture. Each run leaves results.{json,md}, samples.png, training.png,
+# config.yaml and run.log in benchmarks/gmm/<name>/ (checkpoints are removed).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=benchmarks/gmm
+run() {
+  local name=$1; shift
+  /usr/bin/time -f "$name: %e s wall" ctrl-bio benchmark progress=false "hydra.run.dir=$out/$name" "$@"
+  rm -rf "$out/$name/checkpoints"
+}
+rows='suite.methods=[pretrained,exact_guidance,ctrl_oracle_reward]'
+case "${1:-all}" in
+  mixtures|all)
+    run d4_k8_c4_seed0
+    run d2_k12_c6_seed1 domain.dim=2 domain.n_components=12 domain.n_classes=6 seed=1
+    run d16_k12_c6_seed1 domain.dim=16 domain.n_components=12 domain.n_classes=6 seed=1 ;;&
+  ablation|all)
+    run ablation_pathwise "$rows" method.estimator=pathwise method.steps=300 method.lr=1e-3 method.eval_every=50
+    run ablation_hybrid "$rows" method.estimator=hybrid method.steps=100 method.eval_every=250 ;;
+esac
