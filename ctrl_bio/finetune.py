@@ -137,7 +137,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                 for n, p in named.items():
                     p.copy_(last_good[n])
             where = f"; last good parameters kept in {path}" if path is not None else ""
-            raise NonFiniteLossError(f"{phase} loss became {float(loss)} at update {step}: stopped, "
+            raise NonFiniteLossError(f"{phase} loss became {loss.detach().item()} at update {step}: stopped, "
                                      f"parameters restored to the last evaluation{where}")
 
     step = 0

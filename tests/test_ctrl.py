@@ -68,15 +68,16 @@ def evaluate(tb, score_fn, y, n_steps=50):
 
 @pytest.mark.parametrize("estimator,kwargs", [
     ("score_matching", {"sm_steps": 1000, "sm_lr": 5e-3, "sm_batch_size": 256, "pool_size": 4000}),
-    ("pathwise", {"steps": 40, "batch_size": 64, "lr": 3e-3}),
+    ("pathwise", {"steps": 60, "batch_size": 64, "lr": 1e-2, "n_steps": 25}),
 ])
 def test_ctrl_improves_accuracy_and_objective_over_pretrained(small_testbed, estimator, kwargs):
     tb = small_testbed
     label = tb.component_label
     prior = LabelPrior([label.class_probs()])
     model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=64, depth=2), tb.sde)
+    kwargs = {"n_steps": 50} | kwargs
     result = finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator=estimator,
-                      n_steps=50, eval_every=10**6, eval_batch_size=256, progress=False, **kwargs)
+                      eval_every=10**6, eval_batch_size=256, progress=False, **kwargs)
     y = prior.sample(1000, torch.Generator().manual_seed(2))
     acc_pre, j_pre = evaluate(tb, tb.pretrained, y)
     acc, j = evaluate(tb, model.conditioned(y), y)

@@ -48,15 +48,17 @@ def test_exact_guidance_samples_the_restricted_mixture():
     tb = make_testbed(dim=2, n_components=4, n_classes=2, seed=3)
     label = tb.component_label
     g = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 2, (1500,), generator=g)
-    out = euler_maruyama(tb.sde, exact_guidance(tb.pretrained, label, tb.sde, y), torch.randn(1500, 2, generator=g),
+    y = torch.randint(0, 2, (2000,), generator=g)
+    out = euler_maruyama(tb.sde, exact_guidance(tb.pretrained, label, tb.sde, y), torch.randn(2000, 2, generator=g),
                          time_grid(200), generator=g)
     assert (label.bayes_label(out.x) == y).float().mean() > 0.99
-    target, twin = label.sample_target(y, g), label.sample_target(y, g)
-    floor = energy_distance(target, twin)
-    assert energy_distance(out.x, target) < 3 * floor
-    # the path KL of the h-transform equals KL(p(x|y) || p(x)) = E log p(y|x) - log p(y) = -log p(y) here
-    # (component labels are deterministic given the component, and nearly so given x)
+    target = label.sample_target(y, g)
+    for c in (0, 1):
+        rows = y == c
+        floor = sum(energy_distance(label.sample_target(y, g)[rows], target[rows]) for _ in range(5)) / 5
+        assert energy_distance(out.x[rows], target[rows]) < 2 * floor
+    # the path KL of the h-transform equals KL(p(x|y) || p(x)) = E log p(y|x) - log p(y), and
+    # E log p(y|x) is nearly 0 for these well separated classes
     expected = -torch.log(label.class_probs()[y]).mean()
     assert float(out.kl.mean()) == pytest.approx(float(expected), rel=0.05)
 

@@ -23,16 +23,16 @@ def test_marginal_matches_forward_simulation():
     sde = VPSDE(0.1, 20.0)
     g = torch.Generator().manual_seed(0)
     x0 = torch.tensor([2.0, -1.0], dtype=torch.float64)
-    x = x0.expand(100_000, 2).clone()
-    n, t_final = 2000, 0.6
+    x = x0.expand(20_000, 2).clone()
+    n, t_final = 500, 0.6
     h = t_final / n
     for k in range(n):
         t = torch.tensor(k * h, dtype=torch.float64)
         drift, diffusion = sde.sde(x, t.expand(x.shape[0]))
         x = x + drift * h + append_dims(diffusion, 2) * math.sqrt(h) * torch.randn(x.shape, generator=g, dtype=x.dtype)
     mean, std = sde.marginal_prob(x0[None], torch.tensor([t_final], dtype=torch.float64))
-    torch.testing.assert_close(x.mean(0), mean[0], atol=0.01, rtol=0)
-    torch.testing.assert_close(x.std(0), std.expand(2), atol=0.01, rtol=0)
+    torch.testing.assert_close(x.mean(0), mean[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(x.std(0), std.expand(2), atol=0.02, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (5, 4, 200), (5, 3, 8, 8)])
