@@ -10,8 +10,15 @@ from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
 from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore, LabelEmbedding, VectorPathway
 from ctrl_bio.objective import ObjectiveEstimate, WeightedPool, pathwise_loss, weighted_score_matching_loss
-from ctrl_bio.reward import (CalibratedClassifier, ClassifierReport, LabelPrior, LogLikelihoodReward,
-                             expected_calibration_error, mlp_classifier, train_classifier)
+from ctrl_bio.reward import (
+                             CalibratedClassifier,
+                             ClassifierReport,
+                             LabelPrior,
+                             LogLikelihoodReward,
+                             expected_calibration_error,
+                             mlp_classifier,
+                             train_classifier,
+)
 from ctrl_bio.sampling import SamplerOutput, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE, VPSDE
 from ctrl_bio.utils import append_dims

@@ -83,7 +83,8 @@ def _save_checkpoint(params: dict[str, Tensor], path: Path) -> None:
 
 
 def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
-             x_shape: tuple[int, ...], *, estimator: Estimator = "score_matching", alpha: float = 1.0, gamma: float = 1.0,
+             x_shape: tuple[int, ...], *, estimator: Estimator = "score_matching", alpha: float = 1.0,
+             gamma: float = 1.0,
              steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100, t_end: float = 1e-3,
              memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,

@@ -12,8 +12,9 @@ x (CTRL Sec. 5): log p(y_1, ..., y_K | x) = sum_k log p_k(y_k | x).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -171,7 +172,7 @@ class LabelPrior:
         self.class_probs = [torch.as_tensor(p, dtype=torch.float64) / torch.as_tensor(p).sum() for p in class_probs]
 
     @classmethod
-    def from_labels(cls, labels: Sequence[Tensor], n_classes: Sequence[int]) -> "LabelPrior":
+    def from_labels(cls, labels: Sequence[Tensor], n_classes: Sequence[int]) -> LabelPrior:
         """Empirical frequencies of each label's own pairs."""
         return cls([torch.bincount(y, minlength=n).double() for y, n in zip(labels, n_classes)])
 

@@ -8,15 +8,16 @@ h-transforms and label pathways wrap the score and the sampler never branches on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ctrl_bio.sde import SDE
-from ctrl_bio.utils import append_dims, sum_except_batch
+from ctrl_bio.utils import sum_except_batch
 
 #: A score callable ``(x, t) -> s`` with x of shape (B, ...) and t of shape (B,). It may instead return
 #: the pair ``(s, u)`` where ``u = s - s_ref`` is the control against a reference (pre-trained) score;

@@ -52,7 +52,8 @@ def test_weighted_pool_draws_from_the_tilted_pool():
     draws = pool.draw(torch.zeros(40_000, 1, dtype=torch.long), torch.Generator().manual_seed(0))
     freq = torch.bincount(draws[:, 0].long(), minlength=4).float() / 40_000
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.5, 0.9, 0.5]) / 2.0, atol=0.01, rtol=0)
-    assert pool.effective_sample_size(torch.tensor([0])) == pytest.approx(1 / ((torch.tensor([.1, .5, .9, .5]) / 2) ** 2).sum())
+    weights = torch.tensor([0.1, 0.5, 0.9, 0.5]) / 2.0
+    assert pool.effective_sample_size(torch.tensor([0])) == pytest.approx(float(1 / (weights**2).sum()))
 
 
 def evaluate(tb, score_fn, y, n_steps=50):

@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from ctrl_bio.reward import (LabelPrior, LogLikelihoodReward, expected_calibration_error, fit_temperature,
-                             mlp_classifier, train_classifier)
+from ctrl_bio.reward import (
+    LabelPrior,
+    LogLikelihoodReward,
+    expected_calibration_error,
+    fit_temperature,
+    mlp_classifier,
+    train_classifier,
+)
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model():

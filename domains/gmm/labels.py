@@ -11,7 +11,7 @@ resampling of a large pool of mixture samples.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -100,7 +100,8 @@ class LogisticLabels:
         for j, combo in enumerate(combos):
             rows = (inverse == j).nonzero().squeeze(1)
             logw = self.log_likelihood(pool, combo.expand(pool_size, -1))
-            idx = torch.multinomial(torch.softmax(logw.double(), 0), rows.numel(), replacement=True, generator=generator)
+            probs = torch.softmax(logw.double(), 0)
+            idx = torch.multinomial(probs, rows.numel(), replacement=True, generator=generator)
             x[rows] = pool[idx]
         return x
 

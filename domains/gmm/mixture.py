@@ -90,7 +90,8 @@ class MixtureScore(nn.Module):
         return self.mixture.score(x, self.sde, t)
 
 
-def make_mixture(dim: int, n_components: int, *, min_separation: float = 4.0, std_range: tuple[float, float] = (0.5, 1.0),
+def make_mixture(dim: int, n_components: int, *, min_separation: float = 4.0,
+                 std_range: tuple[float, float] = (0.5, 1.0),
                  generator: torch.Generator | None = None) -> GaussianMixture:
     """A random mixture whose component means are at least ``min_separation`` apart.
 
