@@ -1,0 +1,54 @@
+"""Summarise recorded gmm runs against the Foundation issue's acceptance criteria.
+
+Usage: python benchmarks/gmm/summarize.py benchmarks/gmm/<run> [...]   (prints Markdown)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def criteria(rows: dict[str, dict]) -> list[tuple[str, float, float, bool]]:
+    """(check, value, bound, passed) for every criterion whose rows are present."""
+    exact, pre = rows.get("exact_guidance"), rows.get("pretrained")
+    checks = []
+    oracle = rows.get("ctrl_oracle_reward")
+    if oracle and exact:
+        checks += [
+            ("ctrl_oracle_reward accuracy >= exact - 0.03", oracle["accuracy"], exact["accuracy"] - 0.03,
+             oracle["accuracy"] >= exact["accuracy"] - 0.03),
+            ("ctrl_oracle_reward component_tv <= 0.1", oracle["component_tv"], 0.1, oracle["component_tv"] <= 0.1),
+            ("ctrl_oracle_reward distance <= 2 x noise_floor", oracle["distance_to_target"],
+             2 * oracle["noise_floor"], oracle["distance_to_target"] <= 2 * oracle["noise_floor"]),
+            ("ctrl_oracle_reward objective >= exact - 0.1", oracle["objective"], exact["objective"] - 0.1,
+             oracle["objective"] >= exact["objective"] - 0.1),
+        ]
+    ctrl = rows.get("ctrl")
+    if ctrl and exact and pre:
+        checks += [
+            ("ctrl accuracy >= exact - 0.06", ctrl["accuracy"], exact["accuracy"] - 0.06,
+             ctrl["accuracy"] >= exact["accuracy"] - 0.06),
+            ("ctrl accuracy >= pretrained + 0.2", ctrl["accuracy"], pre["accuracy"] + 0.2,
+             ctrl["accuracy"] >= pre["accuracy"] + 0.2),
+        ]
+    return checks
+
+
+def main(paths: list[str]) -> None:
+    for path in paths:
+        result = json.loads((Path(path) / "results.json").read_text())
+        rows = {r["method"]: r["metrics"] for r in result["rows"]}
+        info = result.get("info", {})
+        print(f"### `{Path(path).name}` (d={info.get('dim')}, {info.get('n_components')} components, "
+              f"{info.get('n_classes')} classes; optimum J = {info.get('optimum_objective'):.4g})\n")
+        print((Path(path) / "results.md").read_text().split("\n", 2)[2])
+        print("| criterion | value | bound | pass |\n|---|---|---|---|")
+        for name, value, bound, ok in criteria(rows):
+            print(f"| {name} | {value:.4g} | {bound:.4g} | {'yes' if ok else 'NO'} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
