@@ -231,7 +231,8 @@ def peak_memory_cpu(cfg: SpeedConfig, steps: tuple[int, ...], track_tensors: boo
 def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200, channels: int = 4,
                     hidden: int = 128, n_blocks: int = 8, emb_dim: int = 128, repeats: int = 3,
                     device: str = "auto", seed: int = 0, cpu_caching_allocator: bool = True,
-                    track_tensors: bool = True, label_blocks: int | None = None) -> SuiteResult:
+                    track_tensors: bool = True, label_blocks: int | None = None,
+                    run_dir: str | Path | None = None) -> SuiteResult:
     """Overhead and memory ratios of CTRL's pathwise fine-tuning step, in one row ``ctrl``.
 
     The defaults (batch 8, 25 sampler steps, a 0.95M-parameter network over (8, 4, 200)) take about
@@ -253,6 +254,7 @@ def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200
         track_tensors: on CPU, also measure the peak of live tensor bytes (one more profiled step each).
         label_blocks: how many of the last blocks the label embedding enters (None: all, the default
             of DESIGN.md); the blocks before it are evaluated once for the model and the reference.
+        run_dir: the run directory the harness writes the results into (this suite adds no files).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
