@@ -12,14 +12,13 @@ Estimators (see :mod:`ctrl_bio.objective`):
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ctrl_bio.model import NULL_LABEL, ConditionalScore
 from ctrl_bio.objective import MemoryMode, WeightedPool, pathwise_loss, weighted_score_matching_loss
@@ -49,13 +48,6 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     pool_ess: float | None = None
-
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: is the label pathway attached?")
-    return params
 
 
 @torch.no_grad()
@@ -116,12 +108,23 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
     eval_generator = torch.Generator().manual_seed(seed + 1)
     result = FinetuneResult()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    trainable_parameters(model)
-    last_good = copy.deepcopy({n: p.detach().clone() for n, p in named.items()})
+    if not named:
+        raise ValueError("the model has no trainable parameters: is the label pathway attached?")
+    last_good = {n: p.detach().clone() for n, p in named.items()}
     path = Path(checkpoint_path) if checkpoint_path is not None else None
+
+    def restore_and_stop(what: str, step: int, phase: str) -> None:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(last_good[n])
+        where = f"; last good parameters kept in {path}" if path is not None else ""
+        raise NonFiniteLossError(f"{phase} {what} at update {step}: stopped, "
+                                 f"parameters restored to the last evaluation{where}")
 
     def evaluate(step: int, phase: str, loss: float) -> None:
         nonlocal last_good
+        if not all(bool(torch.isfinite(p).all()) for p in named.values()):
+            restore_and_stop("parameters became non-finite", step, phase)
         with torch.no_grad():
             y = label_prior.sample(eval_batch_size, eval_generator)
             est = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
@@ -131,15 +134,6 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         last_good = {n: p.detach().clone() for n, p in named.items()}
         if path is not None:
             _save_checkpoint(last_good, path)
-
-    def check_finite(loss: Tensor, step: int, phase: str) -> None:
-        if not torch.isfinite(loss):
-            with torch.no_grad():
-                for n, p in named.items():
-                    p.copy_(last_good[n])
-            where = f"; last good parameters kept in {path}" if path is not None else ""
-            raise NonFiniteLossError(f"{phase} loss became {loss.detach().item()} at update {step}: stopped, "
-                                     f"parameters restored to the last evaluation{where}")
 
     step = 0
     evaluate(step, "init", float("nan"))
@@ -170,7 +164,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                                          gamma=gamma, memory=memory, grad_last_k=grad_last_k,
                                          generator=generator).loss
                 step += 1
-                check_finite(loss, step, phase)
+                if not torch.isfinite(loss):
+                    restore_and_stop(f"loss became {loss.detach().item()}", step, phase)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
