@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=benchmarks/speed
-ctrl-bio benchmark suite=speed "hydra.run.dir=$out/label_all_blocks"
+ctrl-bio benchmark suite=speed suite.label_blocks=null "hydra.run.dir=$out/label_all_blocks"
 ctrl-bio benchmark suite=speed suite.label_blocks=4 "hydra.run.dir=$out/label_last_4_blocks"
