@@ -12,8 +12,8 @@ from torch import Tensor
 def append_dims(v: Tensor, target_ndim: int) -> Tensor:
     """Append trailing singleton dimensions so that ``v`` broadcasts against a (B, ...) tensor.
 
-    Works for any data shape (vectors, sequences, images), following k-diffusion's ``append_dims``;
-    the core never writes ``[:, None, None, None]``.
+    Works for any data shape (vectors, sequences, images), following k-diffusion's ``append_dims``,
+    so that no code assumes 4-D image batches.
 
     Args:
         v: tensor of shape (batch_size,) or a scalar tensor.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def sample_and_score(testbed: Testbed, score_fn: ScoreFn, y: Tensor, *, n_steps:
     return out.x, {"objective": float(objective), "kl": float(out.kl.mean()), "score_evals": n_steps}
 
 
-def run_suite(testbed: Testbed, *, run_dir: str | Path, n_pairs: int = 2000, n_eval: int = 3000, n_steps: int = 100,
+def run_suite(testbed: Testbed, *, run_dir: str | Path, n_pairs: int = 2000, n_eval: int = 3000, n_steps: int = 200,
               t_end: float = 1e-3, method: dict[str, Any] | None = None, pathway: dict[str, Any] | None = None,
               classifier: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
               n_floor_draws: int = 5, progress: bool = True) -> SuiteResult:
@@ -111,12 +112,12 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, n_pairs: int = 2000, n_e
     info: dict[str, Any] = {"optimum_objective": optimum, "dim": d, "n_components": mixture.n_components,
                             "n_classes": n_classes}
 
-    def add_row(name: str, score_fn: ScoreFn, seconds: float, extra: dict[str, float] | None = None) -> None:
+    def add_row(name: str, score_fn: ScoreFn, seconds: float) -> None:
         start = time.perf_counter()
         g = torch.Generator().manual_seed(seed + 2000)
         x, path_metrics = sample_and_score(testbed, score_fn, y_eval, n_steps=n_steps,
                                            t_end=t_end, alpha=alpha, gamma=gamma, generator=g)
-        metrics = evaluate_samples(testbed, x, y_eval, target, twins) | path_metrics | (extra or {})
+        metrics = evaluate_samples(testbed, x, y_eval, target, twins) | path_metrics
         metrics["seconds"] = seconds + time.perf_counter() - start
         rows.append(Row(name, label_name, metrics))
         samples[name] = x
@@ -128,11 +129,12 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, n_pairs: int = 2000, n_e
         result = finetune(model, sde, reward, prior, (d,), n_steps=n_steps, t_end=t_end, seed=seed,
                           checkpoint_path=run_dir / "checkpoints" / f"{name}.safetensors", progress=progress, **method)
         histories[name] = result.history
+        info[f"pool_ess_{name}"] = result.pool_ess
         return model, result
 
     for name in methods:
         if name == "pretrained":
-            add_row(name, lambda x, t: testbed.pretrained(x, t), 0.0)
+            add_row(name, testbed.pretrained, 0.0)
         elif name == "exact_guidance":
             add_row(name, exact_guidance(testbed.pretrained, label, sde, y_eval), 0.0)
         elif name == "ctrl_oracle_reward":
@@ -147,7 +149,7 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, n_pairs: int = 2000, n_e
             torch.manual_seed(seed)
             net = mlp_classifier(d, n_classes, hidden=classifier.get("hidden", 128), depth=classifier.get("depth", 2))
             clf, report = train_classifier(net, x_pairs, y_pairs, generator=g, **clf_kwargs)
-            info["classifier"] = report.__dict__
+            info["classifier"] = asdict(report)
             log.info("reward classifier: %s", report)
             prior = LabelPrior.from_labels([y_pairs], (n_classes,))
             model, result = train_ctrl(name, LogLikelihoodReward([clf]), prior)
