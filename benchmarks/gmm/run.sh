@@ -16,6 +16,9 @@ case "${1:-all}" in
     run d4_k8_c4_seed0
     run d2_k12_c6_seed1 domain.dim=2 domain.n_components=12 domain.n_classes=6 seed=1
     run d16_k12_c6_seed1 domain.dim=16 domain.n_components=12 domain.n_classes=6 seed=1 ;;&
+  more|all)
+    run d8_k4_c2_seed2 domain.dim=8 domain.n_components=4 domain.n_classes=2 seed=2
+    run d12_k10_c5_seed3 domain.dim=12 domain.n_components=10 domain.n_classes=5 seed=3 ;;&
   ablation|all)
     run ablation_pathwise "$rows" method.estimator=pathwise method.steps=300 method.lr=1e-3 method.eval_every=50
     run ablation_hybrid "$rows" method.estimator=hybrid method.steps=100 method.eval_every=250 ;;
