@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ctrl_bio.objective import WeightedPool
 from ctrl_bio.sde import SDE
 from domains.gmm.mixture import GaussianMixture
 
@@ -95,15 +96,8 @@ class LogisticLabels:
                       generator: torch.Generator | None = None) -> Tensor:
         """Exact-in-the-limit samples of p(x) prod_k p(y_k|x) / Z by importance resampling of a pool."""
         pool, _ = mixture.sample(pool_size, generator)
-        x = torch.empty(y.shape[0], mixture.dim)
-        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
-        for j, combo in enumerate(combos):
-            rows = (inverse == j).nonzero().squeeze(1)
-            logw = self.log_likelihood(pool, combo.expand(pool_size, -1))
-            probs = torch.softmax(logw.double(), 0)
-            idx = torch.multinomial(probs, rows.numel(), replacement=True, generator=generator)
-            x[rows] = pool[idx]
-        return x
+        weighted = WeightedPool(pool, [log_prob(pool) for log_prob in self.log_prob_fns()])
+        return weighted.draw(y, generator)
 
 
 def exact_guidance(pretrained: Callable[[Tensor, Tensor], Tensor], label: ComponentLabel, sde: SDE,
