@@ -10,6 +10,7 @@ embedding (Ho & Salimans 2022).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -143,3 +144,44 @@ class ConvScoreNet(nn.Module):
         h, t_vec = self._trunk(x, t)
         eps, eps_pre = self._head_eps(h, t_vec, extra_emb), self._head_eps(h, t_vec, None)
         return self.sde.score_from_eps(eps, t_vec), self.sde.score_from_eps(eps_pre, t_vec)
+
+
+class VectorScoreNet(nn.Module):
+    """An eps-predicting MLP score network for vector data (B, d): the pre-trained model of a vector domain.
+
+    The network sees x_t and Fourier features of t and predicts the noise eps (Ho et al. 2020, eq. 12);
+    it returns the score s = -eps / sigma_t through the SDE (DESIGN.md).
+
+    Args:
+        sde: the SDE the network is trained with.
+        dim: data dimension d.
+        hidden: width of the hidden layers.
+        depth: number of hidden layers.
+        n_fourier: Fourier features of t.
+    """
+
+    def __init__(self, sde: SDE, dim: int, hidden: int = 256, depth: int = 3, n_fourier: int = 16):
+        super().__init__()
+        if dim < 1 or hidden < 1 or depth < 1:
+            raise ValueError(f"dim, hidden and depth must be positive, got {dim}, {hidden}, {depth}")
+        self.sde = sde
+        #: The constructor arguments besides the SDE: what a checkpoint needs to rebuild the network.
+        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "n_fourier": n_fourier}
+        self.n_fourier = n_fourier
+        layers: list[nn.Module] = []
+        width = dim + n_fourier
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
+        """Noise prediction eps(x_t, t), (B, d) -> (B, d)."""
+        t_vec = t.expand(x.shape[0]) if t.ndim == 0 else t
+        return self.mlp(torch.cat([x, fourier_features(t_vec.to(x.dtype), self.n_fourier)], dim=1))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Score s(x_t, t) = -eps / sigma_t, (B, d); t of shape (B,) or a scalar tensor."""
+        t_vec = t.expand(x.shape[0]) if t.ndim == 0 else t
+        return self.sde.score_from_eps(self.predict_eps(x, t_vec), t_vec)

@@ -1,0 +1,247 @@
+"""``ctrl-bio pretrain | train-classifier | finetune | sample`` from a composed config (see ``configs/<command>.yaml``).
+
+Each command takes the resolved config (``hydra`` node removed, ``run_dir`` set) and the checkpoint to
+resume from, builds the domain through its ``plugin`` node (a ``_target_``, so this module imports no
+domain), and writes into ``run_dir``. Only rank 0 writes the exported weights and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
+
+from ctrl_bio.domain import Domain, check_domain
+from ctrl_bio.labels import (
+    LabelError,
+    build_classifier,
+    exact_log_prob,
+    label_prior_counts,
+    label_specs,
+    load_label,
+)
+from ctrl_bio.model import check_labels
+from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.training.modules import CTRLModule
+from ctrl_bio.training.runs import (
+    CHECKPOINT_DIR,
+    build_trainer,
+    export_network,
+    fit,
+    fit_classifier,
+    fit_score_network,
+    load_trainable,
+    save_weights,
+    trainable_state,
+)
+
+log = logging.getLogger("ctrl_bio")
+
+
+def build_domain(node: DictConfig) -> Domain:
+    from hydra.utils import instantiate
+
+    return check_domain(instantiate(node, _convert_="all"))
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Extra Lightning callbacks from ``callbacks: [{_target_: ...}, ...]`` (empty by default)."""
+    from hydra.utils import instantiate
+
+    return [instantiate(node) for node in cfg.get("callbacks") or []]
+
+
+def is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return dict(trainer=OmegaConf.to_container(cfg.trainer, resolve=True), checkpoint_every=cfg.checkpoint_every,
+                progress=cfg.progress, callbacks=build_callbacks(cfg))
+
+
+def run_pretrain(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
+    """Denoising score matching of the domain's score network on its training data; writes ``score.safetensors``."""
+    domain = build_domain(cfg.plugin)
+    torch.manual_seed(cfg.seed)
+    net = domain.score_network()
+    fit_score_network(net, domain.sde, domain.training_data(), steps=cfg.steps, batch_size=cfg.batch_size,
+                      lr=cfg.lr, t_end=cfg.t_end, seed=cfg.seed, run_dir=run_dir, resume=resume,
+                      **_trainer_kwargs(cfg))
+    if not is_rank_zero():
+        return
+    path = export_network(net, run_dir / "score.safetensors")
+    print(f"pre-trained network: {path}")
+    if cfg.evaluate and hasattr(domain, "evaluate_pretrained"):
+        quality = domain.evaluate_pretrained(net)
+        (run_dir / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+        print("quality: " + ", ".join(f"{k}={v:.4g}" for k, v in quality.items()))
+
+
+def pair_seed(seed: int, name: str) -> int:
+    """The pairs of label ``name`` are drawn from their own stream: the same in train-classifier and finetune."""
+    return int(seed) + zlib.crc32(name.encode()) % 100_000
+
+
+def _load_pairs(cfg: DictConfig, domain: Domain) -> list[tuple[dict[str, Any], Any]]:
+    specs = label_specs(OmegaConf.to_container(cfg.label, resolve=True))
+    if not specs:
+        raise LabelError("no label given: add label=<name> (a file under configs/label/)")
+    return [(spec, load_label(spec, domain=domain, seed=pair_seed(cfg.seed, spec["name"]))) for spec in specs]
+
+
+def train_label_classifiers(cfg: DictConfig, domain: Domain, labelled: Sequence[tuple[dict, Any]], run_dir: Path,
+                            resuming: bool) -> list[CalibratedClassifier]:
+    """One calibrated classifier per label into ``run_dir/classifiers/<name>.safetensors`` (+ ``.json`` report).
+
+    When resuming, a finished classifier is loaded and an unfinished one continues from its checkpoint.
+    """
+    out = []
+    for spec, pairs in labelled:
+        name = spec["name"]
+        path = run_dir / "classifiers" / f"{name}.safetensors"
+        if resuming and path.is_file():
+            out.append(load_classifier(path, spec, domain))
+            continue
+        if pairs.n_classes is None:
+            raise LabelError(f"label '{name}': continuous labels need a regressor, not a classifier")
+        sub = run_dir / "classifiers" / name
+        last = sub / CHECKPOINT_DIR / "last.ckpt"
+        torch.manual_seed(cfg.seed)
+        net = build_classifier(spec, pairs.x.shape[1:], pairs.n_classes)
+        training = dict(spec.get("training") or {})
+        fraction = (spec.get("calibration") or {}).get("fraction", 0.2)
+        clf, report = fit_classifier(net, pairs.x, pairs.y, calib_fraction=fraction, seed=cfg.seed, run_dir=sub,
+                                     resume=last if resuming and last.is_file() else None, **training,
+                                     **_trainer_kwargs(cfg))
+        if is_rank_zero():
+            meta = {"label": spec, "n_classes": pairs.n_classes, "x_shape": list(pairs.x.shape[1:]),
+                    "n_pairs": len(pairs), "n_skipped": pairs.n_skipped, "report": vars(report)}
+            save_weights(clf.state_dict(), path, meta)
+            print(f"classifier '{name}': accuracy {report.accuracy:.3f}, ECE {report.ece_before:.4f} -> "
+                  f"{report.ece_after:.4f} (temperature {report.temperature:.3f}); {path}")
+        out.append(clf)
+    return out
+
+
+def load_classifier(path: Path, spec: Mapping[str, Any], domain: Domain) -> CalibratedClassifier:
+    """A calibrated classifier written by ``train-classifier`` for this label."""
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"classifier: no '{path}' (with its .json) for label '{spec['name']}'")
+    meta = json.loads(meta_path.read_text())
+    net = build_classifier(meta["label"], meta["x_shape"], meta["n_classes"])
+    clf = CalibratedClassifier(net)
+    clf.load_state_dict(load_file(str(path)))
+    return clf.requires_grad_(False).eval()
+
+
+def run_train_classifier(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
+    """Calibrated reward classifiers p(y|x) of the requested labels, trained on clean pairs."""
+    domain = build_domain(cfg.plugin)
+    train_label_classifiers(cfg, domain, _load_pairs(cfg, domain), run_dir, resuming=resume is not None)
+
+
+def _reward_fns(cfg: DictConfig, domain: Domain, labelled: Sequence[tuple[dict, Any]], run_dir: Path,
+                resuming: bool) -> list:
+    if cfg.reward == "exact":
+        fns = [exact_log_prob(spec, domain) for spec, _ in labelled]
+        missing = [spec["name"] for (spec, _), f in zip(labelled, fns) if f is None]
+        if missing:
+            raise LabelError(f"reward=exact: label(s) {missing} define no exact likelihood ('exact' field)")
+        return fns
+    if cfg.reward != "classifier":
+        raise ValueError(f"reward must be 'classifier' or 'exact', got {cfg.reward!r}")
+    if cfg.classifier is None:
+        return train_label_classifiers(cfg, domain, labelled, run_dir, resuming)
+    given = Path(cfg.classifier)
+    if given.is_file() and len(labelled) == 1:
+        return [load_classifier(given, labelled[0][0], domain)]
+    return [load_classifier(given / "classifiers" / f"{spec['name']}.safetensors", spec, domain)
+            for spec, _ in labelled]
+
+
+def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
+    """CTRL fine-tuning of a zero-initialised label pathway; writes ``pathway.safetensors`` (+ ``.json``)."""
+    domain = build_domain(cfg.plugin)
+    labelled = _load_pairs(cfg, domain)
+    fns = _reward_fns(cfg, domain, labelled, run_dir, resuming=resume is not None)
+    prior = LabelPrior([label_prior_counts(pairs) for _, pairs in labelled])
+    torch.manual_seed(cfg.seed)
+    n_classes = [pairs.n_classes for _, pairs in labelled]
+    model = domain.augment(domain.pretrained_model(), n_classes)
+    module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
+                        t_end=cfg.t_end, seed=cfg.seed, **OmegaConf.to_container(cfg.method, resolve=True))
+    trainer = build_trainer(run_dir, max_steps=module.total_steps, **_trainer_kwargs(cfg))
+    fit(trainer, module, resume)
+    if is_rank_zero():
+        labels = [{"name": spec["name"], "n_classes": pairs.n_classes, "classes": spec.get("classes")}
+                  for spec, pairs in labelled]
+        path = save_weights(trainable_state(model), run_dir / "pathway.safetensors",
+                            {"labels": labels, "steps": trainer.global_step})
+        print(f"fine-tuned label pathway: {path}")
+
+
+def parse_request(y: Any, labels: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+    """``y=2`` or ``y=[0,1]`` (one class per label, -1 for none) as a (K,) long tensor."""
+    values = list(y) if isinstance(y, (list, tuple)) or OmegaConf.is_list(y) else [y]
+    names = [lab["name"] for lab in labels]
+    if len(values) != len(labels):
+        raise ValueError(f"y has {len(values)} value(s) but the run was fine-tuned for {len(labels)} label(s) "
+                         f"{names}: give one class per label, e.g. y=[{','.join('0' for _ in labels)}]")
+    try:
+        request = torch.tensor([int(v) for v in values], dtype=torch.long)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"y must hold integer class indices, got {values}") from exc
+    try:
+        check_labels(request[None], [lab["n_classes"] for lab in labels])
+    except ValueError as exc:
+        raise ValueError(f"y={values} for labels {names}: {exc}") from exc
+    return request
+
+
+def run_sample(cfg: DictConfig, run_dir: Path, resume: Path | None = None) -> None:
+    """Samples of a fine-tuned run with the requested labels, written in the domain's format."""
+    if cfg.run is None:
+        raise ValueError("sample needs run=<directory of a finetune run>")
+    ft_dir = Path(cfg.run)
+    weights = ft_dir / "pathway.safetensors"
+    for needed in (ft_dir / "config.yaml", weights, weights.with_suffix(".json")):
+        if not needed.is_file():
+            raise FileNotFoundError(f"run={ft_dir}: no '{needed.name}' there (is it a finished finetune run?)")
+    if cfg.n < 1:
+        raise ValueError(f"n must be a positive integer, got {cfg.n}")
+    ft_cfg = OmegaConf.load(ft_dir / "config.yaml")
+    labels = json.loads(weights.with_suffix(".json").read_text())["labels"]
+    request = parse_request(cfg.y, labels)
+    domain = build_domain(ft_cfg.plugin)
+    model = domain.augment(domain.pretrained_model(), [lab["n_classes"] for lab in labels])
+    load_trainable(model, weights)
+    n_steps = cfg.n_steps or ft_cfg.n_steps
+    times = time_grid(n_steps, ft_cfg.t_end)
+    g = torch.Generator().manual_seed(cfg.seed)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, cfg.n, cfg.batch_size):
+            b = min(cfg.batch_size, cfg.n - start)
+            y = request.expand(b, -1)
+            x_init = domain.sde.prior_sampling((b, *domain.x_shape), generator=g)
+            chunks.append(euler_maruyama(domain.sde, model.conditioned(y), x_init, times, generator=g,
+                                         keep_trajectory=False).x)
+    x = torch.cat(chunks)
+    path = domain.write_samples(x, request.expand(cfg.n, -1), [lab["name"] for lab in labels], run_dir)
+    print(f"{cfg.n} samples with {dict(zip([lab['name'] for lab in labels], request.tolist()))}: {path}")
+
+
+COMMANDS = {"pretrain": run_pretrain, "train-classifier": run_train_classifier, "finetune": run_finetune,
+            "sample": run_sample}

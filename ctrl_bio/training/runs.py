@@ -1,0 +1,202 @@
+"""Run plumbing of the training commands: trainers, checkpoints, resumption and exported weights.
+
+A run directory holds ``config.yaml``, ``run.log``, ``metrics.csv`` (Lightning's CSVLogger),
+``checkpoints/last.ckpt`` plus the latest ``step=<k>.ckpt`` (full training state), and the final
+trainable weights as safetensors. ``resume=<run dir or .ckpt>`` continues from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, expected_calibration_error, fit_temperature
+from ctrl_bio.sde import SDE
+from ctrl_bio.training.modules import ClassifierModule, ScoreMatchingModule, tick_loader
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max_steps: int,
+                  checkpoint_every: int | None = 500, callbacks: Sequence[Callback] = (), progress: bool = True,
+                  logs: bool = True) -> L.Trainer:
+    """A Lightning trainer that checkpoints into ``run_dir/checkpoints`` and logs CSV metrics into ``run_dir``.
+
+    Args:
+        run_dir: the run directory; None for a throw-away fit (no checkpoints, no logs).
+        trainer: keyword arguments of ``lightning.Trainer`` (``configs/trainer/default.yaml``); its
+            ``max_steps`` wins over the command's own count when it is set.
+        max_steps: the command's number of optimiser steps.
+        checkpoint_every: save ``last.ckpt`` and ``step=<k>.ckpt`` every this many steps.
+    """
+    kwargs = {k: v for k, v in dict(trainer).items() if v is not None}
+    kwargs["max_steps"] = int(kwargs.get("max_steps") or max_steps)
+    cbs = list(callbacks)
+    if progress:
+        cbs.append(RichProgressBar(leave=False))
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        cbs.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="{step}", save_last=True,
+                                   save_top_k=1, every_n_train_steps=checkpoint_every or None))
+    logger = CSVLogger(save_dir=str(run_dir), name="", version="") if run_dir is not None and logs else False
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # CSVLogger appends to an existing metrics.csv (a resumed run) although it warns that it deletes it.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    # The CTRL module optimises manually; its checkpoints hold the state after the step, which is what resumes.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    return L.Trainer(default_root_dir=str(run_dir) if run_dir else None, callbacks=cbs, logger=logger,
+                     enable_checkpointing=run_dir is not None, enable_progress_bar=progress,
+                     enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kwargs)
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, resume: str | Path | None = None) -> None:
+    """Fit ``module`` on the endless tick loader (each step draws its own data), resuming from ``resume``."""
+    trainer.fit(module, train_dataloaders=tick_loader(), ckpt_path=str(resume) if resume else None)
+    if trainer.default_root_dir and trainer.checkpoint_callback is not None:
+        # The last step may fall between two periodic checkpoints: save it, so last.ckpt is the finished run.
+        trainer.save_checkpoint(Path(trainer.default_root_dir) / CHECKPOINT_DIR / "last.ckpt")
+
+
+def resolve_resume(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint file, run directory) for ``resume=<run dir or .ckpt file>``."""
+    path = Path(path)
+    ckpt = path / CHECKPOINT_DIR / "last.ckpt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at '{ckpt}' (give a run directory or a .ckpt file)")
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
+    return ckpt, run_dir
+
+
+def is_main_process() -> bool:
+    """False in the processes Lightning's DDP launcher starts for ranks > 0 (known before any trainer exists)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def save_weights(tensors: Mapping[str, Tensor], path: str | Path, meta: Mapping[str, Any] | None = None) -> Path:
+    """Write tensors as safetensors and, if given, ``meta`` as JSON beside them (same stem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: a concurrent reader (another rank, another run's cache) never sees half a file
+    if meta is not None:
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return path
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters of ``model`` by name (the label pathway of an augmented model)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights written by :func:`save_weights` of :func:`trainable_state` into ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file '{path}'")
+    tensors = load_file(str(path))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: holds parameters {sorted(set(tensors) ^ expected)[:3]}... that the model "
+                         f"does not (or lacks ones it has): was it written for another label set or pathway?")
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+
+def sde_spec(sde: SDE) -> dict[str, Any]:
+    return {"class": f"{type(sde).__module__}.{type(sde).__qualname__}", **vars(sde)}
+
+
+def export_network(net: nn.Module, path: str | Path) -> Path:
+    """Save a score network's weights (safetensors) and what rebuilds it (JSON: class, ``config``, SDE)."""
+    cls = type(net)
+    meta = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": dict(net.config), "sde": sde_spec(net.sde)}
+    return save_weights(net.state_dict(), path, meta)
+
+
+def load_network(path: str | Path, sde: SDE) -> nn.Module:
+    """Rebuild a network saved by :func:`export_network` (a ``.safetensors`` file or the run directory
+    holding ``score.safetensors``), frozen, in eval mode; its SDE must match ``sde``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "score.safetensors"
+    meta_path = path.with_suffix(".json")
+    if not path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"no pre-trained network at '{path}' (need {path.name} and {meta_path.name})")
+    meta = json.loads(meta_path.read_text())
+    if meta["sde"] != sde_spec(sde):
+        raise ValueError(f"{path}: the network was trained with SDE {meta['sde']}, the domain uses {sde_spec(sde)}")
+    module_name, _, cls_name = meta["class"].rpartition(".")
+    net = getattr(importlib.import_module(module_name), cls_name)(sde, **meta["config"])
+    net.load_state_dict(load_file(str(path)))
+    return net.requires_grad_(False).eval()
+
+
+def fit_score_network(net: nn.Module, sde: SDE, data: Tensor, *, steps: int, batch_size: int = 512,
+                      lr: float = 2e-3, t_end: float = 1e-3, seed: int = 0, run_dir: str | Path | None = None,
+                      trainer: Mapping[str, Any] | None = None, checkpoint_every: int | None = 500,
+                      resume: str | Path | None = None, progress: bool = True,
+                      callbacks: Sequence[Callback] = ()) -> nn.Module:
+    """Pre-train ``net`` by denoising score matching on ``data`` (in place); returns it frozen, in eval mode."""
+    module = ScoreMatchingModule(net, sde, data, lr=lr, batch_size=batch_size, t_end=t_end, seed=seed)
+    pl_trainer = build_trainer(run_dir, trainer or {"accelerator": "cpu", "devices": 1}, max_steps=steps,
+                               checkpoint_every=checkpoint_every, callbacks=callbacks, progress=progress)
+    fit(pl_trainer, module, resume)
+    return net.requires_grad_(False).eval()
+
+
+def calibrate(net: nn.Module, x: Tensor, y: Tensor, train_size: int) -> tuple[CalibratedClassifier, ClassifierReport]:
+    """Temperature-scale a trained classifier on its held-out split and report ECE before and after
+    (Guo et al. 2017); the classifier comes back frozen."""
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+    temperature = fit_temperature(logits, y)
+    report = ClassifierReport(
+        train_size=train_size, calib_size=x.shape[0], accuracy=float((logits.argmax(1) == y).float().mean()),
+        ece_before=expected_calibration_error(logits.softmax(1), y),
+        ece_after=expected_calibration_error((logits / temperature).softmax(1), y), temperature=temperature,
+        nll_before=float(F.cross_entropy(logits, y)), nll_after=float(F.cross_entropy(logits / temperature, y)))
+    return CalibratedClassifier(net, temperature).requires_grad_(False), report
+
+
+def fit_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: float = 0.2, epochs: int = 200,
+                   batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4, seed: int = 0,
+                   run_dir: str | Path | None = None, trainer: Mapping[str, Any] | None = None,
+                   checkpoint_every: int | None = 500, resume: str | Path | None = None, progress: bool = True,
+                   callbacks: Sequence[Callback] = ()) -> tuple[CalibratedClassifier, ClassifierReport]:
+    """Train a classifier on clean pairs under Lightning, then calibrate it on a held-out split.
+
+    The split is drawn from ``seed`` (the same split on every rank and after a resume); one epoch is
+    ``len(train) // batch_size`` steps, as in :func:`ctrl_bio.reward.train_classifier`.
+    """
+    n = x.shape[0]
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    n_calib = max(int(round(calib_fraction * n)), 1)
+    if n - n_calib < 2:
+        raise ValueError(f"need at least 3 pairs to train and calibrate a classifier, got {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    calib, train = perm[:n_calib], perm[n_calib:]
+    module = ClassifierModule(net, x[train], y[train], lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                              seed=seed)
+    steps = epochs * max(train.numel() // batch_size, 1)
+    pl_trainer = build_trainer(run_dir, trainer or {"accelerator": "cpu", "devices": 1}, max_steps=steps,
+                               checkpoint_every=checkpoint_every, callbacks=callbacks, progress=progress)
+    fit(pl_trainer, module, resume)
+    return calibrate(net.cpu(), x[calib], y[calib], train.numel())

@@ -1,0 +1,131 @@
+"""Training loops under Lightning: per-step randomness, a killed run resumed bit for bit, DDP on 2 CPU processes."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctrl_bio.model import AugmentedScore, VectorPathway
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.training import CTRLModule, build_trainer, fit, step_generator, trainable_state
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["domain.dim=2", "domain.n_components=4", "domain.n_classes=2", "data.n_pairs=200", "progress=false",
+        "reward=exact", "plugin.pathway.hidden=16", "plugin.pathway.depth=2", "method.pool_size=400",
+        "method.sm_batch_size=64", "method.batch_size=16", "method.eval_every=4", "+method.eval_batch_size=32",
+        "n_steps=8", "trainer.log_every_n_steps=1"]
+
+
+class KillAt(L.Callback):
+    """SIGKILL the process at the end of training step ``step`` (after any checkpoint of an earlier step)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SaveRankParams(L.Callback):
+    """Each rank writes its trainable parameters to ``<dir>/rank<r>.safetensors`` when training ends."""
+
+    def __init__(self, dir: str):
+        self.dir = dir
+
+    def on_train_end(self, trainer, pl_module):
+        params = {k: v.detach().clone().contiguous() for k, v in trainable_state(pl_module.model).items()}
+        save_file(params, os.path.join(self.dir, f"rank{trainer.global_rank}.safetensors"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny networks on a shared machine: a second OpenMP thread only waits (30x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(args, cwd=ROOT, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
+    return subprocess.run([sys.executable, "-m", "ctrl_bio.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_step_generator_is_a_function_of_seed_step_rank_and_stream():
+    draw = lambda *key: torch.rand(4, generator=step_generator(*key))  # noqa: E731
+    assert torch.equal(draw(0, 5, 0), draw(0, 5, 0))
+    others = [draw(1, 5, 0), draw(0, 6, 0), draw(0, 5, 1), draw(0, 5, 0, 1)]
+    assert all(not torch.equal(draw(0, 5, 0), o) for o in others)
+
+
+def test_ctrl_module_trains_only_the_pathway_and_reaches_the_label(small_testbed):
+    tb = small_testbed
+    label = tb.component_label
+
+    def accuracy(model):
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 2, (500, 1), generator=g)
+        with torch.no_grad():
+            x = euler_maruyama(tb.sde, model.conditioned(y), torch.randn(500, 2, generator=g), time_grid(30),
+                               generator=g).x
+        return float((label.bayes_label(x) == y[:, 0]).float().mean())
+
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=32, depth=2), tb.sde)
+    module = CTRLModule(model, tb.sde, LogLikelihoodReward([label.log_prob]), LabelPrior([label.class_probs()]), (2,),
+                        sm_steps=300, sm_batch_size=256, sm_lr=1e-2, pool_size=2000, n_steps=30, eval_every=0, seed=1)
+    before = accuracy(model)
+    fit(build_trainer(None, {"accelerator": "cpu", "devices": 1}, max_steps=module.total_steps, progress=False),
+        module)
+    assert before < 0.6 and accuracy(model) > 0.75
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if n.startswith("pathway.")]
+
+
+def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
+    # Hybrid: 6 score-matching steps then 4 pathwise ones; checkpoint every 5, killed at step 7 (in the second
+    # phase, two steps after the last checkpoint), so the resumed run crosses the phase boundary from a checkpoint.
+    args = TINY + ["method.estimator=hybrid", "method.sm_steps=6", "method.steps=4", "checkpoint_every=5"]
+    whole = run_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/whole"])
+    assert whole.returncode == 0, whole.stderr
+    killed = run_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/killed",
+                      "callbacks=[{_target_:test_training.KillAt,step:7}]"])
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed/checkpoints/last.ckpt").is_file()
+    assert not (tmp_path / "killed/pathway.safetensors").exists()
+    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    resumed = run_cli(["finetune", f"resume={tmp_path}/killed", "callbacks=[]"])
+    assert resumed.returncode == 0, resumed.stderr
+    # The resumed process ran steps 5..9 only (the killed one flushed no metrics): it did continue, not restart.
+    steps = [int(row["step"]) for row in csv.DictReader((tmp_path / "killed/metrics.csv").open())]
+    assert steps == [5, 6, 7, 8, 9]
+    a, b = load_file(tmp_path / "whole/pathway.safetensors"), load_file(tmp_path / "killed/pathway.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.endswith("out.weight"))
+
+
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
+    # No hydra.run.dir: the default ${now:...} directory must be the same one for both processes.
+    out = tmp_path / "params"
+    out.mkdir()
+    proc = run_cli(["finetune", *TINY, "method.sm_steps=6", "trainer.strategy=ddp", "trainer.devices=2",
+                    "trainer.accelerator=cpu", f"callbacks=[{{_target_:test_training.SaveRankParams,dir:'{out}'}}]"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "runs" / "finetune").iterdir())
+    assert len(runs) == 1
+    assert (runs[0] / "checkpoints/last.ckpt").is_file() and (runs[0] / "pathway.safetensors").is_file()
+    r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    final = load_file(runs[0] / "pathway.safetensors")
+    assert all(torch.equal(final[k], r0[k]) for k in final)
