@@ -81,7 +81,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
              eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
-             seed: int = 0, progress: bool = True) -> FinetuneResult:
+             seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     Args:
@@ -95,6 +95,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         steps: pathwise updates; ``sm_steps``: score-matching updates.
         memory, grad_last_k: how the pathwise gradient is stored (see :func:`pathwise_loss`).
         pool_size: pre-trained samples the score-matching phase resamples from.
+        pool_x0: those samples, if already drawn (several fine-tunings of one pre-trained model share them);
+            default: ``pool_size`` fresh samples of the pre-trained sampler with ``n_steps`` steps.
         eval_every: record a no-grad estimate of J, reward and KL every this many updates.
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
@@ -147,8 +149,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         opt = torch.optim.Adam(params, lr=sm_lr if phase == "score_matching" else lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_updates)
         if phase == "score_matching":
-            x0 = sample_pretrained_pool(model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end,
-                                        generator=generator)
+            x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(
+                model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end, generator=generator)
             with torch.no_grad():
                 pool = WeightedPool(x0, [f(x0) for f in reward.log_prob_fns], tilt=gamma / alpha)
             combos = torch.cartesian_prod(*[torch.arange(n) for n in label_prior.n_classes]).reshape(

@@ -122,7 +122,17 @@ def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: Weighted
     pool tilted by p(y|x_0)^(gamma/alpha) (the sigma_t^2 weighting of Song et al. 2021, i.e. noise units).
     Its minimiser is the score of the tilted distribution at every t: the optimum of J.
     """
-    x0 = pool.draw(y, generator)
+    return denoising_score_matching_loss(model, sde, pool.draw(y, generator), y, t_end=t_end, generator=generator)
+
+
+def denoising_score_matching_loss(model: AugmentedScore, sde: SDE, x0: Tensor, y: Tensor, *, t_end: float = 1e-3,
+                                  generator: torch.Generator | None = None) -> Tensor:
+    """E_t,eps || sigma_t s_theta(x_t, t, y) + eps ||^2 for clean samples x0 with labels y (Vincent 2011).
+
+    On pairs (x0, y) from the data this trains a conditional model p(x | y) directly, as classifier-free
+    guidance does (Ho & Salimans 2022); on reward-tilted pre-trained samples it is CTRL's score-matching
+    estimator (:func:`weighted_score_matching_loss`).
+    """
     t = t_end + (1.0 - t_end) * torch.rand(y.shape[0], generator=generator)
     eps = torch.randn(x0.shape, generator=generator)
     x_t = sde.perturb(x0, t, eps)

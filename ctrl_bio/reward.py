@@ -38,6 +38,14 @@ def mlp_classifier(in_dim: int, n_classes: int, hidden: int = 128, depth: int = 
     return nn.Sequential(*layers)
 
 
+def flat_mlp_classifier(x_shape: tuple[int, ...], n_classes: int, hidden: int = 128, depth: int = 2) -> nn.Module:
+    """:func:`mlp_classifier` on flattened samples of any shape (the default classifier of a label config)."""
+    in_dim = 1
+    for n in x_shape:
+        in_dim *= int(n)
+    return nn.Sequential(nn.Flatten(), mlp_classifier(in_dim, n_classes, hidden=hidden, depth=depth))
+
+
 def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
     """ECE of the top-class confidence with equal-width bins (Guo et al. 2017, eq. 3)."""
     conf, pred = probs.max(dim=1)

@@ -1,15 +1,23 @@
 """``ctrl-bio benchmark suite=gmm``: every method against the exact conditional of a Gaussian mixture.
 
-Rows (DESIGN.md names): ``pretrained`` (the floor), ``exact_guidance`` (the Doob h-transform, the limit
-no method can beat), ``ctrl_oracle_reward`` (CTRL with the true log p(y|x) as reward), ``ctrl`` (CTRL with
-a calibrated classifier learned from ``n_pairs`` pairs) and ``real_data`` (exact target samples scored by
-the same evaluation, the ceiling). All sample with the same Euler-Maruyama sampler and step count.
+Rows (DESIGN.md names), all with the same Euler-Maruyama sampler and step count:
+``pretrained`` (the floor), ``exact_guidance`` (the Doob h-transform, the limit; component label only),
+``ctrl_oracle_reward`` (CTRL with the true log p(y|x) as reward), ``ctrl`` (CTRL with calibrated classifiers
+learned from each label's own pairs), ``cfg`` (the same pathway trained by denoising score matching on
+pairs, guidance scale swept), ``classifier_guidance`` (a classifier of noisy x_t from the same pairs),
+``dps`` (the reward classifier at Tweedie's x0_hat), ``best_of_n`` (N pre-trained samples per request,
+the reward classifier picks) and ``real_data`` (exact target samples scored the same way, the ceiling).
+
+Labels come from label configs (``label=component``, ``label=[logistic_a,logistic_b]``, a user's own);
+several labels are learned from separate pair sets and combined by conditional independence.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,13 +25,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctrl_bio.finetune import FinetuneResult, finetune
+from ctrl_bio.finetune import finetune, sample_pretrained_pool
+from ctrl_bio.guidance import (
+    NoisyMLPClassifier,
+    best_of_n,
+    classifier_free_guidance,
+    classifier_guidance,
+    reconstruction_guidance,
+    train_conditional_pathway,
+    train_noisy_classifier,
+)
 from ctrl_bio.harness import Row, SuiteResult
-from ctrl_bio.metrics import accuracy, energy_distance, histogram_tv, macro_f1
+from ctrl_bio.labels import (
+    LabelledPairs,
+    exact_log_prob,
+    fit_reward_classifier,
+    label_prior_counts,
+    load_label,
+    split_pairs,
+)
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.plots import plot_training_curves
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, mlp_classifier, train_classifier
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
+from domains.gmm.evaluation import LabelTask, combination_index, distribution_metrics, label_metrics
 from domains.gmm.labels import exact_guidance
 from domains.gmm.plots import plot_samples
 from domains.gmm.testbed import Testbed
@@ -31,136 +56,338 @@ from domains.gmm.testbed import Testbed
 log = logging.getLogger(__name__)
 
 #: Every method in this suite, in table order.
-METHODS = ("pretrained", "exact_guidance", "ctrl_oracle_reward", "ctrl", "real_data")
+METHODS = ("pretrained", "exact_guidance", "ctrl_oracle_reward", "ctrl", "cfg", "classifier_guidance", "dps",
+           "best_of_n", "real_data")
+#: Rows that need the exact label likelihood.
+EXACT_ONLY = ("exact_guidance", "ctrl_oracle_reward", "real_data")
 
 
-def evaluate_samples(testbed: Testbed, x: Tensor, y: Tensor, target: Tensor, twins: list[Tensor]) -> dict[str, float]:
-    """Label and distribution metrics of samples x for requested classes y (B,).
+def component_label_spec(testbed: Testbed, n_pairs: int = 2000) -> dict[str, Any]:
+    """The definition of ``configs/label/component.yaml``, for callers that run the suite from Python."""
+    return {"name": "component", "domain": "gmm", "type": "categorical",
+            "classes": testbed.component_label.n_classes,
+            "pairs": {"callable": "domains.gmm.pairs:component_pairs", "n": n_pairs},
+            "exact": {"callable": "domains.gmm.pairs:component_log_prob"}}
 
-    ``target`` and each of ``twins`` are independent exact sample sets for the same requests. The noise
-    floor is the mean distance between ``target`` and a twin: a single such distance fluctuates by a
-    factor of two at a few hundred samples per class, as much as its own size, so one draw is no floor.
+
+class SuiteContext:
+    """What every row of one run shares: the testbed, labels, requests, targets and settings."""
+
+    def __init__(self, testbed: Testbed, task: LabelTask, pairs: list[LabelledPairs], specs: list[dict], *,
+                 n_eval: int, n_steps: int, t_end: float, alpha: float, gamma: float, n_floor_draws: int,
+                 n_joint_pairs: int):
+        self.testbed, self.task, self.pairs, self.specs = testbed, task, pairs, specs
+        self.n_joint_pairs = n_joint_pairs
+        self.n_steps, self.t_end, self.alpha, self.gamma = n_steps, t_end, alpha, gamma
+        seed = testbed.seed
+        g_eval = torch.Generator().manual_seed(seed + 1000)
+        self.y_eval = task.request_prior().sample(n_eval, g_eval)
+        # Guidance scales are chosen on requests of their own, never on the evaluation requests.
+        self.y_select = task.request_prior().sample(min(n_eval, 1000), torch.Generator().manual_seed(seed + 1500))
+        self.target = task.sample_target(self.y_eval, g_eval)
+        self.twins = [task.sample_target(self.y_eval, g_eval) for _ in range(n_floor_draws)] if task.exact else []
+        self.times = time_grid(n_steps, t_end)
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return self.testbed.x_shape
+
+    def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
+               ) -> tuple[Tensor, Tensor]:
+        """Samples and path KLs for requests y with the score callable built for them."""
+        g = torch.Generator().manual_seed(self.testbed.seed + seed_offset)
+        x_init = self.testbed.sde.prior_sampling((y.shape[0], *self.x_shape), generator=g)
+        with torch.no_grad():
+            out = euler_maruyama(self.testbed.sde, score_fn_for(y), x_init, self.times, generator=g,
+                                 keep_trajectory=False)
+        return out.x, out.kl
+
+    def score(self, x: Tensor, kl: Tensor | None, y: Tensor) -> dict[str, float]:
+        """Every metric of samples x for requests y; J and KL when the samples have paths."""
+        metrics = label_metrics(self.task, x, y)
+        if self.target is not None:
+            metrics |= distribution_metrics(self.task, x, y, self.target, self.twins)
+        if kl is not None:
+            metrics["objective"] = float((self.gamma * self.task.log_likelihood(x, y) - self.alpha * kl).mean())
+            metrics["kl"] = float(kl.mean())
+        return metrics
+
+
+def build_task(testbed: Testbed, specs: list[dict], oracle_fraction: float, n_pairs: int | None = None
+               ) -> tuple[LabelTask, list[LabelledPairs], dict[str, Any]]:
+    """Load every label's pairs (each from its own seed: separate data sets) and its evaluation likelihood.
+
+    ``n_pairs``, if given, replaces every label's own ``pairs.n`` (the label-budget sweep).
+
+    A label without an exact likelihood is evaluated by an oracle classifier trained on a disjoint share of
+    its pairs (``oracle_fraction``); the reward classifier never sees those pairs.
     """
-    label, mixture = testbed.component_label, testbed.mixture
-    pred = label.bayes_label(x)
-    comp, comp_target = mixture.component_log_joint(x).argmax(1), mixture.component_log_joint(target).argmax(1)
-    dist, floor, tv = [], [], []
-    for c in range(label.n_classes):
-        rows = y == c
-        if rows.sum() < 2:
-            continue
-        dist.append(energy_distance(x[rows], target[rows]))
-        floor.append(sum(energy_distance(twin[rows], target[rows]) for twin in twins) / len(twins))
-        tv.append(histogram_tv(comp[rows], comp_target[rows], mixture.n_components))
-    mean = lambda v: float(sum(v) / len(v))  # noqa: E731
-    return {"accuracy": accuracy(pred, y), "macro_f1": macro_f1(pred, y, label.n_classes),
-            "distance_to_target": mean(dist), "noise_floor": mean(floor), "component_tv": mean(tv)}
+    pairs, eval_fns, info = [], [], {}
+    for k, spec in enumerate(specs):
+        if n_pairs is not None:
+            spec["pairs"]["n"] = n_pairs
+        p = load_label(spec, domain=testbed, seed=testbed.seed + 7919 * (k + 1))
+        exact = exact_log_prob(spec, testbed)
+        if exact is None:
+            p, held_out = split_pairs(p, oracle_fraction, torch.Generator().manual_seed(testbed.seed + 11 * k))
+            oracle, report = fit_reward_classifier(held_out, spec, seed=testbed.seed + 13 * (k + 1))
+            info[f"oracle_{spec['name']}"] = asdict(report)
+            exact_fn: Callable[[Tensor], Tensor] = oracle
+        else:
+            exact_fn = exact
+        pairs.append(p)
+        eval_fns.append(exact_fn)
+        info[f"pairs_{spec['name']}"] = {"n": len(p), "source": p.source, "skipped": p.skipped}
+        if p.n_skipped:
+            log.warning("label %s: %d rows of %s skipped %s", spec["name"], p.n_skipped, p.source, p.skipped)
+    all_exact = all(exact_log_prob(s, testbed) is not None for s in specs)
+    component = len(specs) == 1 and specs[0].get("pairs", {}).get("callable", "").endswith(":component_pairs")
+    task = LabelTask(testbed, [s["name"] for s in specs], tuple(p.n_classes for p in pairs), eval_fns,
+                     exact=all_exact, component_label=component and all_exact)
+    return task, pairs, info
 
 
-def sample_and_score(testbed: Testbed, score_fn: ScoreFn, y: Tensor, *, n_steps: int, t_end: float,
-                     alpha: float, gamma: float, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-    """Sample requests y with ``score_fn`` and estimate J along the method's own paths with the true reward."""
-    times = time_grid(n_steps, t_end)
-    with torch.no_grad():
-        x_init = testbed.sde.prior_sampling((y.shape[0], testbed.dim), generator=generator)
-        out = euler_maruyama(testbed.sde, score_fn, x_init, times, generator=generator, keep_trajectory=False)
-    true_reward = testbed.component_label.log_prob(out.x).gather(1, y[:, None]).squeeze(1)
-    objective = (gamma * true_reward - alpha * out.kl).mean()
-    return out.x, {"objective": float(objective), "kl": float(out.kl.mean()), "score_evals": n_steps}
+def joint_pairs(ctx: SuiteContext, n: int) -> tuple[Tensor, Tensor]:
+    """Pairs that carry every label at once: fresh mixture samples with y_k ~ p_k(. | x) for each label.
+
+    With one label these are that label's own pairs; with several, CFG needs them (it models p(x | y_1, y_2)
+    directly), while CTRL learns from each label's separate pairs.
+    """
+    if len(ctx.pairs) == 1:
+        return ctx.pairs[0].x, ctx.pairs[0].y[:, None]
+    g = torch.Generator().manual_seed(ctx.testbed.seed + 6000)
+    x, _ = ctx.testbed.mixture.sample(n, g)
+    y = torch.stack([torch.multinomial(f(x).exp(), 1, generator=g).squeeze(1) for f in ctx.task.eval_log_probs], 1)
+    return x, y
 
 
-def run_suite(testbed: Testbed, *, run_dir: str | Path, n_pairs: int = 2000, n_eval: int = 3000, n_steps: int = 200,
-              t_end: float = 1e-3, method: dict[str, Any] | None = None, pathway: dict[str, Any] | None = None,
-              classifier: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
-              n_floor_draws: int = 5, progress: bool = True) -> SuiteResult:
-    """Run the gmm suite's rows on the component label and write its plots into ``run_dir``.
+def sweep_scale(ctx: SuiteContext, make: Callable[[float], Callable[[Tensor], ScoreFn]],
+                scales: list[float]) -> tuple[float, dict[str, dict[str, float]]]:
+    """The guidance scale with the highest objective J on requests of their own (never the evaluation ones).
+
+    J = E[log p(y|x)] - KL under the evaluation likelihood is what every method is asked to maximise (its
+    optimum is the target p(x|y)); accuracy alone would pick the largest scale, which over-sharpens and
+    drops the distribution (DESIGN.md). Accuracy per scale is recorded beside J.
+    """
+    scores = {}
+    for w in scales:
+        x, kl = ctx.sample(make(w), ctx.y_select, seed_offset=2500)
+        objective = (ctx.gamma * ctx.task.log_likelihood(x, ctx.y_select) - ctx.alpha * kl).mean()
+        scores[str(w)] = {"accuracy": label_metrics(ctx.task, x, ctx.y_select)["accuracy"],
+                          "objective": float(objective)}
+    best = max(scales, key=lambda w: scores[str(w)]["objective"])
+    return best, scores
+
+
+def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, Any]] | None = None, n_pairs: int = 2000,
+              n_joint_pairs: int = 200, n_eval: int = 3000, n_steps: int = 200, t_end: float = 1e-3,
+              method: dict[str, Any] | None = None, pathway: dict[str, Any] | None = None,
+              baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
+              oracle_fraction: float = 0.3, n_floor_draws: int = 5, progress: bool = True,
+              sweep: dict[str, Any] | None = None) -> SuiteResult:
+    """Run the gmm suite's rows and write its plots into ``run_dir``.
 
     Args:
         testbed: the mixture, its SDE and labels (``domains.gmm.make_testbed``).
-        n_pairs: labelled pairs (x, y) the ``ctrl`` row's classifier learns from.
-        n_eval: evaluation requests, drawn from the label prior p(y).
+        labels: one or several label definitions (see :mod:`ctrl_bio.labels`); default: the component label.
+        n_pairs: pairs per label for the default component label (label configs carry their own ``pairs.n``).
+        n_joint_pairs: with several labels, pairs carrying all of them that ``cfg`` and ``classifier_guidance``
+            learn from (CTRL needs none).
+        n_eval: evaluation requests, drawn from the label prior.
         method: keyword arguments of :func:`ctrl_bio.finetune.finetune` (alpha, gamma, estimator, ...).
         pathway: keyword arguments of :class:`ctrl_bio.model.VectorPathway` (hidden, depth, n_fourier).
-        classifier: keyword arguments of :func:`ctrl_bio.reward.train_classifier` plus ``hidden``/``depth``.
+        baselines: settings of the baselines (``cfg``, ``classifier_guidance``, ``dps``, ``best_of_n``).
         methods: which rows to run.
+        oracle_fraction: share of a label's pairs held out to train its oracle when it has no exact likelihood.
         n_floor_draws: independent exact sample sets the noise floor averages over.
+        sweep: ``{"name": "n_pairs" | "gamma", ...}`` runs a sweep (:mod:`domains.gmm.sweeps`) instead.
     """
+    if sweep and sweep.get("name") not in (None, "none"):
+        from domains.gmm.sweeps import run_sweep
+
+        return run_sweep(testbed, run_dir=run_dir, labels=labels, n_pairs=n_pairs, n_joint_pairs=n_joint_pairs,
+                         n_eval=n_eval, n_steps=n_steps, t_end=t_end, method=method, pathway=pathway,
+                         baselines=baselines, oracle_fraction=oracle_fraction, n_floor_draws=n_floor_draws,
+                         progress=progress, sweep=sweep)
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)} for suite gmm; known: {', '.join(METHODS)}")
     if n_steps < 1 or n_eval < 2 or n_pairs < 10:
         raise ValueError(f"need n_steps >= 1, n_eval >= 2 and data.n_pairs >= 10, got {n_steps}, {n_eval}, {n_pairs}")
-    method, pathway, classifier = dict(method or {}), dict(pathway or {}), dict(classifier or {})
-    alpha, gamma = float(method.get("alpha", 1.0)), float(method.get("gamma", 1.0))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed = testbed.seed
-    label, sde, mixture = testbed.component_label, testbed.sde, testbed.mixture
-    d, n_classes = testbed.dim, label.n_classes
-    true_prior = LabelPrior([label.class_probs()])
-
-    g_eval = torch.Generator().manual_seed(seed + 1000)
-    y_eval = true_prior.sample(n_eval, g_eval)[:, 0]
-    target = label.sample_target(y_eval, g_eval)
-    twins = [label.sample_target(y_eval, g_eval) for _ in range(n_floor_draws)]
-    label_name = f"component ({n_classes} classes)"
-    rows: list[Row] = []
-    samples: dict[str, Tensor] = {"exact target": target}
-    histories: dict[str, list[dict]] = {}
-    # J* = E_y log p(y) is known only for alpha = gamma = 1 (the target is then exactly p(x|y)).
-    optimum = float(true_prior.log_prob(y_eval[:, None]).mean()) if alpha == gamma == 1 else None
-    info: dict[str, Any] = {"optimum_objective": optimum, "dim": d, "n_components": mixture.n_components,
-                            "n_classes": n_classes}
-
-    def add_row(name: str, score_fn: ScoreFn, seconds: float) -> None:
+    method, pathway, baselines = dict(method or {}), dict(pathway or {}), dict(baselines or {})
+    specs = copy.deepcopy(labels) if labels else [component_label_spec(testbed, n_pairs)]
+    task, pairs, info = build_task(testbed, specs, oracle_fraction)
+    ctx = SuiteContext(testbed, task, pairs, specs, n_eval=n_eval, n_steps=n_steps, t_end=t_end,
+                       alpha=float(method.get("alpha", 1.0)), gamma=float(method.get("gamma", 1.0)),
+                       n_floor_draws=n_floor_draws, n_joint_pairs=n_joint_pairs)
+    rows, samples, histories = [], {}, {}
+    if ctx.target is not None:
+        samples["exact target"] = ctx.target
+    info |= {"dim": testbed.dim, "n_components": testbed.mixture.n_components, "labels": task.names,
+             "n_classes": list(task.n_classes),
+             "optimum_objective": task.optimum(ctx.y_eval) if ctx.alpha == ctx.gamma == 1 else None}
+    runner = RowRunner(ctx, method, pathway, baselines, Path(run_dir), progress, info, histories)
+    for name in methods:
+        if name in EXACT_ONLY and not task.exact or name == "exact_guidance" and not task.component_label:
+            log.info("%s: skipped (needs %s)", name, "the component label" if task.exact else "exact labels")
+            continue
         start = time.perf_counter()
-        g = torch.Generator().manual_seed(seed + 2000)
-        x, path_metrics = sample_and_score(testbed, score_fn, y_eval, n_steps=n_steps,
-                                           t_end=t_end, alpha=alpha, gamma=gamma, generator=g)
-        metrics = evaluate_samples(testbed, x, y_eval, target, twins) | path_metrics
-        metrics["seconds"] = seconds + time.perf_counter() - start
-        rows.append(Row(name, label_name, metrics))
+        x, kl, extra = runner.run(name)
+        metrics = ctx.score(x, kl, ctx.y_eval) | extra
+        # Wall time of the row, plus the reward classifiers' training when an earlier row built them.
+        metrics["seconds"] = time.perf_counter() - start + extra.pop("shared_seconds", 0.0)
+        rows.append(Row(name, task.title, metrics))
         samples[name] = x
         log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-
-    def train_ctrl(name: str, reward: LogLikelihoodReward, prior: LabelPrior) -> tuple[AugmentedScore, FinetuneResult]:
-        torch.manual_seed(seed)
-        model = AugmentedScore(testbed.pretrained, VectorPathway(d, (n_classes,), **pathway), sde)
-        result = finetune(model, sde, reward, prior, (d,), n_steps=n_steps, t_end=t_end, seed=seed,
-                          checkpoint_path=run_dir / "checkpoints" / f"{name}.safetensors", progress=progress, **method)
-        histories[name] = result.history
-        info[f"pool_ess_{name}"] = result.pool_ess
-        return model, result
-
-    for name in methods:
-        if name == "pretrained":
-            add_row(name, testbed.pretrained, 0.0)
-        elif name == "exact_guidance":
-            add_row(name, exact_guidance(testbed.pretrained, label, sde, y_eval), 0.0)
-        elif name == "ctrl_oracle_reward":
-            model, result = train_ctrl(name, LogLikelihoodReward([label.log_prob]), true_prior)
-            add_row(name, model.conditioned(y_eval[:, None]), result.seconds)
-        elif name == "ctrl":
-            start = time.perf_counter()
-            g = torch.Generator().manual_seed(seed + 3000)
-            x_pairs, comp = mixture.sample(n_pairs, g)
-            y_pairs = label.classes[comp]
-            clf_kwargs = {k: v for k, v in classifier.items() if k not in ("hidden", "depth")}
-            torch.manual_seed(seed)
-            net = mlp_classifier(d, n_classes, hidden=classifier.get("hidden", 128), depth=classifier.get("depth", 2))
-            clf, report = train_classifier(net, x_pairs, y_pairs, generator=g, **clf_kwargs)
-            info["classifier"] = asdict(report)
-            log.info("reward classifier: %s", report)
-            prior = LabelPrior.from_labels([y_pairs], (n_classes,))
-            model, result = train_ctrl(name, LogLikelihoodReward([clf]), prior)
-            add_row(name, model.conditioned(y_eval[:, None]), time.perf_counter() - start)
-        elif name == "real_data":
-            g = torch.Generator().manual_seed(seed + 4000)
-            fresh = label.sample_target(y_eval, g)
-            # Exact samples have no paths, hence no KL and no J: only the sample metrics apply.
-            metrics = evaluate_samples(testbed, fresh, y_eval, target, twins)
-            rows.append(Row(name, label_name, metrics | {"seconds": 0.0}))
-    plot_samples(mixture, samples, y_eval, run_dir / "samples.png")
+    plot_samples(testbed.mixture, samples, combination_index(ctx.y_eval), Path(run_dir) / "samples.png")
     if histories:
-        plot_training_curves(histories, run_dir / "training.png", optimum=info["optimum_objective"])
+        plot_training_curves(histories, Path(run_dir) / "training.png", optimum=info["optimum_objective"])
     return SuiteResult("gmm", rows, info)
+
+
+class RowRunner:
+    """Builds, trains and samples each row's method; classifiers and pools are built once and shared."""
+
+    def __init__(self, ctx: SuiteContext, method: dict, pathway: dict, baselines: dict, run_dir: Path,
+                 progress: bool, info: dict, histories: dict):
+        self.ctx, self.method, self.pathway, self.baselines = ctx, method, pathway, baselines
+        self.run_dir, self.progress, self.info, self.histories = run_dir, progress, info, histories
+        self._reward: LogLikelihoodReward | None = None
+        self._reward_seconds = 0.0
+        self._reward_charged = False
+        self._pool: Tensor | None = None
+
+    # --- shared pieces -------------------------------------------------------------------------------
+    def reward_classifiers(self) -> LogLikelihoodReward:
+        """One calibrated classifier per label, each from its own pairs (CTRL step 1)."""
+        if self._reward is None:
+            start = time.perf_counter()
+            classifiers = []
+            for k, (spec, p) in enumerate(zip(self.ctx.specs, self.ctx.pairs)):
+                clf, report = fit_reward_classifier(p, spec, seed=self.ctx.testbed.seed + 17 * (k + 1))
+                self.info[f"classifier_{spec['name']}"] = asdict(report)
+                log.info("reward classifier %s: %s", spec["name"], report)
+                classifiers.append(clf)
+            self._reward = LogLikelihoodReward(classifiers)
+            self._reward_seconds = time.perf_counter() - start
+        return self._reward
+
+    def shared_seconds(self) -> dict[str, float]:
+        """The reward classifiers' training time, charged once to each row that uses them: to the row that
+        built them through its wall time, to later rows through this entry."""
+        if not self._reward_charged:
+            self._reward_charged = True
+            return {}
+        return {"shared_seconds": self._reward_seconds}
+
+    def pool(self) -> Tensor:
+        """Pre-trained samples shared by every score-matching fine-tuning of this run."""
+        if self._pool is None:
+            ctx = self.ctx
+            model = self.new_model()
+            self._pool = sample_pretrained_pool(model, ctx.testbed.sde, ctx.x_shape,
+                                                int(self.method.get("pool_size", 20000)), n_steps=ctx.n_steps,
+                                                t_end=ctx.t_end, generator=torch.Generator().manual_seed(
+                                                    ctx.testbed.seed + 7000))
+        return self._pool
+
+    def new_model(self) -> AugmentedScore:
+        ctx = self.ctx
+        torch.manual_seed(ctx.testbed.seed)
+        return AugmentedScore(ctx.testbed.pretrained, VectorPathway(ctx.testbed.dim, ctx.task.n_classes,
+                                                                    **self.pathway), ctx.testbed.sde)
+
+    def train_ctrl(self, name: str, reward: LogLikelihoodReward, prior: LabelPrior) -> AugmentedScore:
+        ctx = self.ctx
+        model = self.new_model()
+        kwargs = {k: v for k, v in self.method.items() if k != "pool_size"}
+        pool = self.pool() if kwargs.get("estimator", "score_matching") != "pathwise" else None
+        result = finetune(model, ctx.testbed.sde, reward, prior, ctx.x_shape, n_steps=ctx.n_steps, t_end=ctx.t_end,
+                          seed=ctx.testbed.seed, checkpoint_path=self.run_dir / "checkpoints" / f"{name}.safetensors",
+                          progress=self.progress, pool_x0=pool, **kwargs)
+        self.histories[name] = result.history
+        self.info[f"pool_ess_{name}"] = result.pool_ess
+        return model
+
+    # --- rows ----------------------------------------------------------------------------------------
+    def run(self, name: str) -> tuple[Tensor, Tensor | None, dict[str, float]]:
+        """(samples, path KL or None, extra metrics) of one row for the evaluation requests."""
+        ctx, pre = self.ctx, self.ctx.testbed.pretrained
+        steps = {"score_evals": ctx.n_steps}
+        if name == "pretrained":
+            x, kl = ctx.sample(lambda y: pre, ctx.y_eval)
+            return x, kl, steps
+        if name == "exact_guidance":
+            label, sde = ctx.testbed.component_label, ctx.testbed.sde
+            x, kl = ctx.sample(lambda y: exact_guidance(pre, label, sde, y[:, 0]), ctx.y_eval)
+            return x, kl, steps
+        if name == "real_data":
+            return ctx.task.sample_target(ctx.y_eval, torch.Generator().manual_seed(ctx.testbed.seed + 4000)), \
+                None, {}
+        if name == "ctrl_oracle_reward":
+            model = self.train_ctrl(name, LogLikelihoodReward(ctx.task.eval_log_probs), ctx.task.request_prior())
+            x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+            return x, kl, steps
+        if name == "ctrl":
+            reward = self.reward_classifiers()
+            prior = LabelPrior([label_prior_counts(p) for p in ctx.pairs])
+            model = self.train_ctrl(name, reward, prior)
+            x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+            return x, kl, steps | self.shared_seconds()
+        return getattr(self, f"row_{name}")()
+
+    def row_cfg(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        ctx, cfg = self.ctx, dict(self.baselines.get("cfg", {}))
+        scales = list(cfg.pop("scales", [1.0, 1.5, 2.0, 3.0, 5.0]))
+        x_pairs, y_pairs = joint_pairs(ctx, ctx.n_joint_pairs)
+        model = self.new_model()
+        record = train_conditional_pathway(model, ctx.testbed.sde, x_pairs, y_pairs, t_end=ctx.t_end,
+                                           generator=torch.Generator().manual_seed(ctx.testbed.seed + 8000),
+                                           progress=self.progress, **cfg)
+        best, accs = sweep_scale(ctx, lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
+        self.info["cfg"] = {"pairs": int(x_pairs.shape[0]), "per_scale": accs, "losses": record.losses}
+        x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": x_pairs.shape[0]}
+
+    def row_classifier_guidance(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        ctx, cg = self.ctx, dict(self.baselines.get("classifier_guidance", {}))
+        scales = list(cg.pop("scales", [1.0, 2.0, 4.0]))
+        net_kwargs = {k: cg.pop(k) for k in ("hidden", "depth") if k in cg}
+        x_pairs, y_pairs = joint_pairs(ctx, ctx.n_joint_pairs)
+        nets = []
+        for k, n in enumerate(ctx.task.n_classes):
+            torch.manual_seed(ctx.testbed.seed + k)
+            net = NoisyMLPClassifier(ctx.testbed.dim, n, **net_kwargs)
+            # One noisy classifier per label on the pairs carrying it: with several labels, the joint pairs.
+            train_noisy_classifier(net, ctx.testbed.sde, x_pairs, y_pairs[:, k], t_end=ctx.t_end,
+                                            generator=torch.Generator().manual_seed(ctx.testbed.seed + 8100 + k),
+                                            progress=self.progress, **cg)
+            nets.append(net)
+
+        def noisy_ll(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            return sum(net(x, t).log_softmax(1).gather(1, y[:, k:k + 1]).squeeze(1) for k, net in enumerate(nets))
+
+        pre = ctx.testbed.pretrained
+        best, accs = sweep_scale(ctx, lambda w: lambda y: classifier_guidance(pre, noisy_ll, y, w), scales)
+        self.info["classifier_guidance"] = {"pairs": int(x_pairs.shape[0]), "per_scale": accs}
+        x, kl = ctx.sample(lambda y: classifier_guidance(pre, noisy_ll, y, best), ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": x_pairs.shape[0]}
+
+    def row_dps(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        ctx = self.ctx
+        scales = list(self.baselines.get("dps", {}).get("scales", [1.0, 2.0, 4.0, 8.0]))
+        reward, pre, sde = self.reward_classifiers(), ctx.testbed.pretrained, ctx.testbed.sde
+        best, accs = sweep_scale(ctx, lambda w: lambda y: reconstruction_guidance(pre, sde, reward, y, w), scales)
+        self.info["dps"] = {"per_scale": accs}
+        x, kl = ctx.sample(lambda y: reconstruction_guidance(pre, sde, reward, y, best), ctx.y_eval)
+        # A forward and a backward pass through the score network per step: about three evaluations.
+        return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
+
+    def row_best_of_n(self) -> tuple[Tensor, None, dict[str, float]]:
+        ctx = self.ctx
+        n = int(self.baselines.get("best_of_n", {}).get("n", 8))
+        reward = self.reward_classifiers()
+        x = best_of_n(ctx.testbed.sde, ctx.testbed.pretrained, reward, ctx.y_eval, ctx.x_shape, ctx.times, n,
+                      generator=torch.Generator().manual_seed(ctx.testbed.seed + 9000))
+        # Selection is not a path measure: best-of-N has no path KL, so no J either.
+        return x, None, {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()

@@ -22,9 +22,18 @@ class Testbed:
     logistic_labels: LogisticLabels
     seed: int
 
+    #: What label configs need of a domain (ctrl_bio.labels): its name and the label types it takes.
+    #: Continuous labels need a continuous label pathway, which the vector pathway does not have yet.
+    name = "gmm"
+    label_types = ("categorical", "bins")
+
     @property
     def dim(self) -> int:
         return self.mixture.dim
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return (self.mixture.dim,)
 
 
 def make_testbed(dim: int = 4, n_components: int = 8, n_classes: int = 4, *, min_separation: float = 4.0,

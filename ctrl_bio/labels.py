@@ -1,0 +1,320 @@
+"""Property labels defined by configuration: where the pairs come from, the label type, the classifier.
+
+A label is a mapping (a YAML file under ``configs/label/`` or a user folder, DESIGN.md "User-facing
+contract") with these fields::
+
+    name: gc                          # how rows and files call it
+    domain: gmm                       # the domain it belongs to; checked against the run's domain
+    type: categorical                 # categorical | bins | continuous
+    classes: 4                        # categorical: a count (values 0..n-1) or the list of values
+    bins: [0.4, 0.5]                  # bins: increasing edges; class k = number of edges <= value
+    pairs:                            # a CSV file ...
+      file: pairs.csv
+      x_columns: [x0, x1, x2, x3]     #   numeric columns (vector domains), or
+      x_column: sequence              #   one text column the domain encodes (its ``encode_x``)
+      y_column: y
+      n: 500                          #   keep the first n usable rows (null: all)
+    # pairs: {callable: "pkg.module:function", kwargs: {}, n: 500}
+    #   ... or a callable (domain, n, generator, **kwargs) -> (x, raw y values)
+    classifier: {_target_: ctrl_bio.reward.flat_mlp_classifier, hidden: 128, depth: 2}
+    training: {epochs: 200, batch_size: 256, lr: 3.0e-3}
+    calibration: {fraction: 0.2}      # held out for temperature scaling, never trained on
+    exact: {callable: "pkg.module:function", kwargs: {}}   # optional: domain -> (x -> log p(y|x)),
+                                                           # the exact label likelihood, for evaluation
+
+Everything is validated before any training: a missing file, an unknown column, a label value outside
+its classes or a type the domain cannot take ends in one line naming the file and field. Rows whose x
+or y cannot be parsed are skipped and counted (:attr:`LabelledPairs.n_skipped`), never silently dropped.
+
+The core stays free of Hydra: ``_target_`` is resolved here with importlib.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, train_classifier
+
+LABEL_TYPES = ("categorical", "bins", "continuous")
+
+
+class LabelError(ValueError):
+    """A label definition or its data is unusable; the message is one line naming the file and field."""
+
+
+@dataclass
+class LabelledPairs:
+    """Offline pairs (x, y) of one label.
+
+    Attributes:
+        name: the label's name.
+        x: inputs, (N, ...).
+        y: class indices (N,) for categorical and binned labels; float values (N,) for continuous ones.
+        n_classes: number of classes, None for continuous labels.
+        kind: ``categorical``, ``bins`` or ``continuous``.
+        source: the file or callable the pairs came from.
+        skipped: rows skipped, counted by reason.
+    """
+
+    name: str
+    x: Tensor
+    y: Tensor
+    n_classes: int | None
+    kind: str
+    source: str
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, index: Tensor) -> LabelledPairs:
+        return LabelledPairs(self.name, self.x[index], self.y[index], self.n_classes, self.kind, self.source,
+                             dict(self.skipped))
+
+
+def resolve_callable(path: str) -> Callable[..., Any]:
+    """Import ``pkg.module:function`` (or ``pkg.module.function``)."""
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise LabelError(f"cannot import '{path}': {exc}") from exc
+
+
+def _where(spec: Mapping[str, Any], key: str) -> str:
+    return f"label '{spec.get('name', '?')}': field '{key}'"
+
+
+def check_label_spec(spec: Mapping[str, Any], *, domain_name: str | None = None,
+                     label_types: Sequence[str] = LABEL_TYPES) -> None:
+    """Validate a label definition without reading its data; raise :class:`LabelError` (one line)."""
+    for key in ("name", "type", "pairs"):
+        if spec.get(key) is None:
+            raise LabelError(f"{_where(spec, key)} is missing")
+    kind = spec["type"]
+    if kind not in LABEL_TYPES:
+        raise LabelError(f"{_where(spec, 'type')}: unknown type '{kind}' (one of {', '.join(LABEL_TYPES)})")
+    if kind not in label_types:
+        raise LabelError(f"{_where(spec, 'type')}: domain '{domain_name}' cannot take '{kind}' labels "
+                         f"(it takes {', '.join(label_types)})")
+    if domain_name is not None and spec.get("domain") not in (None, domain_name):
+        raise LabelError(f"{_where(spec, 'domain')}: the label is for domain '{spec['domain']}', "
+                         f"the run uses domain '{domain_name}'")
+    if kind == "categorical" and spec.get("classes") is None:
+        raise LabelError(f"{_where(spec, 'classes')} is missing (a count, or the list of class values)")
+    if kind == "bins":
+        edges = spec.get("bins")
+        if not edges or any(not isinstance(e, (int, float)) for e in edges) or list(edges) != sorted(edges):
+            raise LabelError(f"{_where(spec, 'bins')} must be a non-empty increasing list of numbers, got {edges}")
+    pairs = spec["pairs"]
+    if ("file" in pairs) == ("callable" in pairs):
+        raise LabelError(f"{_where(spec, 'pairs')} needs exactly one of 'file' or 'callable'")
+    if "file" in pairs:
+        if not Path(pairs["file"]).is_file():
+            raise LabelError(f"{_where(spec, 'pairs.file')}: no such file '{pairs['file']}'")
+        if ("x_columns" in pairs) == ("x_column" in pairs):
+            raise LabelError(f"{_where(spec, 'pairs')} needs exactly one of 'x_columns' or 'x_column'")
+        if not pairs.get("y_column"):
+            raise LabelError(f"{_where(spec, 'pairs.y_column')} is missing")
+    n = pairs.get("n")
+    if n is not None and (not isinstance(n, int) or n < 3):
+        raise LabelError(f"{_where(spec, 'pairs.n')} must be an integer >= 3 (or null for all rows), got {n}")
+    fraction = (spec.get("calibration") or {}).get("fraction", 0.2)
+    if not 0.0 < fraction < 1.0:
+        raise LabelError(f"{_where(spec, 'calibration.fraction')} must lie in (0, 1), got {fraction}")
+
+
+def class_of(value: Any, spec: Mapping[str, Any]) -> int | float:
+    """Map a raw y value to its class index (categorical, bins) or float (continuous); ValueError if unusable."""
+    kind = spec["type"]
+    if kind == "continuous":
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError("not a finite number")
+        return v
+    if kind == "bins":
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError("not a finite number")
+        return sum(v >= e for e in spec["bins"])
+    classes = spec["classes"]
+    if isinstance(classes, int):
+        c = float(value)
+        if c != int(c):
+            raise ValueError("not an integer")
+        return int(c)
+    values = [str(v) for v in classes]
+    text = str(value).strip()
+    if text in values:
+        return values.index(text)
+    try:  # a numeric column read as text ("1.0" for class value 1)
+        return values.index(str(int(float(text))))
+    except ValueError:
+        return -1
+
+
+def n_classes_of(spec: Mapping[str, Any]) -> int | None:
+    if spec["type"] == "categorical":
+        return spec["classes"] if isinstance(spec["classes"], int) else len(spec["classes"])
+    if spec["type"] == "bins":
+        return len(spec["bins"]) + 1
+    return None
+
+
+def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] | None,
+              n: int | None) -> tuple[Tensor, list[Any], Counter]:
+    pairs = spec["pairs"]
+    path = Path(pairs["file"])
+    x_columns = [pairs["x_column"]] if "x_column" in pairs else list(pairs["x_columns"])
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        for col in [*x_columns, pairs["y_column"]]:
+            if col not in header:
+                raise LabelError(f"{path}: {_where(spec, 'pairs')} names column '{col}', not in the header "
+                                 f"({', '.join(header) or 'empty file'})")
+        xs, ys, skipped = [], [], Counter()
+        for row in reader:
+            if n is not None and len(ys) >= n:
+                break
+            y_raw = (row.get(pairs["y_column"]) or "").strip()
+            if not y_raw:
+                skipped["missing y"] += 1
+                continue
+            try:
+                x = [row[c] for c in x_columns] if "x_column" in pairs else [float(row[c]) for c in x_columns]
+                if "x_columns" in pairs and not all(math.isfinite(v) for v in x):
+                    raise ValueError
+            except (TypeError, ValueError):
+                skipped["unparseable x"] += 1
+                continue
+            xs.append(x)
+            ys.append(y_raw)
+    if "x_column" in pairs:
+        if encode_x is None:
+            raise LabelError(f"{_where(spec, 'pairs.x_column')}: this domain reads numeric x_columns only")
+        x_tensor, bad = encode_x([x[0] for x in xs])
+        keep = [i for i in range(len(ys)) if i not in set(bad)]
+        skipped["invalid x"] += len(bad)
+        ys = [ys[i] for i in keep]
+    else:
+        x_tensor = torch.tensor(xs, dtype=torch.float32).reshape(len(xs), len(x_columns))
+    return x_tensor, ys, skipped
+
+
+def load_label(spec: Mapping[str, Any], *, domain: Any = None, seed: int = 0) -> LabelledPairs:
+    """Read and validate one label's pairs.
+
+    Args:
+        spec: the label definition (see the module docstring).
+        domain: the run's domain object; may define ``name``, ``label_types``, ``x_shape`` and
+            ``encode_x(list[str]) -> (Tensor, bad_row_indices)``; a ``pairs.callable`` receives it.
+        seed: seeds the generator handed to a ``pairs.callable``.
+
+    Raises:
+        LabelError: one line naming the file and field, before any training.
+    """
+    domain_name = getattr(domain, "name", None)
+    check_label_spec(spec, domain_name=domain_name, label_types=getattr(domain, "label_types", LABEL_TYPES))
+    pairs, name = spec["pairs"], spec["name"]
+    n = pairs.get("n")
+    if "callable" in pairs:
+        fn = resolve_callable(pairs["callable"])
+        x, raw = fn(domain, n, torch.Generator().manual_seed(seed), **dict(pairs.get("kwargs") or {}))
+        source, raw, skipped = pairs["callable"], raw.tolist(), Counter()
+    else:
+        x, raw, skipped = _read_csv(spec, getattr(domain, "encode_x", None), n)
+        source = str(pairs["file"])
+    y, keep = [], []
+    for i, value in enumerate(raw):
+        try:
+            y.append(class_of(value, spec))
+            keep.append(i)
+        except (TypeError, ValueError):
+            skipped["unparseable y"] += 1
+    x = x[keep]
+    n_classes = n_classes_of(spec)
+    if n_classes is not None:
+        y_t = torch.tensor(y, dtype=torch.long)
+        bad = ((y_t < 0) | (y_t >= n_classes)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise LabelError(f"{source}: {_where(spec, pairs.get('y_column', 'y'))}: value {raw[keep[i]]!r} "
+                             f"(pair {keep[i] + 1}) is outside the label's {n_classes} classes {spec.get('classes')}")
+    else:
+        y_t = torch.tensor(y, dtype=torch.float32)
+    x_shape = getattr(domain, "x_shape", None)
+    if x_shape is not None and tuple(x.shape[1:]) != tuple(x_shape):
+        raise LabelError(f"{source}: {_where(spec, 'pairs')}: x has shape {tuple(x.shape[1:])} per pair, "
+                         f"the domain's samples have {tuple(x_shape)}")
+    if x.shape[0] < 3:
+        raise LabelError(f"{source}: {_where(spec, 'pairs')}: {x.shape[0]} usable pairs left "
+                         f"({sum(skipped.values())} rows skipped: {dict(skipped)}); need at least 3")
+    return LabelledPairs(name, x, y_t, n_classes, spec["type"], source, dict(skipped))
+
+
+def split_pairs(pairs: LabelledPairs, fraction: float, generator: torch.Generator) -> tuple[LabelledPairs,
+                                                                                          LabelledPairs]:
+    """Two disjoint random parts, the second holding ``fraction`` of the pairs (e.g. an oracle's share)."""
+    perm = torch.randperm(len(pairs), generator=generator)
+    n_second = max(int(round(fraction * len(pairs))), 1)
+    return pairs.subset(perm[n_second:]), pairs.subset(perm[:n_second])
+
+
+def build_classifier(spec: Mapping[str, Any], x_shape: Sequence[int], n_classes: int) -> torch.nn.Module:
+    """Instantiate the label's classifier ``_target_`` with the sample shape and class count."""
+    cfg = dict(spec.get("classifier") or {"_target_": "ctrl_bio.reward.flat_mlp_classifier"})
+    cfg.pop("_partial_", None)
+    factory = resolve_callable(cfg.pop("_target_"))
+    return factory(x_shape=tuple(x_shape), n_classes=n_classes, **cfg)
+
+
+def fit_reward_classifier(pairs: LabelledPairs, spec: Mapping[str, Any], *,
+                          seed: int = 0) -> tuple[CalibratedClassifier, ClassifierReport]:
+    """Train the label's classifier on clean pairs and temperature-scale it on its calibration split."""
+    if pairs.n_classes is None:
+        raise LabelError(f"{_where(spec, 'type')}: continuous labels need a regressor, not a classifier")
+    torch.manual_seed(seed)
+    net = build_classifier(spec, pairs.x.shape[1:], pairs.n_classes)
+    training = dict(spec.get("training") or {})
+    fraction = (spec.get("calibration") or {}).get("fraction", 0.2)
+    return train_classifier(net, pairs.x, pairs.y, calib_fraction=fraction,
+                            generator=torch.Generator().manual_seed(seed), **training)
+
+
+def exact_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tensor], Tensor] | None:
+    """The label's exact likelihood ``x -> log p(y | x)`` (B, n_classes) if its config names one, else None."""
+    exact = spec.get("exact")
+    if not exact:
+        return None
+    return resolve_callable(exact["callable"])(domain, **dict(exact.get("kwargs") or {}))
+
+
+def label_specs(node: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The label definitions of a run's ``label`` node, in order.
+
+    ``label=a`` and ``label=[a,b]`` give ``{a: {...}, b: {...}}`` when each file starts with
+    ``# @package label.<name>``; a file without that header composes to the bare definition, taken as one label.
+    """
+    if "pairs" in node:
+        return [dict(node)]
+    return [dict(v) for v in node.values()]
+
+
+def label_prior_counts(pairs: LabelledPairs) -> Tensor:
+    """Empirical class counts of the pairs, the default label prior p(y) (DESIGN.md)."""
+    return torch.bincount(pairs.y, minlength=pairs.n_classes).double()
