@@ -55,10 +55,19 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def run_cli(args, cwd=ROOT, timeout=240):
+def start_cli(args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
-    return subprocess.run([sys.executable, "-m", "ctrl_bio.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.Popen([sys.executable, "-m", "ctrl_bio.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli(args, cwd=ROOT):
+    return finish(start_cli(args, cwd))
 
 
 def test_step_generator_is_a_function_of_seed_step_rank_and_stream():
@@ -95,10 +104,11 @@ def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
     # Hybrid: 6 score-matching steps then 4 pathwise ones; checkpoint every 5, killed at step 7 (in the second
     # phase, two steps after the last checkpoint), so the resumed run crosses the phase boundary from a checkpoint.
     args = TINY + ["method.estimator=hybrid", "method.sm_steps=6", "method.steps=4", "checkpoint_every=5"]
-    whole = run_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/whole"])
+    whole = start_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/whole"])
+    killed = finish(start_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/killed",
+                               "callbacks=[{_target_:test_training.KillAt,step:7}]"]))
+    whole = finish(whole)
     assert whole.returncode == 0, whole.stderr
-    killed = run_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/killed",
-                      "callbacks=[{_target_:test_training.KillAt,step:7}]"])
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "killed/checkpoints/last.ckpt").is_file()
     assert not (tmp_path / "killed/pathway.safetensors").exists()
@@ -106,7 +116,8 @@ def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
     resumed = run_cli(["finetune", f"resume={tmp_path}/killed", "callbacks=[]"])
     assert resumed.returncode == 0, resumed.stderr
     # The resumed process ran steps 5..9 only (the killed one flushed no metrics): it did continue, not restart.
-    steps = [int(row["step"]) for row in csv.DictReader((tmp_path / "killed/metrics.csv").open())]
+    rows = csv.DictReader((tmp_path / "killed/metrics.csv").open())
+    steps = [int(row["step"]) for row in rows if row["loss"]]
     assert steps == [5, 6, 7, 8, 9]
     a, b = load_file(tmp_path / "whole/pathway.safetensors"), load_file(tmp_path / "killed/pathway.safetensors")
     assert a.keys() == b.keys() and len(a) > 0

@@ -44,10 +44,14 @@ def tick_loader() -> DataLoader:
     return DataLoader(_Ticks(), batch_size=None)
 
 
-def check_finite(loss: Tensor, step: int, what: str) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"{what} loss became {loss.detach().item()} at step {step}: stopped; "
-                                 f"the last good checkpoint is checkpoints/last.ckpt")
+def check_finite(module: L.LightningModule, loss: Tensor, what: str) -> None:
+    """Stop the run on a NaN or infinite loss; the last checkpoint (written before this step) stays as it is."""
+    if torch.isfinite(loss):
+        return
+    last = getattr(module.trainer.checkpoint_callback, "last_model_path", "") if module._trainer else ""
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+    raise NonFiniteLossError(f"{what} loss became {loss.detach().item()} at step {module.global_step}: stopped; "
+                             f"{kept}")
 
 
 def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int) -> dict:
@@ -82,7 +86,7 @@ class ScoreMatchingModule(L.LightningModule):
         y = torch.zeros(self.batch_size, 1, dtype=torch.long)
         loss = weighted_score_matching_loss(lambda x, t, _y: self.net(x, t), self.sde, self.pool, y,
                                             t_end=self.t_end, generator=g)
-        check_finite(loss, self.global_step, "score-matching")
+        check_finite(self, loss, "score-matching")
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -113,7 +117,7 @@ class ClassifierModule(L.LightningModule):
         g = step_generator(self.seed, self.global_step, self.global_rank)
         idx = torch.randint(self.x.shape[0], (min(self.batch_size, self.x.shape[0]),), generator=g)
         loss = F.cross_entropy(self.net(self.x[idx].to(self.device)), self.y[idx].to(self.device))
-        check_finite(loss, self.global_step, "classifier")
+        check_finite(self, loss, "classifier")
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -215,7 +219,7 @@ class CTRLModule(L.LightningModule):
             loss = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, n_steps=self.n_steps,
                                  t_end=self.t_end, alpha=self.alpha, gamma=self.gamma, memory=self.memory,
                                  grad_last_k=self.grad_last_k, generator=g).loss
-        check_finite(loss, step, phase)
+        check_finite(self, loss, phase)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.grad_clip is not None:
@@ -224,7 +228,10 @@ class CTRLModule(L.LightningModule):
         sched.step()
         self.log_dict({"loss": loss.detach(), "phase": float(i)}, prog_bar=True)
         if self.eval_every and (step + 1) % self.eval_every == 0:
-            self.log_dict(self.estimate_objective(step + 1))
+            # Straight to the loggers: self.log would repeat these values on every later row of metrics.csv.
+            metrics = self.estimate_objective(step + 1)
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=step + 1)
 
     @torch.no_grad()
     def estimate_objective(self, step: int) -> dict[str, float]:

@@ -58,6 +58,8 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     # The CTRL module optimises manually; its checkpoints hold the state after the step, which is what resumes.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # Frozen pre-trained networks sit in eval mode inside the trained module on purpose.
+    warnings.filterwarnings("ignore", message="Found .* module\\(s\\) in eval mode")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     return L.Trainer(default_root_dir=str(run_dir) if run_dir else None, callbacks=cbs, logger=logger,
                      enable_checkpointing=run_dir is not None, enable_progress_bar=progress,

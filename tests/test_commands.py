@@ -1,0 +1,141 @@
+"""``ctrl-bio pretrain | train-classifier | finetune | sample`` end to end on tiny settings, and their bad input."""
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from ctrl_bio.cli import main
+from ctrl_bio.nets import VectorScoreNet
+from domains.gmm.domain import learned_pretrained, pretrained_quality
+from domains.gmm.testbed import make_testbed
+
+GMM = ["domain.dim=2", "domain.n_components=4", "domain.n_classes=2", "progress=false", "trainer.log_every_n_steps=1"]
+TINY_FT = ["plugin.pathway.hidden=32", "plugin.pathway.depth=2", "method.pool_size=2000", "method.sm_batch_size=256",
+           "n_steps=30", "method.eval_every=0", "data.n_pairs=400"]
+
+
+class PoisonAt(L.Callback):
+    """Turn the trainable parameters into NaN at the start of training step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny networks on a shared machine: a second OpenMP thread only waits (30x slower under load).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_help_lists_every_command_with_an_example(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("pretrain", "train-classifier", "finetune", "sample", "benchmark"):
+        assert f"\n  {command} " in out and f"e.g. ctrl-bio {command}" in out
+
+
+def test_pretrain_lowers_the_distance_to_the_mixture_and_feeds_finetune(tmp_path):
+    run = tmp_path / "pre"
+    assert main(["pretrain", *GMM, "steps=400", "batch_size=256", "plugin.n_train=5000", "plugin.score_net.hidden=64",
+                 "checkpoint_every=200", f"hydra.run.dir={run}"]) == 0
+    for name in ("score.safetensors", "score.json", "quality.json", "config.yaml", "metrics.csv", "run.log",
+                 "checkpoints/last.ckpt", "checkpoints/step=400.ckpt"):
+        assert (run / name).is_file(), name
+    trained = json.loads((run / "quality.json").read_text())
+    testbed = make_testbed(dim=2, n_components=4, n_classes=2, seed=0)
+    torch.manual_seed(0)
+    untrained = pretrained_quality(testbed, VectorScoreNet(testbed.sde, 2, hidden=64))
+    # 400 steps get most of the way (4,000 reach the noise floor: docs/training.md).
+    assert trained["distance_to_mixture"] < 0.1 * untrained["distance_to_mixture"]
+    net = learned_pretrained(testbed, checkpoint=str(run))
+    x, t = torch.randn(5, 2), torch.full((5,), 0.3)
+    assert not any(p.requires_grad for p in net.parameters()) and net(x, t).shape == (5, 2)
+
+    ft = tmp_path / "ft"
+    assert main(["finetune", *GMM, *TINY_FT, "reward=exact", "pretrained=learned", f"pretrained.checkpoint={run}",
+                 "method.sm_steps=5", f"hydra.run.dir={ft}"]) == 0
+    assert (ft / "pathway.safetensors").is_file()
+
+
+def test_classifier_finetune_and_sample_end_to_end(tmp_path, capsys):
+    clf = tmp_path / "clf"
+    assert main(["train-classifier", *GMM, "data.n_pairs=400", "label.component.training.epochs=30",
+                 f"hydra.run.dir={clf}"]) == 0
+    meta = json.loads((clf / "classifiers/component.json").read_text())
+    assert meta["n_classes"] == 2 and meta["report"]["accuracy"] > 0.8
+    assert {"ece_before", "ece_after", "temperature"} <= meta["report"].keys()
+    assert "ECE" in capsys.readouterr().out
+
+    ft = tmp_path / "ft"
+    assert main(["finetune", *GMM, *TINY_FT, f"classifier={clf}", "method.sm_steps=300", "method.sm_lr=1e-2",
+                 f"hydra.run.dir={ft}"]) == 0
+    assert json.loads((ft / "pathway.json").read_text())["labels"][0]["name"] == "component"
+    assert (ft / "checkpoints/last.ckpt").is_file() and (ft / "metrics.csv").is_file()
+
+    out = tmp_path / "s"
+    assert main(["sample", f"run={ft}", "y=1", "n=300", f"hydra.run.dir={out}"]) == 0
+    rows = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(rows) == 300 and list(rows[0]) == ["x0", "x1", "component"]
+    assert {r["component"] for r in rows} == {"1"}
+    x = torch.tensor([[float(r["x0"]), float(r["x1"])] for r in rows])
+    label = make_testbed(dim=2, n_components=4, n_classes=2, seed=0).component_label
+    assert (label.bayes_label(x) == 1).float().mean() > 0.75   # the pre-trained model: about the class weight
+
+    capsys.readouterr()
+    for y, needle in (("y=5", "label 0 takes values in 0..1"), ("y=[0,1]", "fine-tuned for 1 label")):
+        assert main(["sample", f"run={ft}", y, f"hydra.run.dir={tmp_path}/bad"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1
+
+
+def test_learned_pretrained_is_trained_once_and_cached_in_the_run_dir(tmp_path):
+    ft = tmp_path / "ft"
+    args = ["finetune", *GMM, *TINY_FT, "reward=exact", "pretrained=learned", "pretrained.steps=20",
+            "pretrained.n_train=1000", "pretrained.hidden=16", "method.sm_steps=3"]
+    assert main([*args, f"hydra.run.dir={ft}"]) == 0
+    cached = list((ft / "pretrained").glob("*/score.safetensors"))
+    assert len(cached) == 1
+    assert main(["sample", f"run={ft}", "y=0", "n=10", f"hydra.run.dir={tmp_path}/s"]) == 0
+    assert list((ft / "pretrained").glob("*/score.safetensors")) == cached
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    ft = tmp_path / "ft"
+    code = main(["finetune", *GMM, *TINY_FT, "reward=exact", "method.sm_steps=10", "checkpoint_every=2",
+                 "callbacks=[{_target_:test_commands.PoisonAt,step:3}]", f"hydra.run.dir={ft}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "loss became nan at step 3" in err and len(err.splitlines()) == 1
+    state = torch.load(ft / "checkpoints/last.ckpt", weights_only=False)
+    assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+    assert not (ft / "pathway.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["finetune", "resume=/nonexistent/run"], "resume: no checkpoint at '/nonexistent/run'"),
+    (["pretrain", "resume=/nonexistent/last.ckpt"], "resume: no checkpoint"),
+    (["sample"], "sample needs run="),
+    (["sample", "run=/nonexistent/run"], "no 'config.yaml'"),
+    (["finetune", "label=nope"], "label/nope"),
+    (["train-classifier", "label=nope"], "label/nope"),
+    (["finetune", "classifier=/nonexistent/clf", "data.n_pairs=50"], "classifier: no '/nonexistent/clf"),
+    (["finetune", "reward=bogus", "data.n_pairs=50"], "reward must be 'classifier' or 'exact'"),
+    (["pretrain", "nope=1"], "unknown config key 'nope'"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, needle, capsys, tmp_path):
+    code = main([*args, f"hydra.run.dir={tmp_path}/run"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
