@@ -125,7 +125,7 @@ def training_config(command: str, overrides: list[str]) -> tuple[DictConfig, Pat
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise FileNotFoundError(f"resume: no config.yaml in '{run_dir}' to continue from")
-        rest = [o.lstrip("+") for o in overrides if not o.startswith("resume=")]
+        rest = [o.lstrip("+") for o in overrides if not o.startswith(("resume=", "hydra."))]
         cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(rest))
         cfg.resume = str(ckpt)
         return cfg, run_dir, ckpt

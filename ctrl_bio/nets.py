@@ -1,13 +1,15 @@
-"""A 1-D convolutional score network for sequence data (DNA one-hot and the like), shape (B, C, L).
+"""Score networks that predict the noise eps and return the score s = -eps / sigma_t (DESIGN.md).
 
-The network predicts the noise eps (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 12)
-and returns the score s = -eps / sigma_t through the SDE (DESIGN.md). It is length-agnostic (every layer
-is a same-padded convolution) and takes an optional ``extra_emb`` that is added to its time embedding:
-that is where CTRL's zero-initialised :class:`ctrl_bio.model.LabelEmbedding` enters
-(:class:`ctrl_bio.model.EmbeddingAugmentedScore`), the same place classifier-free guidance puts its class
-embedding (Ho & Salimans 2022).
+- :class:`ConvScoreNet`: a 1-D convolutional network for sequence data (DNA one-hot and the like), shape
+  (B, C, L). It is length-agnostic (every layer is a same-padded convolution) and takes an optional
+  ``extra_emb`` that is added to its time embedding: that is where CTRL's zero-initialised
+  :class:`ctrl_bio.model.LabelEmbedding` enters (:class:`ctrl_bio.model.EmbeddingAugmentedScore`), the same
+  place classifier-free guidance puts its class embedding (Ho & Salimans 2022).
+- :class:`VectorScoreNet`: an MLP for vector data, shape (B, d), the pre-trained model ``ctrl-bio pretrain``
+  trains on a vector domain (the gmm testbed's ``pretrained=learned``).
+
+Both predict eps as in Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 12.
 """
-
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ domain), and writes into ``run_dir``. Only rank 0 writes the exported weights an
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import zlib
@@ -180,8 +181,12 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     torch.manual_seed(cfg.seed)
     n_classes = [pairs.n_classes for _, pairs in labelled]
     model = domain.augment(domain.pretrained_model(), n_classes)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    unknown = set(method) - set(inspect.signature(CTRLModule).parameters)
+    if unknown:
+        raise ValueError(f"method: finetune does not take {sorted(unknown)} (its keys: those of method=ctrl)")
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
-                        t_end=cfg.t_end, seed=cfg.seed, **OmegaConf.to_container(cfg.method, resolve=True))
+                        t_end=cfg.t_end, seed=cfg.seed, **method)
     trainer = build_trainer(run_dir, max_steps=module.total_steps, **_trainer_kwargs(cfg))
     fit(trainer, module, resume)
     if is_rank_zero():
