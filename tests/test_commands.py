@@ -112,6 +112,17 @@ def test_learned_pretrained_is_trained_once_and_cached_in_the_run_dir(tmp_path):
     assert list((ft / "pretrained").glob("*/score.safetensors")) == cached
 
 
+def test_two_labels_are_fine_tuned_together_and_requested_as_a_list(tmp_path):
+    ft = tmp_path / "ft"
+    assert main(["finetune", *GMM, *TINY_FT, "label=[logistic_a,logistic_b]", "reward=exact", "method.sm_steps=5",
+                 f"hydra.run.dir={ft}"]) == 0
+    labels = json.loads((ft / "pathway.json").read_text())["labels"]
+    assert [lab["name"] for lab in labels] == ["logistic_a", "logistic_b"]
+    assert main(["sample", f"run={ft}", "y=[1,0]", "n=4", f"hydra.run.dir={tmp_path}/s"]) == 0
+    rows = list(csv.DictReader((tmp_path / "s/samples.csv").open()))
+    assert len(rows) == 4 and all(r["logistic_a"] == "1" and r["logistic_b"] == "0" for r in rows)
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     ft = tmp_path / "ft"
     code = main(["finetune", *GMM, *TINY_FT, "reward=exact", "method.sm_steps=10", "checkpoint_every=2",

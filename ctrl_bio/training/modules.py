@@ -17,8 +17,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from ctrl_bio.finetune import NonFiniteLossError, sample_pretrained_pool
-from ctrl_bio.model import ConditionalScore
-from ctrl_bio.objective import MemoryMode, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.model import NULL_LABEL, ConditionalScore
+from ctrl_bio.objective import (
+    MemoryMode,
+    WeightedPool,
+    denoising_score_matching_loss,
+    pathwise_loss,
+    weighted_score_matching_loss,
+)
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sde import SDE
 
@@ -62,8 +68,8 @@ def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int) -> dict:
 class ScoreMatchingModule(L.LightningModule):
     """Denoising score matching of a score network on clean data (Vincent 2011; Song et al. 2021, eq. 7).
 
-    The loss is :func:`ctrl_bio.objective.weighted_score_matching_loss` with a flat pool: every sample
-    has the same weight, so its tilted draw is a uniform minibatch and the loss is plain DSM in noise units.
+    The loss is the core's :func:`ctrl_bio.objective.denoising_score_matching_loss` (noise units) on a
+    uniform minibatch of the data, with a null label the unconditional network ignores.
 
     Args:
         net: score network ``(x, t) -> s``.
@@ -77,15 +83,15 @@ class ScoreMatchingModule(L.LightningModule):
     def __init__(self, net: nn.Module, sde: SDE, data: Tensor, *, lr: float = 2e-3, batch_size: int = 512,
                  t_end: float = 1e-3, seed: int = 0):
         super().__init__()
-        self.net, self.sde = net, sde
-        self.pool = WeightedPool(data, [torch.zeros(data.shape[0], 1)])
+        self.net, self.sde, self.data = net, sde, data
         self.lr, self.batch_size, self.t_end, self.seed = lr, batch_size, t_end, seed
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         g = step_generator(self.seed, self.global_step, self.global_rank)
-        y = torch.zeros(self.batch_size, 1, dtype=torch.long)
-        loss = weighted_score_matching_loss(lambda x, t, _y: self.net(x, t), self.sde, self.pool, y,
-                                            t_end=self.t_end, generator=g)
+        idx = torch.randint(self.data.shape[0], (self.batch_size,), generator=g)
+        y = torch.full((self.batch_size, 1), NULL_LABEL, dtype=torch.long)
+        loss = denoising_score_matching_loss(lambda x, t, _y: self.net(x, t), self.sde, self.data[idx], y,
+                                             t_end=self.t_end, generator=g)
         check_finite(self, loss, "score-matching")
         self.log("loss", loss, prog_bar=True)
         return loss

@@ -31,6 +31,13 @@ from ctrl_bio.training.modules import ClassifierModule, ScoreMatchingModule, tic
 CHECKPOINT_DIR = "checkpoints"
 
 
+class StepProgressBar(RichProgressBar):
+    """Rich progress in optimiser steps: the modules draw their own data, so there are no epochs to count."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "steps"
+
+
 def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max_steps: int,
                   checkpoint_every: int | None = 500, callbacks: Sequence[Callback] = (), progress: bool = True,
                   logs: bool = True) -> L.Trainer:
@@ -47,7 +54,7 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
     kwargs["max_steps"] = int(kwargs.get("max_steps") or max_steps)
     cbs = list(callbacks)
     if progress:
-        cbs.append(RichProgressBar(leave=False))
+        cbs.append(StepProgressBar(leave=False))
     if run_dir is not None:
         run_dir = Path(run_dir)
         cbs.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="{step}", save_last=True,
