@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Re-create the recorded gmm results: three mixtures at the suite's default budget, and the estimator
-# ablation on the default mixture. Each run leaves results.{json,md}, samples.png, training.png,
+# Re-create the recorded gmm results: mixtures at the suite's default budget, the estimator ablation,
+# every baseline row, the two-label task, a learned pre-trained model and the n_pairs / gamma sweeps.
+# `benchmarks/gmm/run.sh baselines` runs one group; no argument runs them all. Each run leaves results.{json,md}, samples.png, training.png,
 # config.yaml and run.log in benchmarks/gmm/<name>/ (checkpoints are removed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,5 +22,15 @@ case "${1:-all}" in
     run d12_k10_c5_seed3 domain.dim=12 domain.n_components=10 domain.n_classes=5 seed=3 ;;&
   ablation|all)
     run ablation_pathwise "$rows" method.estimator=pathwise method.steps=300 method.lr=1e-3 method.eval_every=50
-    run ablation_hybrid "$rows" method.estimator=hybrid method.steps=100 method.eval_every=250 ;;
+    run ablation_hybrid "$rows" method.estimator=hybrid method.steps=100 method.eval_every=250 ;;&
+  baselines|all)   # every row of the suite (issue 4): the default command, two seeds
+    run baselines_d4_k8_c4_seed0
+    run baselines_d4_k8_c4_seed1 seed=1 ;;&
+  multilabel|all)  # two logistic labels from two separate pair sets; cfg learns from the pairs that carry both
+    run multilabel_logistic 'label=[logistic_a,logistic_b]' ;;&
+  learned|all)     # an imperfect pre-trained model: a score network trained on mixture samples
+    run learned_pretrained pretrained=learned ;;&
+  sweeps|all)
+    run sweep_n_pairs sweep=n_pairs
+    run sweep_gamma sweep=gamma ;;
 esac

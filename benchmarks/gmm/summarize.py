@@ -1,4 +1,4 @@
-"""Summarise recorded gmm runs against the Foundation issue's acceptance criteria.
+"""Summarise recorded gmm runs against the acceptance criteria of the Foundation and Harness issues.
 
 Usage: python benchmarks/gmm/summarize.py benchmarks/gmm/<run> [...]   (prints Markdown)
 """
@@ -33,6 +33,14 @@ def criteria(rows: dict[str, dict]) -> list[tuple[str, float, float, bool]]:
             ("ctrl accuracy >= pretrained + 0.2", ctrl["accuracy"], pre["accuracy"] + 0.2,
              ctrl["accuracy"] >= pre["accuracy"] + 0.2),
         ]
+    for baseline in ("cfg", "dps", "classifier_guidance", "best_of_n"):  # issue 4: CTRL against the baselines
+        other = rows.get(baseline)
+        if ctrl and other:
+            checks.append((f"ctrl accuracy >= {baseline} accuracy", ctrl["accuracy"], other["accuracy"],
+                           ctrl["accuracy"] >= other["accuracy"]))
+            if "objective" in other:
+                checks.append((f"ctrl objective >= {baseline} objective", ctrl["objective"], other["objective"],
+                               ctrl["objective"] >= other["objective"]))
     return checks
 
 
@@ -41,8 +49,9 @@ def main(paths: list[str]) -> None:
         result = json.loads((Path(path) / "results.json").read_text())
         rows = {r["method"]: r["metrics"] for r in result["rows"]}
         info = result.get("info", {})
+        optimum = info.get("optimum_objective")
         print(f"### `{Path(path).name}` (d={info.get('dim')}, {info.get('n_components')} components, "
-              f"{info.get('n_classes')} classes; optimum J = {info.get('optimum_objective'):.4g})\n")
+              f"{info.get('n_classes')} classes; optimum J = {'-' if optimum is None else f'{optimum:.4g}'})\n")
         print((Path(path) / "results.md").read_text().split("\n", 2)[2])
         print("| criterion | value | bound | pass |\n|---|---|---|---|")
         for name, value, bound, ok in criteria(rows):
