@@ -37,6 +37,7 @@ from ctrl_bio.training.modules import CTRLModule
 from ctrl_bio.training.runs import (
     CHECKPOINT_DIR,
     build_trainer,
+    checkpoint_file,
     export_network,
     fit,
     fit_classifier,
@@ -77,7 +78,7 @@ def run_pretrain(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     torch.manual_seed(cfg.seed)
     net = domain.score_network()
     fit_score_network(net, domain.sde, domain.training_data(), steps=cfg.steps, batch_size=cfg.batch_size,
-                      lr=cfg.lr, t_end=cfg.t_end, seed=cfg.seed, run_dir=run_dir, resume=resume,
+                      lr=cfg.lr, t_end=cfg.t_end, seed=cfg.seed, run_dir=run_dir, resume=checkpoint_file(resume),
                       **_trainer_kwargs(cfg))
     if not is_rank_zero():
         return
@@ -188,7 +189,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
                         t_end=cfg.t_end, seed=cfg.seed, **method)
     trainer = build_trainer(run_dir, max_steps=module.total_steps, **_trainer_kwargs(cfg))
-    fit(trainer, module, resume)
+    fit(trainer, module, checkpoint_file(resume))
     if is_rank_zero():
         labels = [{"name": spec["name"], "n_classes": pairs.n_classes, "classes": spec.get("classes")}
                   for spec, pairs in labelled]

@@ -63,6 +63,7 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # CSVLogger appends to an existing metrics.csv (a resumed run) although it warns that it deletes it.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resumed runs
     # The CTRL module optimises manually; its checkpoints hold the state after the step, which is what resumes.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     # Frozen pre-trained networks sit in eval mode inside the trained module on purpose.
@@ -82,13 +83,28 @@ def fit(trainer: L.Trainer, module: L.LightningModule, resume: str | Path | None
 
 
 def resolve_resume(path: str | Path) -> tuple[Path, Path]:
-    """(checkpoint file, run directory) for ``resume=<run dir or .ckpt file>``."""
+    """(what to resume from, run directory) for ``resume=<run dir or .ckpt file>``.
+
+    What to resume from is the run's ``checkpoints/last.ckpt``, the given ``.ckpt`` file, or the run
+    directory itself when it has no top-level checkpoint (``train-classifier`` keeps one per label; a run
+    killed before its first checkpoint starts again in its own directory).
+    """
     path = Path(path)
-    ckpt = path / CHECKPOINT_DIR / "last.ckpt" if path.is_dir() else path
-    if not ckpt.is_file():
+    if path.is_dir():
+        ckpt = path / CHECKPOINT_DIR / "last.ckpt"
+        if ckpt.is_file():
+            return ckpt, path
+        if (path / "config.yaml").is_file():
+            return path, path
         raise FileNotFoundError(f"resume: no checkpoint at '{ckpt}' (give a run directory or a .ckpt file)")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
-    return ckpt, run_dir
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at '{path}' (give a run directory or a .ckpt file)")
+    return path, path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+
+
+def checkpoint_file(resume: Path | None) -> Path | None:
+    """The ``.ckpt`` file to continue from, None to start (again) from step 0."""
+    return resume if resume is not None and resume.is_file() else None
 
 
 def is_main_process() -> bool:

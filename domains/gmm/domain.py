@@ -126,7 +126,7 @@ def learned_pretrained(testbed: Testbed, checkpoint: str | None = None, *, cache
     Args:
         testbed: the mixture (a :class:`GMMDomain` or a plain testbed).
         checkpoint: a ``ctrl-bio pretrain`` run directory or its ``score.safetensors``; None trains one now
-            by denoising score matching on ``n_train`` mixture samples (d = 4: about 30 s on one core).
+            by denoising score matching on ``n_train`` mixture samples (d = 4, 4,000 steps: about 50 s on one core).
         cache_dir: where a network trained now is saved and looked up again
             (``<cache_dir>/pretrained/<hash of mixture and settings>/score.safetensors``); None: not cached.
         steps, batch_size, lr, hidden, depth, n_fourier, n_train, seed: training settings when no checkpoint is given.
