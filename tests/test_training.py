@@ -140,3 +140,17 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
     final = load_file(runs[0] / "pathway.safetensors")
     assert all(torch.equal(final[k], r0[k]) for k in final)
+
+
+def test_exported_network_round_trips_and_refuses_another_sde(tmp_path):
+    from ctrl_bio.nets import VectorScoreNet
+    from ctrl_bio.sde import VPSDE
+    from ctrl_bio.training import export_network, load_network
+
+    net = VectorScoreNet(VPSDE(), 3, hidden=8, depth=1)
+    export_network(net, tmp_path / "score.safetensors")
+    again = load_network(tmp_path, VPSDE())
+    x, t = torch.randn(4, 3), torch.rand(4)
+    assert torch.equal(net(x, t), again(x, t)) and not any(p.requires_grad for p in again.parameters())
+    with pytest.raises(ValueError, match="trained with SDE"):
+        load_network(tmp_path / "score.safetensors", VPSDE(beta_max=10.0))
