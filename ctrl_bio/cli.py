@@ -115,7 +115,7 @@ def training_config(command: str, overrides: list[str]) -> tuple[DictConfig, Pat
     """(resolved config without ``hydra``, run directory, checkpoint to resume from) of a training command.
 
     ``resume=<run dir or .ckpt>`` reloads that run's saved ``config.yaml`` and applies the other
-    ``key=value`` overrides on top (e.g. ``trainer.max_steps=...`` to extend a run).
+    ``key=value`` overrides on top (e.g. ``progress=false``).
     """
     from ctrl_bio.training.runs import resolve_resume
 

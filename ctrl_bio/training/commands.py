@@ -188,6 +188,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
         raise ValueError(f"method: finetune does not take {sorted(unknown)} (its keys: those of method=ctrl)")
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
                         t_end=cfg.t_end, seed=cfg.seed, **method)
+    if cfg.trainer.get("max_steps") not in (None, module.total_steps):
+        raise ValueError(f"finetune runs method.sm_steps + method.steps = {module.total_steps} steps (each phase has "
+                         f"its own schedule): set those instead of trainer.max_steps={cfg.trainer.max_steps}")
     trainer = build_trainer(run_dir, max_steps=module.total_steps, **_trainer_kwargs(cfg))
     fit(trainer, module, checkpoint_file(resume))
     if is_rank_zero():
