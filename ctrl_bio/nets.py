@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ctrl_bio.model import fourier_features
+from ctrl_bio.reward import mlp_classifier
 from ctrl_bio.sde import SDE
 
 
@@ -170,13 +171,8 @@ class VectorScoreNet(nn.Module):
         #: The constructor arguments besides the SDE: what a checkpoint needs to rebuild the network.
         self.config = {"dim": dim, "hidden": hidden, "depth": depth, "n_fourier": n_fourier}
         self.n_fourier = n_fourier
-        layers: list[nn.Module] = []
-        width = dim + n_fourier
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, dim))
-        self.mlp = nn.Sequential(*layers)
+        # The core's plain MLP (Linear-SiLU x depth, then Linear), here with d outputs for eps.
+        self.mlp = mlp_classifier(dim + n_fourier, dim, hidden=hidden, depth=depth)
 
     def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
         """Noise prediction eps(x_t, t), (B, d) -> (B, d)."""
