@@ -26,6 +26,7 @@ from ctrl_bio.objective import denoising_score_matching_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, split_score
 from ctrl_bio.sde import SDE
+from ctrl_bio.utils import rand, randn
 
 #: A label log-likelihood ``(x, y) -> (B,)`` summed over labels, y of shape (B, K); a
 #: :class:`ctrl_bio.reward.LogLikelihoodReward` is one.
@@ -161,9 +162,9 @@ def train_noisy_classifier(net: nn.Module, sde: SDE, x: Tensor, y: Tensor, *, st
     """Cross-entropy of ``net(x_t, t)`` against y on pairs noised at t ~ U(t_end, 1), x_t ~ p(x_t | x_0)."""
 
     def loss_fn(_: int) -> Tensor:
-        idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
-        t = t_end + (1.0 - t_end) * torch.rand(batch_size, generator=generator)
-        x_t = sde.perturb(x[idx], t, torch.randn(x[idx].shape, generator=generator))
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator).to(x.device)
+        t = t_end + (1.0 - t_end) * rand((batch_size,), generator, device=x.device, dtype=x.dtype)
+        x_t = sde.perturb(x[idx], t, randn(x[idx].shape, generator, device=x.device, dtype=x.dtype))
         return F.cross_entropy(net(x_t, t), y[idx])
 
     net.train()
@@ -187,9 +188,9 @@ def train_conditional_pathway(model: ConditionalScore, sde: SDE, x: Tensor, y: T
     """
 
     def loss_fn(_: int) -> Tensor:
-        idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator)
+        idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator).to(x.device)
         y_b = y[idx].clone()
-        y_b[torch.rand(y_b.shape, generator=generator) < label_dropout] = NULL_LABEL
+        y_b[rand(y_b.shape, generator, device=y.device) < label_dropout] = NULL_LABEL
         return denoising_score_matching_loss(model, sde, x[idx], y_b, t_end=t_end, generator=generator)
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -31,7 +31,7 @@ from ctrl_bio.model import AugmentedScore, ConditionalScore
 from ctrl_bio.reward import Reward
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
-from ctrl_bio.utils import append_dims, sum_except_batch
+from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
 
 MemoryMode = Literal["full", "checkpoint", "truncate"]
 
@@ -133,8 +133,8 @@ def denoising_score_matching_loss(model: AugmentedScore, sde: SDE, x0: Tensor, y
     guidance does (Ho & Salimans 2022); on reward-tilted pre-trained samples it is CTRL's score-matching
     estimator (:func:`weighted_score_matching_loss`).
     """
-    t = t_end + (1.0 - t_end) * torch.rand(y.shape[0], generator=generator)
-    eps = torch.randn(x0.shape, generator=generator)
+    t = t_end + (1.0 - t_end) * rand((y.shape[0],), generator, device=x0.device, dtype=x0.dtype)
+    eps = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     x_t = sde.perturb(x0, t, eps)
     s_theta = model(x_t, t, y)
     sigma = append_dims(sde.sigma(t), x0.ndim)

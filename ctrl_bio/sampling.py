@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from ctrl_bio.sde import SDE
-from ctrl_bio.utils import sum_except_batch
+from ctrl_bio.utils import randn, sum_except_batch
 
 #: A score callable ``(x, t) -> s`` with x of shape (B, ...) and t of shape (B,). It may instead return
 #: the pair ``(s, u)`` where ``u = s - s_ref`` is the control against a reference (pre-trained) score;
@@ -123,8 +123,7 @@ def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_init: Tensor, times: Tensor, *
     means, kls, stds = [], [], []
     for k in range(n_steps):
         t, h = times[k], times[k] - times[k + 1]
-        z = noise[k] if noise is not None else torch.randn(
-            x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = noise[k] if noise is not None else randn(x.shape, generator, device=x.device, dtype=x.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and k >= first_grad_step):
             if checkpoint and torch.is_grad_enabled():
                 x, mean, kl = activation_checkpoint(em_step, sde, score_fn, x, t, h, z, use_reentrant=False)

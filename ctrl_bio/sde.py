@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from ctrl_bio.utils import append_dims, sum_except_batch
+from ctrl_bio.utils import append_dims, randn, sum_except_batch
 
 
 class SDE(abc.ABC):
@@ -61,7 +61,7 @@ class SDE(abc.ABC):
     def prior_sampling(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
         """Sample the reference distribution at t = 1, N(0, I)."""
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return randn(shape, generator, device=device, dtype=dtype)
 
     def prior_logp(self, z: Tensor) -> Tensor:
         """log N(z; 0, I) summed over all dimensions but the batch one: (B, ...) -> (B,)."""

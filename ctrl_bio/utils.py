@@ -30,6 +30,24 @@ def sum_except_batch(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
+def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None, *,
+          device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Standard normal draws made on the generator's device and moved to ``device``.
+
+    Seeded CPU generators then give the same numbers whether the model runs on a CPU or a GPU, and a CPU
+    generator never meets a CUDA tensor (torch refuses that pairing).
+    """
+    on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=on, dtype=dtype).to(device)
+
+
+def rand(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None, *,
+         device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Uniform draws on [0, 1), made on the generator's device and moved to ``device`` (see :func:`randn`)."""
+    on = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=on, dtype=dtype).to(device)
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
     random.seed(seed)

@@ -31,15 +31,6 @@ class PoisonAt(L.Callback):
                         p.fill_(float("nan"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks on a shared machine: a second OpenMP thread only waits (30x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_help_lists_every_command_with_an_example(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

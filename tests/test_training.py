@@ -46,15 +46,6 @@ class SaveRankParams(L.Callback):
         save_file(params, os.path.join(self.dir, f"rank{trainer.global_rank}.safetensors"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks on a shared machine: a second OpenMP thread only waits (30x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def start_cli(args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'tests'}{os.pathsep}{ROOT}")
     return subprocess.Popen([sys.executable, "-m", "ctrl_bio.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
