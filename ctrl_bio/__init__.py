@@ -6,10 +6,12 @@ p(x | y) proportional to p_pre(x) p(y | x). The core is domain-agnostic and impo
 only; domains live in the top-level ``domains`` namespace package.
 """
 
+from ctrl_bio.blackbox import CallableReward, CommandReward, label_likelihood_black_box
 from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
 from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore, LabelEmbedding, VectorPathway
 from ctrl_bio.objective import ObjectiveEstimate, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.policy_gradient import PolicyGradientResult, finetune_policy_gradient
 from ctrl_bio.reward import (
                              CalibratedClassifier,
                              ClassifierReport,
@@ -34,4 +36,6 @@ __all__ = [
     "mlp_classifier", "train_classifier",
     "ObjectiveEstimate", "WeightedPool", "pathwise_loss", "weighted_score_matching_loss",
     "FinetuneResult", "NonFiniteLossError", "finetune",
+    "CallableReward", "CommandReward", "label_likelihood_black_box",
+    "PolicyGradientResult", "finetune_policy_gradient",
 ]

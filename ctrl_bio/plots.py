@@ -29,3 +29,24 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, opt
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_reward_vs_queries(histories: dict[str, list[dict]], path: str | Path) -> Path:
+    """Reward and path KL against the number of reward queries, one line per method.
+
+    For black-box rewards the query count, not the update count, is the cost (``PolicyGradientResult.history``).
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for name, history in histories.items():
+        queries = [h["reward_queries"] for h in history]
+        for ax, key in zip(axes, ("reward", "kl")):
+            ax.plot(queries, [h[key] for h in history], lw=1.2, label=name)
+    for ax, title in zip(axes, ("reward of on-policy samples", "path KL to pre-trained")):
+        ax.set_title(title)
+        ax.set_xlabel("reward queries")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,556 @@
+"""Policy-gradient CTRL for rewards without gradients: the score as the action (``ctrl_pg``), and DDPO.
+
+Zhao, Chen et al. 2025 ("Score as Action: Fine-Tuning Diffusion Generative Models by Continuous-time
+Reinforcement Learning") treat the score s_theta(x, t, y) as the action of a continuous-time policy; DDPO
+(Black et al. 2023, "Training Diffusion Models with Reinforcement Learning", eq. 4) treats every sampler
+step as a Gaussian policy and clips per-step PPO ratios. Both maximise the CTRL objective of DESIGN.md,
+
+    J(theta) = E_y E_{P_theta} [ r(x_0, y) - alpha int_0^1 beta(t)/2 ||u||^2 dt ],   u = s_theta - s_pre,
+
+from reward *values* only (an external program, a non-differentiable property).
+
+Derivation (why ``ctrl_pg`` does not depend on the step count). One reverse Euler-Maruyama step from
+x_k at time t_k is the Gaussian policy N(mean_theta(x_k), std_k^2 I) with std_k^2 = beta_k h and
+mean_theta = mean_pre + h beta_k u_theta(x_k). Against a snapshot theta_old that generated the path with
+noise z_k = (x_{k+1} - mean_old) / std_k, the per-step log-ratio is exactly
+
+    rho_k = log N(x_{k+1}; mean_theta) - log N(x_{k+1}; mean_old)
+          = sqrt(beta_k h) z_k . du_k - h beta_k ||du_k||^2 / 2,       du_k = u_theta - u_old,
+
+a Riemann-Ito sum of the Girsanov density int sqrt(beta) du . dW - 1/2 int beta ||du||^2 dt. Hence
+(i) grad_theta rho_k at theta = theta_old is sqrt(beta_k) grad u . (sqrt(h) z_k): the likelihood-ratio terms
+sum to the Ito integral int sqrt(beta) grad_theta s_theta . dW, whose variance is int beta ||grad u||^2 dt,
+finite and independent of h; (ii) every single rho_k is O(sqrt(h)), so a per-step ratio clipped at 1 +- eps
+(DDPO) stops clipping anything as the grid is refined, while the *cumulative* ratio
+w_{<=k} = exp(sum_{i<=k} rho_i), the density of the path measure on [t_{k+1}, 1], has a continuous-time
+limit. ``ctrl_pg`` clips w_{<=k}; ``ddpo`` clips exp(rho_k). The surrogate of ``ctrl_pg``,
+
+    L = sum_k min(w_{<=k} A_k, clip(w_{<=k}, 1 - eps, 1 + eps) A_k) - alpha sum_k h beta_k ||u_theta(x_k)||^2 / 2,
+
+with w_{<=k} = stopgrad(w_{<k}) exp(rho_k), has gradient sum_k w_{<=k} A_k grad rho_k - alpha grad KL where
+nothing is clipped: the per-decision importance-sampled policy gradient (Precup et al. 2000), equal to the
+plain one at theta = theta_old. The KL is the Girsanov running cost in closed form per step (the transition
+KL of two Gaussians with equal covariance), differentiated at the recorded states, not sampled. The
+advantage is A_k = r - alpha sum_{i>k} c_i - V(x_k, t_k, y): the reward-to-go (only later KL terms depend
+on the action at step k) minus a value baseline. The ``x0_hat`` baseline is a small network of the model's
+own denoised prediction x0_hat(x_t) = (x_t + sigma_t^2 s_theta) / alpha_t, of t and of y: the reward of a
+path is a function of its end point, and x0_hat is the best guess of it, so V is close to a function of
+x0_hat alone and is learnt from few paths (``learned``: the same network on x_t; ``none``: no baseline).
+
+Why a second, off-policy term (behaviour process). On-policy training through the sampler drops modes on
+the mixture testbed (TESTBED-NOTES.md; benchmarks/gmm/ablation.md): J's gradient is that of the reverse,
+mode-seeking KL(P_theta || P*), a component the model stops visiting gets no gradient back, and importance
+sampling from another behaviour process changes the variance of that gradient, not its mean. What keeps
+modes is a mass-covering divergence measured on paths that cover them. The optimum of J is the soft-optimal
+path measure dP*/dP_pre = exp(r / alpha) / Z(y), so on paths of the *pre-trained* process (which visit every
+mode) the weights w = exp(r / alpha) / Z(y) need reward values only, and
+
+    -grad KL(P* || P_theta) = E_pre[ w grad log dP_theta/dP_pre ]
+                           = E_pre[ w sum_k (sqrt(beta_k h) z_k - h beta_k u_theta) . grad u_theta(x_k) ],
+
+again an Ito integral of per-step Gaussian log-probabilities (reward-weighted regression, Peters & Schaal
+2007, on path space). Its noise term may use w - b(x_k) with a baseline b(x_k) ~ E_pre[w | x_k]
+(the ``x0_hat``/``learned`` value network again), unbiased because z_k has mean zero given x_k. ``ctrl_pg``
+draws a pool of pre-trained paths once (one reward query each), warm-starts the pathway on this term alone
+(``reference_updates``), then runs the clipped policy gradient on J with this term added as a regulariser
+(``reference_weight``): both terms have the same optimum, P*. Restarting on-policy paths from pre-trained
+states at a random switch step (``restart_fraction``; Kakade & Langford 2002) is available too but did not
+keep the modes on its own (docs/policy_gradient.md). Training grids are jittered (interior points uniform in
+their cells) so that the control is learnt at every t and the model can be sampled with any step count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.model import ConditionalScore, fourier_features, one_hot_labels
+from ctrl_bio.progress import progress_bar
+from ctrl_bio.reward import LabelPrior, Reward
+from ctrl_bio.sampling import em_step, time_grid
+from ctrl_bio.sde import SDE
+from ctrl_bio.utils import append_dims, sum_except_batch
+
+Variant = Literal["ctrl_pg", "ddpo"]
+Baseline = Literal["x0_hat", "learned", "none"]
+
+
+def transition_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x_next; mean, std^2 I) of one Euler-Maruyama transition, summed over dimensions, (batch_size,)."""
+    n = x_next[0].numel()
+    return -sum_except_batch((x_next - mean) ** 2) / (2.0 * std**2) - n * (torch.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def step_log_ratio(noise: Tensor, std: Tensor, du: Tensor) -> Tensor:
+    """log N(x_next; mean_theta) - log N(x_next; mean_old) for x_next = mean_old + std * noise, (batch_size,).
+
+    With mean_theta - mean_old = std^2 du (du = u_theta - u_old), the difference of the two Gaussian
+    log-densities is std noise . du - std^2 ||du||^2 / 2; written this way it has no cancellation of the
+    large log-density terms.
+
+    Args:
+        noise: standard normal increment of the step, (batch_size, ...).
+        std: sqrt(beta(t) h), a scalar tensor or (batch_size,).
+        du: control difference u_theta - u_old at the step's start state, (batch_size, ...).
+    """
+    std = append_dims(std, du.ndim) if std.ndim else std
+    return sum_except_batch(std * noise * du) - 0.5 * sum_except_batch((std * du) ** 2)
+
+
+class ValueNetwork(nn.Module):
+    """Baseline V(x_t, t, y) ~ E[reward-to-go | x_t], an MLP of (features, Fourier(t), one-hot y).
+
+    Args:
+        dim: number of features of one state (flattened).
+        n_classes: classes per label.
+        hidden: width; depth: number of hidden layers.
+    """
+
+    def __init__(self, dim: int, n_classes: tuple[int, ...], hidden: int = 128, depth: int = 2, n_fourier: int = 16):
+        super().__init__()
+        self.n_classes, self.n_fourier = tuple(n_classes), n_fourier
+        layers: list[nn.Module] = []
+        width = dim + n_fourier + sum(self.n_classes)
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        h = torch.cat([features.reshape(features.shape[0], -1), fourier_features(t, self.n_fourier),
+                       one_hot_labels(y, self.n_classes)], dim=1)
+        return self.net(h).squeeze(1)
+
+
+@dataclass
+class PathBatch:
+    """Paths of the behaviour process, detached, with what the surrogate needs (n = steps, B = paths).
+
+    Attributes:
+        y: labels, (B, K).
+        times: time grid of each path, (n + 1, B).
+        states: x_{t_k}, (n + 1, B, ...).
+        noises: standard normal increments z_k, (n, B, ...).
+        controls: u_old(x_k) of the snapshot policy, (n, B, ...) (also where the behaviour used u = 0).
+        x0_hat: the snapshot's denoised prediction at each state, (n, B, ...).
+        stds: sqrt(beta(t_k) h_k), (n, B).
+        active: steps taken by the policy (at or after the switch step), (n, B) bool.
+        on_policy: paths that followed the policy from t = 1, (B,) bool.
+    """
+
+    y: Tensor
+    times: Tensor
+    states: Tensor
+    noises: Tensor
+    controls: Tensor
+    x0_hat: Tensor
+    stds: Tensor
+    active: Tensor
+    on_policy: Tensor
+
+    @property
+    def x0(self) -> Tensor:
+        return self.states[-1]
+
+    @property
+    def kl_steps(self) -> Tensor:
+        """Closed-form transition KL of the snapshot against the pre-trained model, h beta ||u||^2 / 2, (n, B)."""
+        sq = torch.stack([sum_except_batch(u**2) for u in self.controls])
+        return 0.5 * self.stds**2 * sq * self.active
+
+
+@torch.no_grad()
+def collect_paths(model: ConditionalScore, sde: SDE, y: Tensor, x_shape: tuple[int, ...], times: Tensor, *,
+                  switch_step: Tensor | None = None, generator: torch.Generator | None = None) -> PathBatch:
+    """Roll out the behaviour process: the pre-trained score before ``switch_step``, the model's after it.
+
+    Args:
+        switch_step: per path the first step taken by the policy, (B,) long; None or 0 is fully on-policy.
+    """
+    n, b = times.shape[0] - 1, y.shape[0]
+    device = times.device
+    switch_step = torch.zeros(b, dtype=torch.long, device=device) if switch_step is None else switch_step
+    score_fn = model.conditioned(y)
+    x = sde.prior_sampling((b, *x_shape), generator=generator, device=device)
+    states, noises, controls, x0_hats, stds, actives = [x], [], [], [], [], []
+    for k in range(n):
+        t, h = times[k], times[k] - times[k + 1]
+        active = switch_step <= k
+        s_theta, u = score_fn(x, t.expand(b))
+        gate = append_dims(active.to(x.dtype), x.ndim)
+        z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        # The behaviour's score is s_pre + gate * u, i.e. exactly s_pre before the switch step.
+        behaviour = (s_theta - (1 - gate) * u, gate * u)
+        x_next, _, _ = em_step(sde, lambda _x, _t, out=behaviour: out, x, t, h, z)
+        x0_hats.append(sde.denoise(x, t.expand(b), s_theta))
+        controls.append(u)
+        noises.append(z)
+        stds.append(torch.sqrt(sde.beta(t) * h))
+        actives.append(active)
+        states.append(x_next)
+        x = x_next
+    return PathBatch(y=y, times=times[:, None].expand(n + 1, b), states=torch.stack(states), noises=torch.stack(noises),
+                     controls=torch.stack(controls), x0_hat=torch.stack(x0_hats),
+                     stds=torch.stack(stds)[:, None].expand(n, b),
+                     active=torch.stack(actives), on_policy=switch_step == 0)
+
+
+def rewards_to_go(reward: Tensor, kl_steps: Tensor, alpha: float) -> Tensor:
+    """R_k = r - alpha sum_{i > k} c_i: what the action at step k can still change, (n, B)."""
+    later = kl_steps.flip(0).cumsum(0).flip(0) - kl_steps
+    return reward[None] - alpha * later
+
+
+def value_features(batch: PathBatch, baseline: Baseline) -> Tensor:
+    """Inputs of the value network at every step: x0_hat or x_t, (n, B, ...)."""
+    return batch.x0_hat if baseline == "x0_hat" else batch.states[:-1]
+
+
+def evaluate_value(value: ValueNetwork, batch: PathBatch, baseline: Baseline) -> Tensor:
+    """V at every (step, path), (n, B)."""
+    n, b = batch.active.shape
+    feats = value_features(batch, baseline).reshape(n * b, -1)
+    t = batch.times[:-1].reshape(-1)
+    y = batch.y[None].expand(n, *batch.y.shape).reshape(n * b, -1)
+    return value(feats, t, y).reshape(n, b)
+
+
+@dataclass
+class SurrogateLoss:
+    """One evaluation of the clipped surrogate (scalars are means over valid paths)."""
+
+    loss: Tensor
+    clip_fraction: float
+    max_log_ratio: float
+
+
+def surrogate_loss(model: ConditionalScore, batch: PathBatch, advantages: Tensor, valid: Tensor, *,
+                   variant: Variant, alpha: float, clip: float) -> SurrogateLoss:
+    """-(clipped policy-gradient surrogate - alpha KL) of the current parameters on a batch of paths.
+
+    Args:
+        advantages: A_k per (step, path), (n, B), detached.
+        valid: paths with a finite reward, (B,) bool.
+        variant: ``ctrl_pg`` clips the cumulative path ratio, ``ddpo`` each step's ratio (module docstring).
+        clip: eps of the ratio interval [1 - eps, 1 + eps].
+    """
+    n, b = batch.active.shape
+    mask = batch.active & valid[None]
+    k_idx, p_idx = mask.nonzero(as_tuple=True)
+    x, t, y = batch.states[k_idx, p_idx], batch.times[k_idx, p_idx], batch.y[p_idx]
+    _, u = model.conditioned(y)(x, t)
+    du = u - batch.controls[k_idx, p_idx]
+    std = batch.stds[k_idx, p_idx]
+    rho = torch.zeros(n, b, dtype=u.dtype, device=u.device)
+    rho = rho.index_put((k_idx, p_idx), step_log_ratio(batch.noises[k_idx, p_idx], std, du))
+    if variant == "ctrl_pg":
+        before = (rho.detach().cumsum(0) - rho.detach())  # log w_{<k}: only step k's own term carries a gradient
+        ratio = torch.exp(before + rho)
+    elif variant == "ddpo":
+        ratio = torch.exp(rho)
+    else:
+        raise ValueError(f"variant must be 'ctrl_pg' or 'ddpo', got {variant!r}")
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip)
+    surrogate = torch.minimum(ratio * advantages, clipped * advantages) * mask
+    kl = torch.zeros(n, b, dtype=u.dtype, device=u.device)
+    kl = kl.index_put((k_idx, p_idx), 0.5 * std**2 * sum_except_batch(u**2))
+    per_path = surrogate.sum(0) - alpha * kl.sum(0)
+    n_valid = mask.any(0).sum().clamp_min(1)
+    outside = ((ratio.detach() - 1).abs() > clip) & mask
+    return SurrogateLoss(loss=-(per_path * mask.any(0)).sum() / n_valid,
+                         clip_fraction=float(outside.sum() / mask.sum().clamp_min(1)),
+                         max_log_ratio=float((before + rho).detach().abs().max()) if variant == "ctrl_pg"
+                         else float(rho.detach().abs().max()))
+
+
+def soft_optimal_weights(reward: Tensor, y: Tensor, alpha: float) -> Tensor:
+    """Self-normalised weights exp(r / alpha) of pre-trained paths within each label combination, (B,).
+
+    dP*/dP_pre = exp(r / alpha) / Z(y) (the soft-optimal path measure of KL-regularised RL); normalising within
+    each requested y removes Z(y). The weights average to one over the batch, each label group keeping its share.
+    """
+    weights = torch.zeros_like(reward)
+    _, group = torch.unique(y, dim=0, return_inverse=True)
+    for g in group.unique():
+        rows = group == g
+        weights[rows] = torch.softmax(reward[rows].double() / alpha, dim=0).to(reward.dtype) * rows.sum()
+    return weights
+
+
+def reference_loss(model: ConditionalScore, batch: PathBatch, weights: Tensor, k_idx: Tensor, p_idx: Tensor,
+                   weight_baseline: Tensor | None = None) -> Tensor:
+    """Cross-entropy -E_i[w_i log dP_theta/dP_pre(tau_i)] of the soft-optimal path measure, on pre-trained paths.
+
+    log dP_theta/dP_pre along a pre-trained path is the sum of per-step Gaussian log-ratios (Girsanov),
+    sum_k sqrt(beta_k h) z_k . u_theta - h beta_k ||u_theta||^2 / 2; weighted by w = dP*/dP_pre its gradient is
+    that of KL(P* || P_theta), which pulls the policy toward every mode that P* keeps. Since z_k has mean zero
+    given x_k under the pre-trained process, the noise term may use w - b(x_k) for any baseline b of the state
+    (unbiased); b(x_k) ~ E_pre[w | x_k] = h_t(x_k, y) / Z(y) removes most of the noise near t = 0, where the
+    path's end point and hence w are nearly decided. The sum over steps is estimated from a uniform random
+    subset of (step, path) pairs (unbiased), which spreads a fixed cost over more paths.
+
+    Args:
+        weights: soft-optimal weight (mean one) of the path of each selected pair, (M,).
+        k_idx, p_idx: step and path index of each selected pair, (M,) long each.
+        weight_baseline: b(x_k) at each pair, (M,), detached; None for none.
+    """
+    n = batch.active.shape[0]
+    _, u = model.conditioned(batch.y[p_idx])(batch.states[k_idx, p_idx], batch.times[k_idx, p_idx])
+    std = append_dims(batch.stds[k_idx, p_idx], u.ndim)
+    noise_term = sum_except_batch(std * batch.noises[k_idx, p_idx] * u)
+    drift_term = 0.5 * sum_except_batch((std * u) ** 2)
+    noise_weight = weights if weight_baseline is None else weights - weight_baseline
+    return -n * (noise_weight * noise_term - weights * drift_term).mean()
+
+
+def value_at(value: ValueNetwork, batch: PathBatch, baseline: Baseline, k_idx: Tensor, p_idx: Tensor) -> Tensor:
+    """V at the selected (step, path) pairs, (M,)."""
+    feats = value_features(batch, baseline)[k_idx, p_idx]
+    return value(feats, batch.times[k_idx, p_idx], batch.y[p_idx])
+
+
+@dataclass
+class PolicyGradientResult:
+    """Training record of :func:`finetune_policy_gradient`.
+
+    Attributes:
+        history: one dict per batch of paths: ``step`` (updates so far), ``reward_queries`` (reward
+            evaluations so far, one per sample), ``reward``, ``kl`` and ``objective`` (J) of the on-policy
+            paths of the batch, ``dropped`` (paths of the batch with a NaN reward), ``clip_fraction``.
+        seconds: wall-clock time of the whole call.
+        failed_rewards: reward evaluations that came back NaN over the whole run.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    failed_rewards: int = 0
+
+
+def _save(model: nn.Module, value: nn.Module | None, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v for k, v in model.named_parameters() if v.requires_grad}
+    if value is not None:
+        tensors |= {f"value.{k}": v for k, v in value.named_parameters()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def _select(batch: PathBatch, idx: Tensor) -> PathBatch:
+    """The paths ``idx`` of a batch."""
+    per_path = ("y", "on_policy")
+    return PathBatch(**{name: getattr(batch, name)[idx] if name in per_path else getattr(batch, name)[:, idx]
+                        for name in ("y", "times", "states", "noises", "controls", "x0_hat", "stds", "active",
+                                     "on_policy")})
+
+
+def jittered_grid(n_steps: int, t_end: float, generator: torch.Generator, *,
+                  device: torch.device | str | None = None) -> Tensor:
+    """A decreasing grid from 1 to t_end whose interior points are drawn uniformly within their cells, (n + 1,).
+
+    Training on random grids keeps the learnt control right at every t, not only at the points of one fixed
+    grid, so that the fine-tuned model can be sampled with any step count (step-count independence).
+    """
+    grid = time_grid(n_steps, t_end, device=device)
+    cell = (1.0 - t_end) / n_steps
+    shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(grid) * cell
+    return torch.cat([grid[:1], grid[1:-1] + shift, grid[-1:]])
+
+
+def _concat(batches: list[PathBatch]) -> PathBatch:
+    """Paths of several batches side by side."""
+    return PathBatch(**{name: torch.cat([getattr(b, name) for b in batches], dim=0 if name in ("y", "on_policy") else 1)
+                        for name in ("y", "times", "states", "noises", "controls", "x0_hat", "stds", "active",
+                                     "on_policy")})
+
+
+def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
+                    x_shape: tuple[int, ...], n_steps: int, t_end: float, size: int,
+                    generator: torch.Generator, chunk: int = 256) -> tuple[PathBatch, Tensor]:
+    """Pre-trained paths (no policy step) on random grids, with their rewards; failed ones are left out.
+
+    Scored once (one query per path) and reused by every update.
+    """
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, size, chunk):
+        b = min(chunk, size - start)
+        y = label_prior.sample(b, generator).to(device)
+        times = jittered_grid(n_steps, t_end, generator, device=device)
+        chunks.append(collect_paths(model, sde, y, x_shape, times, generator=generator,
+                                    switch_step=torch.full((b,), n_steps, dtype=torch.long, device=device)))
+    batch = _concat(chunks)
+    with torch.no_grad():
+        r = reward(batch.x0, batch.y).detach().to(device=device, dtype=torch.float32).reshape(-1)
+    keep = torch.isfinite(r).nonzero().squeeze(1)
+    return _select(batch, keep), r[keep]
+
+
+def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
+                             x_shape: tuple[int, ...], *, variant: Variant = "ctrl_pg",
+                             baseline: Baseline = "x0_hat", alpha: float = 1.0, n_steps: int = 50,
+                             t_end: float = 1e-3, iterations: int = 100, batch_size: int = 128,
+                             updates_per_batch: int = 4, clip: float = 0.2, lr: float = 3e-4,
+                             value_lr: float = 3e-3, restart_fraction: float | None = None,
+                             reference_pool: int | None = None, reference_batch: int = 8192,
+                             reference_weight: float = 1.0, reference_updates: int | None = None,
+                             reference_lr: float = 2e-3,
+                             grad_clip: float | None = 1.0, seed: int = 0, progress: bool = True,
+                             checkpoint_path: str | Path | None = None) -> PolicyGradientResult:
+    """Fine-tune the label pathway by a clipped policy gradient on J from reward values only.
+
+    Args:
+        model: augmented model whose ``conditioned(y)`` returns (s_theta, u); trained in place.
+        sde: the SDE of the pre-trained model.
+        reward: black box ``(x0, y) -> (B,)``; NaN marks a failed sample, which is counted and left out of
+            the update (never read as zero).
+        label_prior: p(y) that training labels are drawn from.
+        x_shape: shape of one sample.
+        variant: ``ctrl_pg`` (path-level clipping plus the soft-optimal term on pre-trained paths) or ``ddpo``
+            (per-step clipping, on-policy only).
+        baseline: ``x0_hat`` (value network of the denoised prediction), ``learned`` (of x_t) or ``none``.
+        alpha: KL weight.
+        iterations: batches of paths; each batch costs ``batch_size`` reward queries and serves
+            ``updates_per_batch`` updates.
+        clip: eps of the clipped ratio.
+        restart_fraction: fraction of paths that follow the pre-trained model up to a uniformly random
+            switch step (a restart distribution, module docstring); default 0.
+        reference_pool: pre-trained paths drawn (and scored, one query each) once at the start for the
+            soft-optimal cross-entropy term (module docstring); default 4096 for ``ctrl_pg``, 0 for ``ddpo``.
+        reference_batch: (step, path) pairs of the pool per update; reference_weight: weight of that term,
+            in units of alpha.
+        reference_updates: updates on the soft-optimal term alone before the policy gradient (a warm start,
+            at ``reference_lr``; no reward query beyond the pool); default 1000 for ``ctrl_pg``, 0 for ``ddpo``.
+        checkpoint_path: trainable parameters (and the value network) are saved there after every batch.
+    """
+    if variant not in ("ctrl_pg", "ddpo"):
+        raise ValueError(f"variant must be 'ctrl_pg' or 'ddpo', got {variant!r}")
+    if baseline not in ("x0_hat", "learned", "none"):
+        raise ValueError(f"baseline must be 'x0_hat', 'learned' or 'none', got {baseline!r}")
+    if alpha <= 0 or not 0 < clip < 1:
+        raise ValueError(f"need alpha > 0 and 0 < clip < 1, got {alpha}, {clip}")
+    restart = 0.0 if restart_fraction is None else float(restart_fraction)
+    if not 0.0 <= restart < 1.0:
+        raise ValueError(f"restart_fraction must lie in [0, 1), got {restart}")
+    pool_size = (4096 if variant == "ctrl_pg" else 0) if reference_pool is None else int(reference_pool)
+    reference_updates = (1000 if variant == "ctrl_pg" else 0) if reference_updates is None else int(reference_updates)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: is the label pathway attached?")
+    device = params[0].device
+    opt = torch.optim.Adam(params, lr=lr)
+    # Cosine decay: late updates average out the Monte Carlo noise of the estimates instead of following it.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations * updates_per_batch)
+    value = None
+    if baseline != "none":
+        torch.manual_seed(seed + 1)
+        value = ValueNetwork(math.prod(x_shape), label_prior.n_classes).to(device)
+        value_opt = torch.optim.Adam(value.parameters(), lr=value_lr)
+    if n_steps < 2:
+        raise ValueError(f"n_steps must be at least 2, got {n_steps}")
+    result = PolicyGradientResult()
+    path = Path(checkpoint_path) if checkpoint_path is not None else None
+    queries, step = 0, 0
+    pool, pool_weights, weight_value = None, None, None
+    if pool_size > 0 and reference_weight > 0:
+        pool, pool_reward = _reference_pool(model, sde, reward, label_prior, x_shape, n_steps, t_end, pool_size,
+                                            generator)
+        queries += pool_size
+        result.failed_rewards += int(pool_size - pool_reward.shape[0])
+        pool_weights = soft_optimal_weights(pool_reward, pool.y, alpha)
+        if baseline != "none":
+            # E_pre[w | x_t]: the baseline of the cross-entropy term's noise (see reference_loss).
+            weight_value = ValueNetwork(math.prod(x_shape), label_prior.n_classes).to(device)
+            weight_opt = torch.optim.Adam(weight_value.parameters(), lr=value_lr)
+
+    def reference_term() -> Tensor:
+        """The soft-optimal cross-entropy on a random subset of pool (step, path) pairs; fits its baseline first."""
+        p_idx = torch.randint(0, pool_weights.shape[0], (reference_batch,), generator=generator).to(device)
+        k_idx = torch.randint(0, n_steps, (reference_batch,), generator=generator).to(device)
+        b = None
+        if weight_value is not None:
+            wv = value_at(weight_value, pool, baseline, k_idx, p_idx)
+            weight_opt.zero_grad(set_to_none=True)
+            ((wv - pool_weights[p_idx]) ** 2).mean().backward()
+            weight_opt.step()
+            b = wv.detach()
+        return reference_loss(model, pool, pool_weights[p_idx], k_idx, p_idx, b)
+
+    if pool is not None and reference_updates > 0:
+        # Warm start toward the soft-optimal policy: no reward query beyond the pool's (module docstring).
+        warm_opt = torch.optim.Adam(params, lr=reference_lr)
+        warm_sched = torch.optim.lr_scheduler.CosineAnnealingLR(warm_opt, T_max=reference_updates)
+        with progress_bar(reference_updates, "soft-optimal warm start", enabled=progress) as advance:
+            for _ in range(reference_updates):
+                loss = reference_term()
+                warm_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params, grad_clip)
+                warm_opt.step()
+                warm_sched.step()
+                step += 1
+                advance(loss=loss.detach().item())
+    with progress_bar(iterations, f"policy gradient ({variant})", enabled=progress) as advance:
+        for _ in range(iterations):
+            y = label_prior.sample(batch_size, generator).to(device)
+            u01 = torch.rand(batch_size, generator=generator)
+            switch = torch.where(u01 < restart, torch.randint(1, n_steps, (batch_size,), generator=generator), 0)
+            times = jittered_grid(n_steps, t_end, generator, device=device)
+            batch = collect_paths(model, sde, y, x_shape, times, switch_step=switch.to(device), generator=generator)
+            with torch.no_grad():
+                r = reward(batch.x0, y).detach().to(device=device, dtype=torch.float32).reshape(-1)
+            if r.shape != (batch_size,):
+                raise ValueError(f"reward returned shape {tuple(r.shape)} for {batch_size} samples")
+            queries += batch_size
+            valid = torch.isfinite(r)
+            dropped = int((~valid).sum())
+            result.failed_rewards += dropped
+            returns = rewards_to_go(torch.where(valid, r, 0.0), batch.kl_steps, alpha)
+            mask = batch.active & valid[None]
+            clip_fraction = 0.0
+            for _ in range(updates_per_batch):
+                if value is not None:
+                    v = evaluate_value(value, batch, baseline)
+                    value_loss = (((v - returns) ** 2) * mask).sum() / mask.sum().clamp_min(1)
+                    value_opt.zero_grad(set_to_none=True)
+                    value_loss.backward()
+                    value_opt.step()
+                    advantages = (returns - v.detach()) * mask
+                else:
+                    advantages = returns * mask
+                if not valid.any():
+                    break
+                est = surrogate_loss(model, batch, advantages, valid, variant=variant, alpha=alpha, clip=clip)
+                loss = est.loss
+                if pool is not None:
+                    loss = loss + alpha * reference_weight * reference_term()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                sched.step()
+                step += 1
+                clip_fraction = est.clip_fraction
+            on = batch.on_policy & valid
+            kl = batch.kl_steps.sum(0)
+            r_on = float(r[on].mean()) if on.any() else float("nan")
+            kl_on = float(kl[on].mean()) if on.any() else float("nan")
+            result.history.append({"step": step, "reward_queries": queries, "reward": r_on, "kl": kl_on,
+                                   "objective": r_on - alpha * kl_on, "dropped": dropped,
+                                   "clip_fraction": clip_fraction})
+            if path is not None:
+                _save(model, value, path)
+            advance(reward=r_on, kl=kl_on)
+    result.seconds = time.perf_counter() - start
+    return result
