@@ -101,6 +101,18 @@ class ClassifierReport:
     nll_after: float
 
 
+def calibration_split(y: Tensor, n: int, calib_fraction: float,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Random disjoint (calibration, training) indices of n pairs; the calibration split is never trained on."""
+    if y.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    n_calib = max(int(round(calib_fraction * n)), 1)
+    if n - n_calib < 2:
+        raise ValueError(f"need at least 3 pairs to train and calibrate a classifier, got {n}")
+    perm = torch.randperm(n, generator=generator)
+    return perm[:n_calib], perm[n_calib:]
+
+
 def train_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: float = 0.2, epochs: int = 200,
                      batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4,
                      generator: torch.Generator | None = None) -> tuple[CalibratedClassifier, ClassifierReport]:
@@ -112,14 +124,7 @@ def train_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: fl
         y: integer class labels, (N,).
         calib_fraction: fraction of the pairs held out for calibration (never trained on).
     """
-    n = x.shape[0]
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
-    n_calib = max(int(round(calib_fraction * n)), 1)
-    if n - n_calib < 2:
-        raise ValueError(f"need at least 3 pairs to train and calibrate a classifier, got {n}")
-    perm = torch.randperm(n, generator=generator)
-    calib, train = perm[:n_calib], perm[n_calib:]
+    calib, train = calibration_split(y, x.shape[0], calib_fraction, generator)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     n_train = train.numel()
     steps_per_epoch = max(n_train // batch_size, 1)
@@ -140,7 +145,7 @@ def train_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: fl
     temperature = fit_temperature(logits, y[calib])
     probs_before, probs_after = logits.softmax(1), (logits / temperature).softmax(1)
     report = ClassifierReport(
-        train_size=n_train, calib_size=n_calib,
+        train_size=n_train, calib_size=calib.numel(),
         accuracy=float((logits.argmax(1) == y[calib]).float().mean()),
         ece_before=expected_calibration_error(probs_before, y[calib]),
         ece_after=expected_calibration_error(probs_after, y[calib]),

@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, expected_calibration_error, fit_temperature
+from ctrl_bio.reward import (
+    CalibratedClassifier,
+    ClassifierReport,
+    calibration_split,
+    expected_calibration_error,
+    fit_temperature,
+)
 from ctrl_bio.sde import SDE
 from ctrl_bio.training.modules import ClassifierModule, ScoreMatchingModule, tick_loader
 
@@ -210,14 +216,7 @@ def fit_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: floa
     The split is drawn from ``seed`` (the same split on every rank and after a resume); one epoch is
     ``len(train) // batch_size`` steps, as in :func:`ctrl_bio.reward.train_classifier`.
     """
-    n = x.shape[0]
-    if y.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {tuple(y.shape)}")
-    n_calib = max(int(round(calib_fraction * n)), 1)
-    if n - n_calib < 2:
-        raise ValueError(f"need at least 3 pairs to train and calibrate a classifier, got {n}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    calib, train = perm[:n_calib], perm[n_calib:]
+    calib, train = calibration_split(y, x.shape[0], calib_fraction, torch.Generator().manual_seed(seed))
     module = ClassifierModule(net, x[train], y[train], lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                               seed=seed)
     steps = epochs * max(train.numel() // batch_size, 1)
