@@ -31,10 +31,13 @@ def train_pg(variant: Variant, testbed: Testbed, reward: Reward, prior: LabelPri
         n_steps_train: Euler-Maruyama steps of the training paths.
         pathway: keyword arguments of :class:`ctrl_bio.model.VectorPathway` (hidden, depth, n_fourier).
         pg: keyword arguments of :func:`ctrl_bio.policy_gradient.finetune_policy_gradient`
-            (``configs/method/ctrl_pg.yaml``); ``variant``, ``n_steps`` and ``t_end`` are set here.
+            (``configs/method/ctrl_pg.yaml``); ``variant``, ``n_steps`` and ``t_end`` are set here, and the
+            ``ddpo`` row never gets the pre-trained pool of ``ctrl_pg`` (published DDPO is on-policy only).
     """
     pg = {k: v for k, v in pg.items() if k not in ("variant", "n_steps", "t_end", "seed", "progress",
                                                    "checkpoint_path")}
+    if variant == "ddpo":
+        pg |= {"reference_pool": 0, "reference_updates": 0}
     torch.manual_seed(seed)
     model = AugmentedScore(testbed.pretrained,
                            VectorPathway(testbed.dim, (testbed.component_label.n_classes,), **pathway), testbed.sde)
