@@ -127,3 +127,21 @@ pairs: {{file: {tmp_path / 'pairs.csv'}, x_columns: [a, b], y_column: y}}
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "pairs.csv" in err and "field 'y'" in err and "value '7'" in err
+
+
+def test_policy_gradient_rows_report_both_step_counts(tmp_path):
+    run_dir = tmp_path / "run"
+    pg = "suite.policy_gradient"
+    code = main(["benchmark", *TINY, "suite=gmm_pg", "suite.methods=[ctrl_oracle_reward,ctrl_pg,ddpo]",
+                 f"{pg}.pathway.hidden=16", f"{pg}.settings.iterations=3", f"{pg}.settings.reference_pool=128",
+                 f"{pg}.settings.reference_updates=5", f"{pg}.settings.n_steps=5", f"{pg}.ddpo.iterations=3",
+                 f"hydra.run.dir={run_dir}"])
+    assert code == 0
+    rows = {r["method"]: r["metrics"] for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+    for name in ("ctrl_pg", "ddpo"):
+        assert rows[name]["train_steps"] == 5 and rows[name]["score_evals"] == 10
+        assert {"accuracy_train_steps", "distance_to_target_train_steps"} <= set(rows[name])
+        assert rows[name]["failed_rewards"] == 0
+    # ctrl_pg scores its pool of pre-trained paths once (128) plus 3 batches of on-policy paths.
+    assert rows["ctrl_pg"]["reward_queries"] > rows["ddpo"]["reward_queries"]
+    assert (run_dir / "reward_vs_queries.png").stat().st_size > 0 and (run_dir / "training.png").exists()

@@ -6,7 +6,9 @@ Rows (DESIGN.md names), all with the same Euler-Maruyama sampler and step count:
 learned from each label's own pairs), ``cfg`` (the same pathway trained by denoising score matching on
 pairs, guidance scale swept), ``classifier_guidance`` (a classifier of noisy x_t from the same pairs),
 ``dps`` (the reward classifier at Tweedie's x0_hat), ``best_of_n`` (N pre-trained samples per request,
-the reward classifier picks) and ``real_data`` (exact target samples scored the same way, the ceiling).
+the reward classifier picks), ``ctrl_pg`` and ``ddpo`` (policy gradients from reward values only, the
+label likelihood given as a black box; :mod:`ctrl_bio.policy_gradient`) and ``real_data`` (exact target samples
+scored the same way, the ceiling).
 
 Labels come from label configs (``label=component``, ``label=[logistic_a,logistic_b]``, a user's own);
 several labels are learned from separate pair sets and combined by conditional independence.
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctrl_bio.blackbox import CallableReward
 from ctrl_bio.finetune import finetune, sample_pretrained_pool
 from ctrl_bio.guidance import (
     NoisyMLPClassifier,
@@ -46,7 +49,8 @@ from ctrl_bio.labels import (
     split_pairs,
 )
 from ctrl_bio.model import AugmentedScore, VectorPathway
-from ctrl_bio.plots import plot_training_curves
+from ctrl_bio.plots import plot_reward_vs_queries, plot_training_curves
+from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
 from domains.gmm.evaluation import LabelTask, combination_index, distribution_metrics, label_metrics
@@ -57,8 +61,8 @@ from domains.gmm.testbed import Testbed
 log = logging.getLogger(__name__)
 
 #: Every method in this suite, in table order.
-METHODS = ("pretrained", "exact_guidance", "ctrl_oracle_reward", "ctrl", "cfg", "classifier_guidance", "dps",
-           "best_of_n", "real_data")
+METHODS = ("pretrained", "exact_guidance", "ctrl_oracle_reward", "ctrl", "ctrl_pg", "ddpo", "cfg",
+           "classifier_guidance", "dps", "best_of_n", "real_data")
 #: Rows that need the exact label likelihood.
 EXACT_ONLY = ("exact_guidance", "ctrl_oracle_reward", "real_data")
 
@@ -186,7 +190,8 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
               baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
               oracle_fraction: float = 0.3, n_floor_draws: int = 5, progress: bool = True,
               sweep: dict[str, Any] | None = None,
-              pretrained: Callable[..., Callable[[Tensor, Tensor], Tensor]] | None = None) -> SuiteResult:
+              pretrained: Callable[..., Callable[[Tensor, Tensor], Tensor]] | None = None,
+              policy_gradient: dict[str, Any] | None = None) -> SuiteResult:
     """Run the gmm suite's rows and write its plots into ``run_dir``.
 
     Args:
@@ -200,6 +205,10 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
         pathway: keyword arguments of :class:`ctrl_bio.model.VectorPathway` (hidden, depth, n_fourier).
         baselines: settings of the baselines (``cfg``, ``classifier_guidance``, ``dps``, ``best_of_n``).
         methods: which rows to run.
+        policy_gradient: settings of the ``ctrl_pg`` and ``ddpo`` rows: ``settings`` (keyword arguments of
+            :func:`ctrl_bio.policy_gradient.finetune_policy_gradient`), ``pathway``, ``ddpo`` (overrides of the
+            settings for ``ddpo``); both rows train with ``settings.n_steps`` sampler steps and are scored at
+            the suite's ``n_steps`` and again at the training step count (``*_train_steps`` metrics).
         oracle_fraction: share of a label's pairs held out to train its oracle when it has no exact likelihood.
         n_floor_draws: independent exact sample sets the noise floor averages over.
         sweep: ``{"name": "n_pairs" | "gamma", ...}`` runs a sweep (:mod:`domains.gmm.sweeps`) instead.
@@ -234,7 +243,8 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
     info |= {"dim": testbed.dim, "n_components": testbed.mixture.n_components, "labels": task.names,
              "n_classes": list(task.n_classes),
              "optimum_objective": task.optimum(ctx.y_eval) if ctx.alpha == ctx.gamma == 1 else None}
-    runner = RowRunner(ctx, method, pathway, baselines, Path(run_dir), progress, info, histories)
+    runner = RowRunner(ctx, method, pathway, baselines | {"policy_gradient": dict(policy_gradient or {})},
+                       Path(run_dir), progress, info, histories)
     for name in methods:
         if name in EXACT_ONLY and not task.exact or name == "exact_guidance" and not task.component_label:
             log.info("%s: skipped (needs %s)", name, "the component label" if task.exact else "exact labels")
@@ -248,8 +258,11 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
         samples[name] = x
         log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
     plot_samples(testbed.mixture, samples, combination_index(ctx.y_eval), Path(run_dir) / "samples.png")
-    if histories:
-        plot_training_curves(histories, Path(run_dir) / "training.png", optimum=info["optimum_objective"])
+    ctrl_histories = {k: v for k, v in histories.items() if k not in ("ctrl_pg", "ddpo")}
+    if ctrl_histories:
+        plot_training_curves(ctrl_histories, Path(run_dir) / "training.png", optimum=info["optimum_objective"])
+    if len(ctrl_histories) < len(histories):
+        plot_reward_vs_queries(histories, Path(run_dir) / "reward_vs_queries.png")
     return SuiteResult("gmm", rows, info)
 
 
@@ -313,7 +326,9 @@ class RowRunner:
         result = finetune(model, ctx.testbed.sde, reward, prior, ctx.x_shape, n_steps=ctx.n_steps, t_end=ctx.t_end,
                           seed=ctx.testbed.seed, checkpoint_path=self.run_dir / "checkpoints" / f"{name}.safetensors",
                           progress=self.progress, pool_x0=pool, **kwargs)
-        self.histories[name] = result.history
+        # Score matching asks the reward once per pool sample, all before training (for the queries plot).
+        queries = 0 if kwargs.get("estimator") == "pathwise" else int(pool.shape[0])
+        self.histories[name] = [h | {"reward_queries": queries} for h in result.history]
         self.info[f"pool_ess_{name}"] = result.pool_ess
         return model
 
@@ -343,6 +358,43 @@ class RowRunner:
             x, kl = ctx.sample(model.conditioned, ctx.y_eval)
             return x, kl, steps | self.shared_seconds()
         return getattr(self, f"row_{name}")()
+
+    def row_ctrl_pg(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        return self.policy_gradient_row("ctrl_pg")
+
+    def row_ddpo(self) -> tuple[Tensor, Tensor, dict[str, float]]:
+        return self.policy_gradient_row("ddpo")
+
+    def policy_gradient_row(self, variant: str) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Policy gradient on the evaluation likelihood given as a black box (values only, no gradient)."""
+        ctx, cfg = self.ctx, self.baselines["policy_gradient"]
+        settings = dict(cfg.get("settings") or {}) | ({"variant": variant} if variant == "ctrl_pg" else
+                                                      dict(cfg.get("ddpo") or {}) | {"variant": "ddpo"})
+        if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
+            settings |= {"reference_pool": 0, "reference_updates": 0}
+        n_train = int(settings.pop("n_steps", 50))
+        for key in ("seed", "progress", "checkpoint_path", "t_end"):
+            settings.pop(key, None)
+        # Values only: the scorer sees detached samples and its output is read as plain numbers.
+        reward = CallableReward(ctx.task.log_likelihood, decode=lambda x0: x0.detach())
+        torch.manual_seed(ctx.testbed.seed)
+        model = AugmentedScore(ctx.testbed.pretrained, VectorPathway(ctx.testbed.dim, ctx.task.n_classes,
+                                                                     **dict(cfg.get("pathway") or {})), ctx.testbed.sde)
+        result = finetune_policy_gradient(
+            model, ctx.testbed.sde, reward, ctx.task.request_prior(), ctx.x_shape, n_steps=n_train, t_end=ctx.t_end,
+            seed=ctx.testbed.seed, progress=self.progress,
+            checkpoint_path=self.run_dir / "checkpoints" / f"{variant}.safetensors", **settings)
+        self.histories[variant] = result.history
+        # Step-count independence: the same model sampled with the training grid as well.
+        times = ctx.times
+        ctx.times = time_grid(n_train, ctx.t_end)
+        x_train, kl_train = ctx.sample(model.conditioned, ctx.y_eval)
+        ctx.times = times
+        at_train = {f"{k}_train_steps": v for k, v in ctx.score(x_train, kl_train, ctx.y_eval).items()
+                    if k in ("accuracy", "distance_to_target", "component_tv", "objective")}
+        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "train_steps": n_train, "failed_rewards": result.failed_rewards,
+                       "reward_queries": result.history[-1]["reward_queries"]} | at_train
 
     def row_cfg(self) -> tuple[Tensor, Tensor, dict[str, float]]:
         ctx, cfg = self.ctx, dict(self.baselines.get("cfg", {}))
