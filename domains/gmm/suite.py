@@ -97,14 +97,14 @@ class SuiteContext:
     def x_shape(self) -> tuple[int, ...]:
         return self.testbed.x_shape
 
-    def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
-               ) -> tuple[Tensor, Tensor]:
-        """Samples and path KLs for requests y with the score callable built for them."""
+    def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000,
+               times: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Samples and path KLs for requests y with the score callable built for them (default: the suite's grid)."""
         g = torch.Generator().manual_seed(self.testbed.seed + seed_offset)
         x_init = self.testbed.sde.prior_sampling((y.shape[0], *self.x_shape), generator=g)
         with torch.no_grad():
-            out = euler_maruyama(self.testbed.sde, score_fn_for(y), x_init, self.times, generator=g,
-                                 keep_trajectory=False)
+            out = euler_maruyama(self.testbed.sde, score_fn_for(y), x_init, self.times if times is None else times,
+                                 generator=g, keep_trajectory=False)
         return out.x, out.kl
 
     def score(self, x: Tensor, kl: Tensor | None, y: Tensor) -> dict[str, float]:
@@ -386,10 +386,7 @@ class RowRunner:
             checkpoint_path=self.run_dir / "checkpoints" / f"{variant}.safetensors", **settings)
         self.histories[variant] = result.history
         # Step-count independence: the same model sampled with the training grid as well.
-        times = ctx.times
-        ctx.times = time_grid(n_train, ctx.t_end)
-        x_train, kl_train = ctx.sample(model.conditioned, ctx.y_eval)
-        ctx.times = times
+        x_train, kl_train = ctx.sample(model.conditioned, ctx.y_eval, times=time_grid(n_train, ctx.t_end))
         at_train = {f"{k}_train_steps": v for k, v in ctx.score(x_train, kl_train, ctx.y_eval).items()
                     if k in ("accuracy", "distance_to_target", "component_tv", "objective")}
         x, kl = ctx.sample(model.conditioned, ctx.y_eval)
