@@ -393,6 +393,17 @@ def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_pri
     return _select(batch, keep), r[keep]
 
 
+def apply_update(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                 params: list[Tensor], grad_clip: float | None) -> None:
+    """One optimiser and schedule step on ``loss``, its gradient norm clipped to ``grad_clip`` if given."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+
+
 def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
                              x_shape: tuple[int, ...], *, variant: Variant = "ctrl_pg",
                              baseline: Baseline = "x0_hat", alpha: float = 1.0, n_steps: int = 50,
@@ -492,12 +503,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
         with progress_bar(reference_updates, "soft-optimal warm start", enabled=progress) as advance:
             for _ in range(reference_updates):
                 loss = reference_term()
-                warm_opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(params, grad_clip)
-                warm_opt.step()
-                warm_sched.step()
+                apply_update(loss, warm_opt, warm_sched, params, grad_clip)
                 step += 1
                 advance(loss=loss.detach().item())
     with progress_bar(iterations, f"policy gradient ({variant})", enabled=progress) as advance:
@@ -534,12 +540,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
                 loss = est.loss
                 if pool is not None:
                     loss = loss + alpha * reference_weight * reference_term()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip is not None:
-                    nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                sched.step()
+                apply_update(loss, opt, sched, params, grad_clip)
                 step += 1
                 clip_fraction = est.clip_fraction
             on = batch.on_policy & valid
