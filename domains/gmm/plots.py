@@ -27,8 +27,13 @@ def plot_samples(mixture: GaussianMixture, samples: dict[str, Tensor], y: Tensor
     """One panel per method, points coloured by the requested class, component means marked."""
     proj = projection(mixture)
     means = mixture.means @ proj
-    fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 3.4), sharex=True, sharey=True)
-    axes = [axes] if len(samples) == 1 else axes
+    ncols = min(len(samples), 5)  # rows of five panels stay readable however many methods there are
+    nrows = -(-len(samples) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.1 * nrows + 0.3), sharex=True, sharey=True,
+                             squeeze=False)
+    axes = list(axes.flat)
+    for ax in axes[len(samples):]:
+        ax.set_visible(False)
     for ax, (name, x) in zip(axes, samples.items()):
         p = (x[:max_points] @ proj).numpy()
         ax.scatter(p[:, 0], p[:, 1], c=y[:max_points].numpy(), cmap="tab10", s=3, alpha=0.5, vmin=0, vmax=9)
