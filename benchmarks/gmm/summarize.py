@@ -50,8 +50,10 @@ def main(paths: list[str]) -> None:
         rows = {r["method"]: r["metrics"] for r in result["rows"]}
         info = result.get("info", {})
         optimum = info.get("optimum_objective")
+        n_classes = info.get("n_classes")
+        n_classes = " x ".join(map(str, n_classes)) if isinstance(n_classes, list) else n_classes
         print(f"### `{Path(path).name}` (d={info.get('dim')}, {info.get('n_components')} components, "
-              f"{info.get('n_classes')} classes; optimum J = {'-' if optimum is None else f'{optimum:.4g}'})\n")
+              f"{n_classes} classes; optimum J = {'-' if optimum is None else f'{optimum:.4g}'})\n")
         print((Path(path) / "results.md").read_text().split("\n", 2)[2])
         print("| criterion | value | bound | pass |\n|---|---|---|---|")
         for name, value, bound, ok in criteria(rows):
