@@ -40,7 +40,10 @@ def plot_reward_vs_queries(histories: dict[str, list[dict]], path: str | Path) -
     for name, history in histories.items():
         queries = [h["reward_queries"] for h in history]
         for ax, key in zip(axes, ("reward", "kl")):
-            ax.plot(queries, [h[key] for h in history], lw=1.2, label=name)
+            if len(set(queries)) == 1:  # every query made up front (score matching on a scored pool): its end point
+                ax.plot(queries[-1:], [history[-1][key]], marker="*", ms=12, ls="none", label=f"{name} (final)")
+            else:
+                ax.plot(queries, [h[key] for h in history], lw=1.2, label=name)
     for ax, title in zip(axes, ("reward of on-policy samples", "path KL to pre-trained")):
         ax.set_title(title)
         ax.set_xlabel("reward queries")
