@@ -14,6 +14,7 @@ each method's path KL to the pre-trained model exactly as it does for CTRL.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -134,8 +135,6 @@ class TrainingRecord:
 def _fit(params: list[Tensor], loss_fn: Callable[[int], Tensor], steps: int, lr: float, desc: str,
          progress: bool) -> TrainingRecord:
     """Adam with a cosine schedule over ``steps`` updates of ``loss_fn(step)``."""
-    import time
-
     start = time.perf_counter()
     record = TrainingRecord()
     opt = torch.optim.Adam(params, lr=lr)

@@ -208,7 +208,8 @@ def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] |
         if encode_x is None:
             raise LabelError(f"{_where(spec, 'pairs.x_column')}: this domain reads numeric x_columns only")
         x_tensor, bad = encode_x([x[0] for x in xs])
-        keep = [i for i in range(len(ys)) if i not in set(bad)]
+        bad_rows = set(bad)
+        keep = [i for i in range(len(ys)) if i not in bad_rows]
         skipped["invalid x"] += len(bad)
         ys = [ys[i] for i in keep]
     else:
