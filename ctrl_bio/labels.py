@@ -210,7 +210,8 @@ def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] |
         x_tensor, bad = encode_x([x[0] for x in xs])
         bad_rows = set(bad)
         keep = [i for i in range(len(ys)) if i not in bad_rows]
-        skipped["invalid x"] += len(bad)
+        if bad:
+            skipped["invalid x"] += len(bad)
         ys = [ys[i] for i in keep]
     else:
         x_tensor = torch.tensor(xs, dtype=torch.float32).reshape(len(xs), len(x_columns))

@@ -97,3 +97,31 @@ def test_label_specs_accepts_packaged_and_bare_definitions():
     one = {"name": "a", "type": "categorical", "pairs": {}}
     assert label_specs(one) == [one]
     assert label_specs({"a": one, "b": one | {"name": "b"}})[1]["name"] == "b"
+
+
+class SequenceDomain:
+    """A text x column encoded by the domain (as DNA will be): 'ab' strings of length 2, one-hot."""
+
+    name = "toyseq"
+    label_types = ("categorical",)
+    x_shape = (2, 2)
+
+    @staticmethod
+    def encode_x(texts):
+        good = [i for i, t in enumerate(texts) if len(t) == 2 and set(t) <= {"a", "b"}]
+        x = torch.zeros(len(good), 2, 2)
+        for row, i in enumerate(good):
+            for pos, ch in enumerate(texts[i]):
+                x[row, "ab".index(ch), pos] = 1.0
+        return x, [i for i in range(len(texts)) if i not in set(good)]
+
+
+def test_a_text_column_is_encoded_by_the_domain_and_bad_sequences_counted(tmp_path):
+    path = tmp_path / "seqs.csv"
+    path.write_text("seq,y\nab,0\nbb,1\nabc,1\nxz,0\nba,1\n")
+    spec = {"name": "toy", "domain": "toyseq", "type": "categorical", "classes": 2,
+            "pairs": {"file": str(path), "x_column": "seq", "y_column": "y"}}
+    pairs = load_label(spec, domain=SequenceDomain())
+    assert pairs.x.shape == (3, 2, 2) and pairs.y.tolist() == [0, 1, 1]
+    assert pairs.skipped == {"invalid x": 2}
+    torch.testing.assert_close(pairs.x[0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
