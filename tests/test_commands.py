@@ -120,7 +120,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
                  "callbacks=[{_target_:test_commands.PoisonAt,step:3}]", f"hydra.run.dir={ft}"])
     err = capsys.readouterr().err.strip()
     assert code == 1 and "loss became nan at step 3" in err and len(err.splitlines()) == 1
-    state = torch.load(ft / "checkpoints/last.ckpt", weights_only=False)
+    state = torch.load(ft / "checkpoints/last.ckpt", weights_only=True)
     assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
     assert not (ft / "pathway.safetensors").exists()
 

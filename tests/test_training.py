@@ -103,7 +103,7 @@ def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "killed/checkpoints/last.ckpt").is_file()
     assert not (tmp_path / "killed/pathway.safetensors").exists()
-    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=False)["global_step"] == 5
+    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
     resumed = run_cli(["finetune", f"resume={tmp_path}/killed", "callbacks=[]"])
     assert resumed.returncode == 0, resumed.stderr
     # The resumed process ran steps 5..9 only (the killed one flushed no metrics): it did continue, not restart.
