@@ -315,8 +315,3 @@ def label_specs(node: Mapping[str, Any]) -> list[dict[str, Any]]:
     if "pairs" in node:
         return [dict(node)]
     return [dict(v) for v in node.values()]
-
-
-def label_prior_counts(pairs: LabelledPairs) -> Tensor:
-    """Empirical class counts of the pairs, the default label prior p(y) (DESIGN.md)."""
-    return torch.bincount(pairs.y, minlength=pairs.n_classes).double()

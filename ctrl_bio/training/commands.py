@@ -26,7 +26,6 @@ from ctrl_bio.labels import (
     LabelError,
     build_classifier,
     exact_log_prob,
-    label_prior_counts,
     label_specs,
     load_label,
 )
@@ -178,7 +177,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     domain = build_domain(cfg.plugin)
     labelled = _load_pairs(cfg, domain)
     fns = _reward_fns(cfg, domain, labelled, run_dir, resuming=resume is not None)
-    prior = LabelPrior([label_prior_counts(pairs) for _, pairs in labelled])
+    prior = LabelPrior.from_labels([pairs.y for _, pairs in labelled], [pairs.n_classes for _, pairs in labelled])
     torch.manual_seed(cfg.seed)
     n_classes = [pairs.n_classes for _, pairs in labelled]
     model = domain.augment(domain.pretrained_model(), n_classes)

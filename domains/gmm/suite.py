@@ -44,7 +44,6 @@ from ctrl_bio.labels import (
     LabelledPairs,
     exact_log_prob,
     fit_reward_classifier,
-    label_prior_counts,
     load_label,
     split_pairs,
 )
@@ -127,12 +126,13 @@ def build_task(testbed: Testbed, specs: list[dict], oracle_fraction: float, n_pa
     A label without an exact likelihood is evaluated by an oracle classifier trained on a disjoint share of
     its pairs (``oracle_fraction``); the reward classifier never sees those pairs.
     """
-    pairs, eval_fns, info = [], [], {}
+    pairs, eval_fns, info, all_exact = [], [], {}, True
     for k, spec in enumerate(specs):
         if n_pairs is not None:
             spec["pairs"]["n"] = n_pairs
         p = load_label(spec, domain=testbed, seed=testbed.seed + 7919 * (k + 1))
         exact = exact_log_prob(spec, testbed)
+        all_exact = all_exact and exact is not None
         if exact is None:
             p, held_out = split_pairs(p, oracle_fraction, torch.Generator().manual_seed(testbed.seed + 11 * k))
             oracle, report = fit_reward_classifier(held_out, spec, seed=testbed.seed + 13 * (k + 1))
@@ -145,7 +145,6 @@ def build_task(testbed: Testbed, specs: list[dict], oracle_fraction: float, n_pa
         info[f"pairs_{spec['name']}"] = {"n": len(p), "source": p.source, "skipped": p.skipped}
         if p.n_skipped:
             log.warning("label %s: %d rows of %s skipped %s", spec["name"], p.n_skipped, p.source, p.skipped)
-    all_exact = all(exact_log_prob(s, testbed) is not None for s in specs)
     component = len(specs) == 1 and specs[0].get("pairs", {}).get("callable", "").endswith(":component_pairs")
     task = LabelTask(testbed, [s["name"] for s in specs], tuple(p.n_classes for p in pairs), eval_fns,
                      exact=all_exact, component_label=component and all_exact)
@@ -353,7 +352,7 @@ class RowRunner:
             return x, kl, steps
         if name == "ctrl":
             reward = self.reward_classifiers()
-            prior = LabelPrior([label_prior_counts(p) for p in ctx.pairs])
+            prior = LabelPrior.from_labels([p.y for p in ctx.pairs], [p.n_classes for p in ctx.pairs])
             model = self.train_ctrl(name, reward, prior)
             x, kl = ctx.sample(model.conditioned, ctx.y_eval)
             return x, kl, steps | self.shared_seconds()
