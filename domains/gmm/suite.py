@@ -269,13 +269,13 @@ class RowRunner:
     """Builds, trains and samples each row's method; classifiers and pools are built once and shared."""
 
     def __init__(self, ctx: SuiteContext, method: dict, pathway: dict, baselines: dict, run_dir: Path,
-                 progress: bool, info: dict, histories: dict):
+                 progress: bool, info: dict, histories: dict, pool: Tensor | None = None):
         self.ctx, self.method, self.pathway, self.baselines = ctx, method, pathway, baselines
         self.run_dir, self.progress, self.info, self.histories = run_dir, progress, info, histories
         self._reward: LogLikelihoodReward | None = None
         self._reward_seconds = 0.0
         self._reward_charged = False
-        self._pool: Tensor | None = None
+        self._pool = pool  # pre-trained samples, if a caller already drew them (they do not depend on labels)
 
     # --- shared pieces -------------------------------------------------------------------------------
     def reward_classifiers(self) -> LogLikelihoodReward:
@@ -309,6 +309,11 @@ class RowRunner:
                                                 int(self.method.get("pool_size", 20000)), n_steps=ctx.n_steps,
                                                 t_end=ctx.t_end, generator=torch.Generator().manual_seed(
                                                     ctx.testbed.seed + 7000))
+        return self._pool
+
+    @property
+    def drawn_pool(self) -> Tensor | None:
+        """The pre-trained samples if a row has drawn (or a caller handed) them, else None; draws nothing."""
         return self._pool
 
     def new_model(self) -> AugmentedScore:

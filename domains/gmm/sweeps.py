@@ -85,8 +85,7 @@ def run_sweep(testbed: Testbed, *, run_dir: str | Path, sweep: dict[str, Any], m
                            gamma=float(m.get("gamma", 1.0)), n_floor_draws=suite_kwargs["n_floor_draws"],
                            n_joint_pairs=min(n_pairs, suite_kwargs["n_joint_pairs"]) if len(specs) > 1 else n_pairs)
         runner = RowRunner(ctx, m, dict(suite_kwargs.get("pathway") or {}), dict(suite_kwargs.get("baselines") or {}),
-                           run_dir / f"{name}_{value}", suite_kwargs.get("progress", True), info, {})
-        runner._pool = pool  # the pre-trained pool does not depend on the labels: draw it once
+                           run_dir / f"{name}_{value}", suite_kwargs.get("progress", True), info, {}, pool=pool)
         for row in methods:
             start = time.perf_counter()
             x, kl, extra = runner.run(row)
@@ -95,7 +94,7 @@ def run_sweep(testbed: Testbed, *, run_dir: str | Path, sweep: dict[str, Any], m
             rows.append(Row(row, task.title, metrics))
             log.info("%s=%s %s: %s", name, value, row, {k: round(v, 4) if isinstance(v, float) else v
                                                          for k, v in metrics.items()})
-        pool = runner._pool
+        pool = runner.drawn_pool  # drawn once (by the first score-matching row), shared by every later value
     info_out: dict[str, Any] = {"sweep": name, "values": values, "methods": methods}
     if name == "n_pairs":
         info_out |= summarise_budgets(rows, methods)
