@@ -79,6 +79,10 @@ class ConvScoreNet(nn.Module):
         if hidden % groups != 0:
             raise ValueError(f"groups ({groups}) must divide hidden ({hidden})")
         self.sde = sde
+        #: The constructor arguments besides the SDE: what a checkpoint needs to rebuild the network.
+        self.config = {"channels_in": channels_in, "hidden": hidden, "n_blocks": n_blocks, "emb_dim": emb_dim,
+                       "kernel_size": kernel_size, "n_fourier": n_fourier, "groups": groups,
+                       "label_blocks": label_blocks}
         self.channels_in, self.emb_dim, self.n_fourier = channels_in, emb_dim, n_fourier
         self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv1d(channels_in, hidden, kernel_size, padding=kernel_size // 2)

