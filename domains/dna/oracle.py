@@ -16,11 +16,11 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ctrl_bio.metrics import macro_f1
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import CalibratedClassifier, expected_calibration_error, fit_temperature
 from domains.dna.data import CELL_TYPES, DHSTable, load_dhs, one_hot
@@ -29,17 +29,6 @@ from domains.dna.nets import SequenceCNN, reverse_complement
 log = logging.getLogger(__name__)
 
 SHIPPED_ORACLE = Path(__file__).parent / "checkpoints" / "oracle.safetensors"
-
-
-def macro_f1(pred: Tensor, y: Tensor, n_classes: int) -> float:
-    """Unweighted mean over classes of the F1 score (a class never predicted nor present counts 0)."""
-    scores = []
-    for c in range(n_classes):
-        tp = ((pred == c) & (y == c)).sum().item()
-        fp = ((pred == c) & (y != c)).sum().item()
-        fn = ((pred != c) & (y == c)).sum().item()
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return float(np.mean(scores))
 
 
 @torch.no_grad()
@@ -132,6 +121,17 @@ def load_oracle(path: str | Path = SHIPPED_ORACLE) -> CalibratedClassifier:
     oracle = CalibratedClassifier(net)
     oracle.load_state_dict(load_file(str(path)))
     return oracle.requires_grad_(False).eval()
+
+
+def oracle_log_prob(domain, path: str | None = None):
+    """The label config's ``oracle`` callable: x -> calibrated log p(cell type | x) of the shipped oracle."""
+    oracle = load_oracle(path or SHIPPED_ORACLE)
+
+    def log_prob(x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([oracle(x[i:i + 1024]) for i in range(0, x.shape[0], 1024)])
+
+    return log_prob
 
 
 def main(argv: list[str] | None = None) -> None:
