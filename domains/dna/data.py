@@ -187,10 +187,10 @@ def _check(seq: str, length: int | None) -> str | None:
     """Why a sequence is unusable, or None."""
     if not seq:
         return "empty sequence"
-    if length is not None and len(seq) != length:
-        return f"length != {length}"
     if set(seq) - set(ALPHABET):
         return "characters other than ACGT"
+    if length is not None and len(seq) != length:
+        return f"length != {length}"
     return None
 
 
