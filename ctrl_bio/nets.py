@@ -5,6 +5,8 @@
   ``extra_emb`` that is added to its time embedding: that is where CTRL's zero-initialised
   :class:`ctrl_bio.model.LabelEmbedding` enters (:class:`ctrl_bio.model.EmbeddingAugmentedScore`), the same
   place classifier-free guidance puts its class embedding (Ho & Salimans 2022).
+- :class:`SequencePathway`: CTRL's zero-initialised label pathway for sequence data, a small 1-D CNN of
+  (x_t, eps_pre, x0_hat) with t and the labels in its embedding (for :class:`ctrl_bio.model.AugmentedScore`).
 - :class:`VectorScoreNet`: an MLP for vector data, shape (B, d), the pre-trained model ``ctrl-bio pretrain``
   trains on a vector domain (the gmm testbed's ``pretrained=learned``).
 
@@ -12,13 +14,16 @@ Both predict eps as in Ho et al. 2020, "Denoising Diffusion Probabilistic Models
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ctrl_bio.model import fourier_features
+from ctrl_bio.model import NULL_LABEL, fourier_features, one_hot_labels
 from ctrl_bio.reward import mlp_classifier
 from ctrl_bio.sde import SDE
+from ctrl_bio.utils import append_dims
 
 
 class ResidualConvBlock(nn.Module):
@@ -187,3 +192,53 @@ class VectorScoreNet(nn.Module):
         """Score s(x_t, t) = -eps / sigma_t, (B, d); t of shape (B,) or a scalar tensor."""
         t_vec = t.expand(x.shape[0]) if t.ndim == 0 else t
         return self.sde.score_from_eps(self.predict_eps(x, t_vec), t_vec)
+
+
+class SequencePathway(nn.Module):
+    """CTRL's label pathway u(x_t, t, y) for sequence data (B, C, L): a small residual 1-D CNN, zero last layer.
+
+    The frozen network's embedding-only pathway (:class:`ctrl_bio.model.EmbeddingAugmentedScore`) can only shift
+    the biases of its last blocks per class; this one sees the sequence itself. Like
+    :class:`ctrl_bio.model.VectorPathway` it reads x_t, the pre-trained noise prediction eps_pre = -sigma_t s_pre
+    and the denoised x0_hat (both free: s_pre is computed anyway), with t and the labels in its embedding, and
+    predicts in noise units, u = -net / sigma_t. The output convolution starts at zero, so step 0 of fine-tuning
+    is the pre-trained sampler bit for bit (use it through :class:`ctrl_bio.model.AugmentedScore`).
+
+    Args:
+        channels: channels C of the data (4 for one-hot DNA).
+        n_classes: classes of each label.
+        hidden: channels of the residual stream.
+        n_blocks: residual blocks (dilations 1, 2, 4, 8, ...).
+        emb_dim: width of the time + label embedding.
+        kernel_size: odd convolution width.
+        n_fourier: Fourier features of t.
+    """
+
+    def __init__(self, channels: int, n_classes: Sequence[int], hidden: int = 64, n_blocks: int = 4,
+                 emb_dim: int = 64, kernel_size: int = 5, n_fourier: int = 32):
+        super().__init__()
+        self.n_classes = tuple(int(n) for n in n_classes)
+        self.n_fourier = n_fourier
+        self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Linear(sum(self.n_classes), emb_dim, bias=False)
+        self.conv_in = nn.Conv1d(3 * channels, hidden, kernel_size, padding=kernel_size // 2)
+        self.blocks = nn.ModuleList(ResidualConvBlock(hidden, emb_dim, kernel_size, dilation=2 ** (i % 4))
+                                    for i in range(n_blocks))
+        self.norm_out = nn.GroupNorm(8, hidden)
+        self.conv_out = nn.Conv1d(hidden, channels, kernel_size, padding=kernel_size // 2)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, s_pre: Tensor, sde: SDE) -> Tensor:
+        t_vec = t.expand(x.shape[0]) if t.ndim == 0 else t
+        alpha, sigma = append_dims(sde.alpha(t_vec), x.ndim), append_dims(sde.sigma(t_vec), x.ndim)
+        eps_pre = -sigma * s_pre
+        x0_hat = (x - sigma * eps_pre) / alpha
+        emb = F.silu(self.time_mlp(fourier_features(t_vec.to(x.dtype), self.n_fourier))
+                     + self.label_emb(one_hot_labels(y, self.n_classes)))
+        h = self.conv_in(torch.cat([x, eps_pre, x0_hat], dim=1))
+        for block in self.blocks:
+            h = block(h, emb)
+        eps_u = self.conv_out(F.silu(self.norm_out(h)))
+        active = append_dims((y != NULL_LABEL).any(dim=1).to(x.dtype), x.ndim)  # a null request gets no control
+        return -active * eps_u / sigma

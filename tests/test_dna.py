@@ -138,8 +138,10 @@ def test_pairs_never_meet_the_oracle(table):
     assert pair_seqs <= {s for s, m in zip(table.sequences, pool) if m}
 
 
-def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets):
-    domain = DNADomain(data="slice", checkpoint=str(tiny_assets))
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, kind):
+    domain = DNADomain(data="slice", checkpoint=str(tiny_assets), pathway={"kind": kind, "hidden": 16}
+                       if kind == "conv" else {"kind": kind})
     pre = domain.pretrained_model()
     model = domain.augment(pre, (4, 3))
     x, t = torch.randn(5, 4, 200), torch.rand(5)
@@ -169,6 +171,7 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [
         "suite=dna", "domain.data=slice", f"domain.checkpoint={tiny_assets}", "data.n_pairs=40",
+        "domain.pathway.hidden=16", "domain.pathway.n_blocks=1", "domain.pathway.emb_dim=16",
         f"+label.celltype.oracle.kwargs.path={tiny_assets / 'oracle.safetensors'}", "label.celltype.training.epochs=2",
         "suite.n_eval=8", "suite.n_select=8", "suite.n_steps=3", "suite.batch_size=8", "suite.motifs=[MA0035.5]",
         "suite.method.pool_size=32", "suite.method.sm_steps=2", "suite.method.sm_batch_size=8",

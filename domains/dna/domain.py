@@ -3,9 +3,10 @@
 ``ctrl-bio pretrain domain=dna`` trains :class:`ctrl_bio.nets.ConvScoreNet` unconditionally on the one-hot
 training split (chromosomes other than 1 and 2); the resulting network ships as
 ``domains/dna/checkpoints/pretrained.safetensors`` (+ ``.json``) and is what ``pretrained_model`` loads
-unless a ``checkpoint`` path is given. The label pathway is CTRL's zero-initialised
-:class:`ctrl_bio.model.LabelEmbedding` added to the network's time embedding in its last ``label_blocks``
-blocks (:class:`ctrl_bio.model.EmbeddingAugmentedScore`).
+unless a ``checkpoint`` path is given. The label pathway is zero-initialised, so fine-tuning starts from the
+pre-trained sampler bit for bit: by default a small CNN :class:`ctrl_bio.nets.SequencePathway` beside the frozen
+network, or CTRL's :class:`ctrl_bio.model.LabelEmbedding` added to the network's time embedding in its last
+``label_blocks`` blocks (:class:`ctrl_bio.model.EmbeddingAugmentedScore`; 320 parameters for 4 classes).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ctrl_bio.domain import ScoreModel
-from ctrl_bio.model import NULL_LABEL, EmbeddingAugmentedScore
-from ctrl_bio.nets import ConvScoreNet
+from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore
+from ctrl_bio.nets import ConvScoreNet, SequencePathway
 from ctrl_bio.sde import VPSDE
 from domains.dna.data import SEQ_LEN, DHSTable, decode, load_dhs, one_hot, write_fasta
 
@@ -38,13 +39,17 @@ class DNADomain:
         score_net: keyword arguments of :class:`ctrl_bio.nets.ConvScoreNet` for ``pretrain``.
         checkpoint: pre-trained weights (a ``.safetensors`` file or a ``pretrain`` run directory); None: the
             shipped network.
-        label_blocks: how many of the network's last blocks receive the label embedding.
+        pathway: the label pathway: ``{"kind": "conv", ...}`` a :class:`ctrl_bio.nets.SequencePathway` (its keyword
+            arguments follow ``kind``), or ``{"kind": "embedding"}`` a label embedding added to the frozen network's
+            time embedding in its last ``label_blocks`` blocks.
+        label_blocks: how many of the network's last blocks receive the label embedding (``kind: embedding``).
         beta_min, beta_max: the VP-SDE schedule.
     """
 
     data: str = "full"
     score_net: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    pathway: dict[str, Any] = field(default_factory=lambda: {"kind": "conv"})
     label_blocks: int | None = 2
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -80,9 +85,15 @@ class DNADomain:
         path = Path(self.checkpoint) if self.checkpoint else SHIPPED_CHECKPOINT
         return load_network(path, self.sde)
 
-    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> EmbeddingAugmentedScore:
+    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> AugmentedScore | EmbeddingAugmentedScore:
+        settings = dict(self.pathway)
+        kind = settings.pop("kind", "conv")
+        if kind == "conv":
+            return AugmentedScore(pretrained, SequencePathway(4, n_classes, **settings), self.sde)
+        if kind != "embedding":
+            raise ValueError(f"domain.pathway.kind must be 'conv' or 'embedding', got {kind!r}")
         if not isinstance(pretrained, ConvScoreNet):
-            raise TypeError(f"the DNA label pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
+            raise TypeError(f"an embedding pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
         pretrained.label_blocks = self.label_blocks
         return EmbeddingAugmentedScore(pretrained, n_classes, pretrained.emb_dim)
 
