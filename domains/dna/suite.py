@@ -11,8 +11,8 @@ the requested labels, the ceiling).
 
 Evaluation never uses a reward classifier: cell type is scored by the shipped oracle (trained on sequences
 disjoint from every pair), GC content and motif presence by their exact label functions. Guidance scales are
-chosen by the reward classifier's J = E[log p(y|x)] - KL on requests of their own: the oracle is never
-consulted for a choice.
+chosen by the reward classifier's J = gamma E[log p(y|x)] - alpha KL (CTRL's own objective, the same gamma and
+alpha) on requests of their own: the oracle is never consulted for a choice.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from torch import Tensor
 
 from ctrl_bio.finetune import finetune
 from ctrl_bio.guidance import (
-    best_of_n,
     classifier_free_guidance,
     classifier_guidance,
     reconstruction_guidance,
@@ -44,7 +43,7 @@ from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
-from domains.dna.data import CELL_TYPES, decode, load_dhs, one_hot
+from domains.dna.data import CELL_TYPES, decode, one_hot
 from domains.dna.domain import DNADomain
 from domains.dna.nets import NoisySequenceCNN
 
@@ -76,11 +75,12 @@ class DNAContext:
 
     def __init__(self, domain: DNADomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
-                 motif_ids: list[str] | None):
+                 motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0):
         self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
         self.names = [s["name"] for s in specs]
         self.n_classes = tuple(int(p.n_classes) for p in pairs)
         self.n_steps, self.t_end, self.seed, self.batch_size = n_steps, t_end, seed, batch_size
+        self.gamma, self.alpha = gamma, alpha
         self.times = time_grid(n_steps, t_end)
         self.pretrained = domain.pretrained_model()
         self.y_eval = balanced_requests(self.n_classes, n_eval)
@@ -162,6 +162,9 @@ class DNAContext:
         metrics["kmer_entropy"] = float(kmer_entropy(x).mean())
         if kl is not None:
             metrics["kl"] = float(kl.mean())
+            # J under the evaluation likelihood (the oracle / exact labels), with the run's gamma and alpha.
+            metrics["objective"] = float((self.gamma * self.log_likelihood(self.eval_fns, x, y)
+                                          - self.alpha * kl).mean())
         return metrics, details
 
     def real_requests(self, y: Tensor, seed: int) -> Tensor:
@@ -214,7 +217,8 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
         eval_fns.append(evaluation_log_prob(spec, domain))
         info[f"pairs_{spec['name']}"] = {"n": len(p), "source": p.source, "skipped": p.skipped}
     ctx = DNAContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end,
-                     seed=seed, batch_size=batch_size, motif_ids=motifs)
+                     seed=seed, batch_size=batch_size, motif_ids=motifs, gamma=float(method.get("gamma", 1.0)),
+                     alpha=float(method.get("alpha", 1.0)))
     runner = DNARowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
     title = " + ".join(f"{n} ({c} classes)" for n, c in zip(ctx.names, ctx.n_classes))
     rows, details, samples = [], {}, {}
@@ -233,7 +237,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     info["motifs"] = [m.id for m in ctx.scanner.motifs]
     from domains.dna.plots import plot_motif_scatter, plot_per_class_accuracy
 
-    for k, name in enumerate(ctx.names):
+    for name in ctx.names:
         plot_per_class_accuracy({m: d[f"per_class_accuracy_{name}"] for m, d in details.items()}, name,
                                 run_dir / f"per_class_accuracy_{name}.png")
     if ctx.celltype_k is not None:
@@ -266,7 +270,8 @@ class DNARowRunner:
         self.histories: dict[str, list[dict]] = {}
         self._reward: LogLikelihoodReward | None = None
         self._reward_seconds, self._charged = 0.0, False
-        self._pool: Tensor | None = None
+        self._chunks: dict[int, Tensor] = {}
+        self._chunk_seconds: dict[int, float] = {}
         self._ctrl = None
 
     def reward(self) -> LogLikelihoodReward:
@@ -290,14 +295,15 @@ class DNARowRunner:
             return {}
         return {"shared_seconds": self._reward_seconds}
 
-    def pretrained_pool(self) -> Tensor:
-        """best_of_n's N x n_eval pre-trained samples; the first n_eval are the ``pretrained`` row."""
-        if self._pool is None:
-            ctx = self.ctx
-            n = int(self.baselines.get("best_of_n", {}).get("n", 4)) * ctx.y_eval.shape[0]
-            y = torch.zeros(n, len(ctx.n_classes), dtype=torch.long)
-            self._pool, _ = ctx.sample(lambda _y: ctx.pretrained, y, seed_offset=7000)
-        return self._pool
+    def pretrained_chunk(self, k: int) -> Tensor:
+        """The k-th set of n_eval pre-trained samples (its own noise); chunk 0 is the ``pretrained`` row and
+        chunks 0..N-1 are best_of_n's candidates (pre-trained samples do not depend on the request)."""
+        if k not in self._chunks:
+            ctx, start = self.ctx, time.perf_counter()
+            y = torch.zeros(ctx.y_eval.shape[0], len(ctx.n_classes), dtype=torch.long)
+            self._chunks[k] = ctx.sample(lambda _y: ctx.pretrained, y, seed_offset=7000 + k)[0]
+            self._chunk_seconds[k] = time.perf_counter() - start
+        return self._chunks[k]
 
     def new_model(self):
         torch.manual_seed(self.ctx.seed)
@@ -305,19 +311,23 @@ class DNARowRunner:
 
     def select_scale(self, make: Callable[[float], Callable[[Tensor], ScoreFn]], scales: list[float]
                      ) -> tuple[float, dict]:
-        """The scale with the best reward-classifier J on the selection requests (never the oracle's)."""
+        """The scale with the best J = gamma E[log p_reward(y|x)] - alpha KL on the selection requests.
+
+        The same objective CTRL maximises, with the reward classifier every learned row has (never the oracle), so
+        each baseline is tuned for the same target p_pre(x) p(y|x)^(gamma/alpha) as ``ctrl``.
+        """
         ctx, reward, scores = self.ctx, self.reward(), {}
+        gamma, alpha = float(self.method.get("gamma", 1.0)), float(self.method.get("alpha", 1.0))
         for w in scales:
             x, kl = ctx.sample(make(w), ctx.y_select, seed_offset=2500)
-            scores[str(w)] = float((reward(x, ctx.y_select) - kl).mean())
+            scores[str(w)] = float((gamma * reward(x, ctx.y_select) - alpha * kl).mean())
         return max(scales, key=lambda w: scores[str(w)]), scores
 
     def run(self, name: str) -> tuple[Tensor, Tensor | None, dict[str, float]]:
         ctx = self.ctx
         evals = {"score_evals": ctx.n_steps}
         if name == "pretrained":
-            pool = self.pretrained_pool()
-            return pool[:ctx.y_eval.shape[0]], torch.zeros(ctx.y_eval.shape[0]), evals
+            return self.pretrained_chunk(0), torch.zeros(ctx.y_eval.shape[0]), evals
         if name == "real_data":
             return ctx.real_requests(ctx.y_eval, ctx.seed + 4000), None, {}
         return getattr(self, f"row_{name}")()
@@ -433,16 +443,21 @@ class DNARowRunner:
         return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
 
     def row_best_of_n(self) -> tuple[Tensor, None, dict[str, float]]:
-        """N pre-trained samples per request (the shared pool: pre-trained samples do not depend on the
-        request), the one the reward classifier likes best; selection has no path KL."""
+        """N pre-trained samples per request, the one the reward classifier likes best; selection has no path KL.
+
+        The candidates are the ``pretrained`` row's samples plus N - 1 more sets; their sampling time is charged here.
+        """
         ctx, reward = self.ctx, self.reward()
         n = int(self.baselines.get("best_of_n", {}).get("n", 4))
         b = ctx.y_eval.shape[0]
-        pool = self.pretrained_pool()[:n * b]
+        reused = 0 in self._chunks
+        candidates = torch.stack([self.pretrained_chunk(k) for k in range(n)])  # (n, b, 4, L)
         with torch.no_grad():
-            scores = reward(pool, ctx.y_eval.repeat(n, 1)).reshape(n, b)
-        x = pool.reshape(n, b, *ctx.domain.x_shape)[scores.argmax(0), torch.arange(b)]
-        return x, None, {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()
+            scores = torch.stack([reward(c, ctx.y_eval) for c in candidates])
+        x = candidates[scores.argmax(0), torch.arange(b)]
+        extra = {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()
+        if reused:  # the pretrained row drew chunk 0 and was charged for it; so is this row
+            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + self._chunk_seconds[0]
+        return x, None, extra
 
 
-_ = best_of_n  # the core's best_of_n draws its own candidates; this suite shares them with `pretrained` instead
