@@ -219,6 +219,9 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     ctx = DNAContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end,
                      seed=seed, batch_size=batch_size, motif_ids=motifs, gamma=float(method.get("gamma", 1.0)),
                      alpha=float(method.get("alpha", 1.0)))
+    nat = ctx.markov.log_likelihood_per_base(ctx.x_test)
+    # The spread of naturalness between real test sequences: the yardstick a row's loss of naturalness is read against.
+    info["naturalness_real_test"] = {"mean": float(nat.mean()), "std": float(nat.std())}
     runner = DNARowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
     title = " + ".join(f"{n} ({c} classes)" for n, c in zip(ctx.names, ctx.n_classes))
     rows, details, samples = [], {}, {}
