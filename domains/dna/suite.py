@@ -88,6 +88,9 @@ class DNAContext:
         table = domain.table
         test = table.of_split("test")
         self.x_test = one_hot(test.sequences)
+        # Labels of the real test sequences that `real_data` draws from: the table's own cell types, else the
+        # label's evaluation function (exact for gc and motif; for a user label scored by an oracle this makes
+        # `real_data` that oracle's agreement with itself, 1.0, so read it as no ceiling).
         self.test_labels = torch.stack([f(self.x_test).argmax(1) if s["name"] != "celltype" else
                                         torch.from_numpy(test.celltype) for s, f in zip(specs, eval_fns)], 1)
         self.x_train = domain.training_data()
