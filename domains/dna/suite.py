@@ -227,7 +227,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     info["naturalness_real_test"] = {"mean": float(nat.mean()), "std": float(nat.std())}
     runner = DNARowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
     title = " + ".join(f"{n} ({c} classes)" for n, c in zip(ctx.names, ctx.n_classes))
-    rows, details, samples = [], {}, {}
+    rows, details = [], {}
     for name in methods:
         start = time.perf_counter()
         x, kl, extra = runner.run(name)
@@ -235,7 +235,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
         metrics |= extra
         metrics["seconds"] = time.perf_counter() - start + metrics.pop("shared_seconds", 0.0)
         rows.append(Row(name, title, metrics))
-        details[name], samples[name] = detail, x
+        details[name] = detail
         log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if write_fasta:
             write_rows_fasta(run_dir / "samples" / f"{name}.fasta", x, ctx.y_eval, ctx.names)
@@ -246,10 +246,9 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     for name in ctx.names:
         plot_per_class_accuracy({m: d[f"per_class_accuracy_{name}"] for m, d in details.items()}, name,
                                 run_dir / f"per_class_accuracy_{name}.png")
-    if ctx.celltype_k is not None:
-        plot_motif_scatter({m: np.array(d["motif_frequencies"]) for m, d in details.items()
-                            if m in ("pretrained", "ctrl", "cfg")}, ctx.real_motif_freq,
-                           run_dir / "motif_scatter.png")
+    scatter = {m: np.array(d["motif_frequencies"]) for m, d in details.items() if m in ("pretrained", "ctrl", "cfg")}
+    if ctx.celltype_k is not None and scatter:
+        plot_motif_scatter(scatter, ctx.real_motif_freq, run_dir / "motif_scatter.png")
     if runner.histories:
         plot_training_curves(runner.histories, run_dir / "training.png")
     return SuiteResult("dna", rows, info)
