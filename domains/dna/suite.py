@@ -246,9 +246,11 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     for name in ctx.names:
         plot_per_class_accuracy({m: d[f"per_class_accuracy_{name}"] for m, d in details.items()}, name,
                                 run_dir / f"per_class_accuracy_{name}.png")
-    scatter = {m: np.array(d["motif_frequencies"]) for m, d in details.items() if m in ("pretrained", "ctrl", "cfg")}
-    if ctx.celltype_k is not None and scatter:
-        plot_motif_scatter(scatter, ctx.real_motif_freq, run_dir / "motif_scatter.png")
+    if ctx.celltype_k is not None:  # motif frequencies are per cell type: only tasks with that label have them
+        scatter = {m: np.array(d["motif_frequencies"]) for m, d in details.items()
+                   if m in ("pretrained", "ctrl", "cfg") and "motif_frequencies" in d}
+        if scatter:
+            plot_motif_scatter(scatter, ctx.real_motif_freq, run_dir / "motif_scatter.png")
     if runner.histories:
         plot_training_curves(runner.histories, run_dir / "training.png")
     return SuiteResult("dna", rows, info)
