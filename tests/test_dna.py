@@ -166,13 +166,14 @@ def test_label_from_a_user_csv_with_no_python(table, tmp_path):
     assert pairs.n_skipped == 3
 
 
-def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path):
+@pytest.mark.parametrize("label", ["celltype", "gc"])
+def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
     """`ctrl-bio benchmark suite=dna` with tiny settings: every row, results, FASTA with labels, plots."""
     run_dir = tmp_path / "run"
     overrides = [
-        "suite=dna", "domain.data=slice", f"domain.checkpoint={tiny_assets}", "data.n_pairs=40",
+        "suite=dna", f"label={label}", "domain.data=slice", f"domain.checkpoint={tiny_assets}", "data.n_pairs=40",
         "domain.pathway.hidden=16", "domain.pathway.n_blocks=1", "domain.pathway.emb_dim=16",
-        f"+label.celltype.oracle.kwargs.path={tiny_assets / 'oracle.safetensors'}", "label.celltype.training.epochs=2",
+        f"label.{label}.training.epochs=2",
         "suite.n_eval=8", "suite.n_select=8", "suite.n_steps=3", "suite.batch_size=8", "suite.motifs=[MA0035.5]",
         "suite.method.pool_size=32", "suite.method.sm_steps=2", "suite.method.sm_batch_size=8",
         "suite.method.eval_every=2", "suite.method.eval_batch_size=4", "suite.method.steps=1",
@@ -181,6 +182,8 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path):
         "suite.baselines.classifier_guidance.steps=2", "suite.baselines.classifier_guidance.hidden=16",
         "suite.baselines.best_of_n.n=2", "progress=false", f"hydra.run.dir={run_dir}",
     ]
+    if label == "celltype":
+        overrides.append(f"+label.celltype.oracle.kwargs.path={tiny_assets / 'oracle.safetensors'}")
     proc = subprocess.run([sys.executable, "-m", "ctrl_bio.cli", "benchmark", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -188,13 +191,18 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path):
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n",
                        "real_data"]
+    motif_metrics = ("motif_correlation",) if label == "celltype" else ()  # motif content is per cell type
     for row in result["rows"]:
         m = row["metrics"]
-        for key in ("accuracy", "macro_f1", "kmer_correlation", "motif_correlation", "diversity", "novelty",
-                    "naturalness"):
+        for key in ("accuracy", "macro_f1", "kmer_correlation", "diversity", "novelty", "naturalness",
+                    *motif_metrics):
             assert np.isfinite(m[key]), (row["method"], key)
+    if label == "gc":  # an exact label: real test sequences meet every request
+        assert next(r for r in result["rows"] if r["method"] == "real_data")["metrics"]["accuracy"] == 1.0
     fasta = read_sequences(run_dir / "samples" / "ctrl.fasta")
     assert len(fasta.sequences) == 8
-    assert fasta.ids[0].split("|")[1] == f"celltype={CELL_TYPES[0]}"
-    for plot in ("per_class_accuracy_celltype.png", "motif_scatter.png", "training.png"):
+    assert fasta.ids[0].split("|")[1] == (f"celltype={CELL_TYPES[0]}" if label == "celltype" else "gc=0")
+    plots = [f"per_class_accuracy_{label}.png", "training.png"] + (["motif_scatter.png"] if label == "celltype" else [])
+    for plot in plots:
         assert (run_dir / plot).stat().st_size > 0
+    assert (run_dir / "motif_scatter.png").exists() == (label == "celltype")
