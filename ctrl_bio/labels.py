@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, train_classifier
+from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, LogLikelihoodReward, train_classifier
 
 LABEL_TYPES = ("categorical", "bins", "continuous")
 
@@ -296,6 +296,23 @@ def fit_reward_classifier(pairs: LabelledPairs, spec: Mapping[str, Any], *,
     fraction = (spec.get("calibration") or {}).get("fraction", 0.2)
     return train_classifier(net, pairs.x, pairs.y, calib_fraction=fraction,
                             generator=torch.Generator().manual_seed(seed), **training)
+
+
+def fit_reward_classifiers(specs: Sequence[Mapping[str, Any]], pairs: Sequence[LabelledPairs], *, seed: int = 0
+                           ) -> tuple[LogLikelihoodReward, dict[str, ClassifierReport]]:
+    """CTRL's reward for several labels: one calibrated classifier per label, each from its own pairs.
+
+    Label k's classifier is seeded with ``seed + 17 (k + 1)``; the classifiers combine by conditional
+    independence given x (:class:`ctrl_bio.reward.LogLikelihoodReward`).
+
+    Returns:
+        The summed log-likelihood reward and each label's calibration report, by label name.
+    """
+    classifiers, reports = [], {}
+    for k, (spec, p) in enumerate(zip(specs, pairs)):
+        classifier, reports[spec["name"]] = fit_reward_classifier(p, spec, seed=seed + 17 * (k + 1))
+        classifiers.append(classifier)
+    return LogLikelihoodReward(classifiers), reports
 
 
 def exact_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tensor], Tensor] | None:

@@ -38,7 +38,7 @@ from ctrl_bio.guidance import (
     train_noisy_classifier,
 )
 from ctrl_bio.harness import Row, SuiteResult
-from ctrl_bio.labels import LabelledPairs, exact_log_prob, fit_reward_classifier, load_label, resolve_callable
+from ctrl_bio.labels import LabelledPairs, exact_log_prob, fit_reward_classifiers, load_label, resolve_callable
 from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
@@ -285,13 +285,10 @@ class DNARowRunner:
         """One calibrated classifier per label from its own pairs (CTRL step 1)."""
         if self._reward is None:
             start = time.perf_counter()
-            fns = []
-            for k, (spec, p) in enumerate(zip(self.ctx.specs, self.ctx.pairs)):
-                clf, report = fit_reward_classifier(p, spec, seed=self.ctx.seed + 17 * (k + 1))
-                self.info[f"classifier_{spec['name']}"] = asdict(report)
-                log.info("reward classifier %s: %s", spec["name"], report)
-                fns.append(clf)
-            self._reward = LogLikelihoodReward(fns)
+            self._reward, reports = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.seed)
+            for name, report in reports.items():
+                self.info[f"classifier_{name}"] = asdict(report)
+                log.info("reward classifier %s: %s", name, report)
             self._reward_seconds = time.perf_counter() - start
         return self._reward
 

@@ -44,6 +44,7 @@ from ctrl_bio.labels import (
     LabelledPairs,
     exact_log_prob,
     fit_reward_classifier,
+    fit_reward_classifiers,
     load_label,
     split_pairs,
 )
@@ -282,13 +283,10 @@ class RowRunner:
         """One calibrated classifier per label, each from its own pairs (CTRL step 1)."""
         if self._reward is None:
             start = time.perf_counter()
-            classifiers = []
-            for k, (spec, p) in enumerate(zip(self.ctx.specs, self.ctx.pairs)):
-                clf, report = fit_reward_classifier(p, spec, seed=self.ctx.testbed.seed + 17 * (k + 1))
-                self.info[f"classifier_{spec['name']}"] = asdict(report)
-                log.info("reward classifier %s: %s", spec["name"], report)
-                classifiers.append(clf)
-            self._reward = LogLikelihoodReward(classifiers)
+            self._reward, reports = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.testbed.seed)
+            for name, report in reports.items():
+                self.info[f"classifier_{name}"] = asdict(report)
+                log.info("reward classifier %s: %s", name, report)
             self._reward_seconds = time.perf_counter() - start
         return self._reward
 
