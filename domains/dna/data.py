@@ -158,6 +158,11 @@ def one_hot(sequences: list[str], length: int | None = None) -> Tensor:
     idx = torch.from_numpy(lookup[codes].astype(np.int64))
     if (idx == 255).any():
         raise DNADataError("one_hot: sequences must hold only A, C, G and T")
+    return from_indices(idx)
+
+
+def from_indices(idx: Tensor) -> Tensor:
+    """(N, L) base indices 0..3 -> the domain's encoding (N, 4, L) in {-1, +1}."""
     return 2.0 * torch.nn.functional.one_hot(idx, 4).permute(0, 2, 1).float() - 1.0
 
 

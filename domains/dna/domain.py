@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ctrl_bio.domain import ScoreModel
@@ -117,18 +116,3 @@ def make_domain(**kwargs: Any) -> DNADomain:
     """Hydra entry point (``configs/plugin/dna.yaml``)."""
     return DNADomain(**kwargs)
 
-
-def sample_pretrained(net: ScoreModel, sde: VPSDE, n: int, *, n_steps: int = 100, batch_size: int = 256,
-                      seed: int = 0) -> Tensor:
-    """n sequences (one-hot) of a pre-trained network with the core's Euler-Maruyama sampler."""
-    from ctrl_bio.sampling import euler_maruyama, time_grid
-
-    g = torch.Generator().manual_seed(seed)
-    times = time_grid(n_steps)
-    out = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            x_init = sde.prior_sampling((b, 4, SEQ_LEN), generator=g)
-            out.append(euler_maruyama(sde, net, x_init, times, generator=g, keep_trajectory=False).x)
-    return torch.cat(out)

@@ -43,7 +43,7 @@ from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
-from domains.dna.data import CELL_TYPES, decode, one_hot
+from domains.dna.data import CELL_TYPES, base_indices, decode, from_indices, one_hot
 from domains.dna.domain import DNADomain
 from domains.dna.nets import NoisySequenceCNN
 
@@ -124,9 +124,6 @@ class DNAContext:
             kls.append(out.kl)
         return torch.cat(xs), torch.cat(kls)
 
-    def log_likelihood(self, fns: list[LogProbFn], x: Tensor, y: Tensor) -> Tensor:
-        return sum(f(x).gather(1, y[:, k:k + 1]).squeeze(1) for k, f in enumerate(fns))
-
     def score(self, x: Tensor, kl: Tensor | None, y: Tensor) -> tuple[dict[str, float], dict[str, Any]]:
         """Every metric of samples x for requests y, and per-class details for the plots."""
         from domains.dna.metrics import (
@@ -138,12 +135,13 @@ class DNAContext:
             novelty,
         )
 
-        x = torch.nn.functional.one_hot(x.argmax(1), 4).permute(0, 2, 1).float() * 2 - 1  # decode to sequences
+        x = from_indices(base_indices(x))  # score the decoded sequences, not the continuous samples
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         accs, f1s = [], []
-        for k, (name, n, f) in enumerate(zip(self.names, self.n_classes, self.eval_fns)):
-            pred = f(x).argmax(1)
+        log_probs = [f(x) for f in self.eval_fns]  # each evaluation model runs once per row
+        for k, (name, n, lp) in enumerate(zip(self.names, self.n_classes, log_probs)):
+            pred = lp.argmax(1)
             accs.append(accuracy(pred, y[:, k]))
             f1s.append(macro_f1(pred, y[:, k], n))
             details[f"per_class_accuracy_{name}"] = [accuracy(pred[y[:, k] == c], y[y[:, k] == c, k])
@@ -166,8 +164,8 @@ class DNAContext:
         if kl is not None:
             metrics["kl"] = float(kl.mean())
             # J under the evaluation likelihood (the oracle / exact labels), with the run's gamma and alpha.
-            metrics["objective"] = float((self.gamma * self.log_likelihood(self.eval_fns, x, y)
-                                          - self.alpha * kl).mean())
+            log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))
+            metrics["objective"] = float((self.gamma * log_likelihood - self.alpha * kl).mean())
         return metrics, details
 
     def real_requests(self, y: Tensor, seed: int) -> Tensor:
