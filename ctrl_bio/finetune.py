@@ -24,7 +24,7 @@ from ctrl_bio.model import NULL_LABEL, ConditionalScore
 from ctrl_bio.objective import MemoryMode, WeightedPool, pathwise_loss, weighted_score_matching_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
-from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
 
 Estimator = Literal["pathwise", "score_matching", "hybrid"]
@@ -52,11 +52,11 @@ class FinetuneResult:
 
 @torch.no_grad()
 def sample_pretrained_pool(model: ConditionalScore, sde: SDE, x_shape: tuple[int, ...], n: int, *,
-                           n_steps: int, t_end: float, batch_size: int = 4096,
+                           n_steps: int, t_end: float, batch_size: int = 4096, spacing: Spacing = "uniform",
                            generator: torch.Generator | None = None) -> Tensor:
     """n samples of the pre-trained model: the augmented model with null labels (exactly s_pre)."""
     device = next(model.parameters()).device
-    times = time_grid(n_steps, t_end, device=device)
+    times = time_grid(n_steps, t_end, spacing=spacing, device=device)
     chunks = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
@@ -81,7 +81,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
              eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
-             seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None) -> FinetuneResult:
+             seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None,
+             spacing: Spacing = "uniform") -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     Args:
@@ -98,6 +99,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         pool_x0: those samples, if already drawn (several fine-tunings of one pre-trained model share them);
             default: ``pool_size`` fresh samples of the pre-trained sampler with ``n_steps`` steps.
         eval_every: record a no-grad estimate of J, reward and KL every this many updates.
+        spacing: the sampler's time grid, ``uniform`` or ``quadratic`` (:func:`ctrl_bio.sampling.time_grid`).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
     """
@@ -130,7 +132,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         with torch.no_grad():
             y = label_prior.sample(eval_batch_size, eval_generator)
             est = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
-                                gamma=gamma, memory="full", generator=eval_generator)
+                                gamma=gamma, memory="full", spacing=spacing, generator=eval_generator)
         result.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
                                "kl": float(est.kl), "objective": float(est.objective)})
         last_good = {n: p.detach().clone() for n, p in named.items()}
@@ -150,7 +152,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_updates)
         if phase == "score_matching":
             x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(
-                model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end, generator=generator)
+                model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end, spacing=spacing, generator=generator)
             with torch.no_grad():
                 pool = WeightedPool(x0, [f(x0) for f in reward.log_prob_fns], tilt=gamma / alpha)
             combos = torch.cartesian_prod(*[torch.arange(n) for n in label_prior.n_classes]).reshape(
@@ -163,7 +165,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                     loss = weighted_score_matching_loss(model, sde, pool, y, t_end=t_end, generator=generator)
                 else:
                     loss = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
-                                         gamma=gamma, memory=memory, grad_last_k=grad_last_k,
+                                         gamma=gamma, memory=memory, grad_last_k=grad_last_k, spacing=spacing,
                                          generator=generator).loss
                 step += 1
                 if not torch.isfinite(loss):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ctrl_bio.model import AugmentedScore, ConditionalScore
 from ctrl_bio.reward import Reward
-from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
 
@@ -49,7 +49,7 @@ class ObjectiveEstimate:
 
 def pathwise_loss(model: ConditionalScore, sde: SDE, reward: Reward, y: Tensor, x_shape: tuple[int, ...], *,
                   n_steps: int = 100, t_end: float = 1e-3, alpha: float = 1.0, gamma: float = 1.0,
-                  memory: MemoryMode = "checkpoint", grad_last_k: int = 10,
+                  memory: MemoryMode = "checkpoint", grad_last_k: int = 10, spacing: Spacing = "uniform",
                   generator: torch.Generator | None = None) -> ObjectiveEstimate:
     """-J for labels y by backpropagation through the Euler-Maruyama sampler.
 
@@ -61,11 +61,12 @@ def pathwise_loss(model: ConditionalScore, sde: SDE, reward: Reward, y: Tensor, 
         memory: ``full`` keeps every step's activations; ``checkpoint`` recomputes them in backward
             (memory flat in ``n_steps``, same gradient); ``truncate`` differentiates only the last
             ``grad_last_k`` steps (biased, cheapest).
+        spacing: the sampler's time grid (:func:`ctrl_bio.sampling.time_grid`).
     """
     if memory not in ("full", "checkpoint", "truncate"):
         raise ValueError(f"memory must be 'full', 'checkpoint' or 'truncate', got {memory!r}")
     device = next(model.parameters()).device
-    times = time_grid(n_steps, t_end, device=device)
+    times = time_grid(n_steps, t_end, spacing=spacing, device=device)
     x_init = sde.prior_sampling((y.shape[0], *x_shape), generator=generator, device=device)
     out = euler_maruyama(sde, model.conditioned(y), x_init, times, generator=generator,
                          checkpoint=memory == "checkpoint",

@@ -109,3 +109,70 @@ class VPSDE(SDE):
 
     def __repr__(self) -> str:
         return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+
+class DiscreteVPSDE(SDE):
+    """A DDPM noise schedule (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 4) as a VP-SDE.
+
+    A discrete-time model trained on steps n = 0..N-1 with x_n | x_0 ~ N(sqrt(abar_n) x_0, (1 - abar_n) I) and
+    abar_n = prod_{m <= n} (1 - beta_m) (Stable Diffusion, diffusers' ``DDPMScheduler``) becomes an SDE of
+    DESIGN.md's convention by placing step n at time t_n = (n + 1) / N and interpolating log alpha_t linearly in t
+    between the grid points (log alpha_0 = 0). Then alpha_{t_n}^2 = abar_n exactly at every grid point, and
+    beta(t) = -2 d/dt log alpha_t is piecewise constant, -N log(1 - beta_n) on (n/N, (n+1)/N), which is
+    N beta_n to first order: the continuum limit of the linear schedule is :class:`VPSDE`. The network is
+    queried at the continuous scheduler timestep :meth:`timestep` (t N - 1).
+
+    Args:
+        beta_start, beta_end: the scheduler's first and last beta_n.
+        num_train_timesteps: N.
+        beta_schedule: ``linear`` (DDPM: beta_n linear in n) or ``scaled_linear`` (Stable Diffusion: sqrt(beta_n)
+            linear in n), as diffusers names them.
+    """
+
+    SCHEDULES = ("linear", "scaled_linear")
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "linear"):
+        if beta_schedule not in self.SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {self.SCHEDULES}, got {beta_schedule!r}")
+        if not 0 < beta_start <= beta_end < 1 or num_train_timesteps < 2:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1 and num_train_timesteps >= 2, got "
+                             f"{beta_start}, {beta_end}, {num_train_timesteps}")
+        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        self.num_train_timesteps, self.beta_schedule = int(num_train_timesteps), beta_schedule
+        n = self.num_train_timesteps
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        else:
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+        # log alpha at t = 0, 1/N, ..., 1 (float64: the cumulative sum of a thousand small logs).
+        half_log_abar = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
+        self._log_alpha_grid = torch.cat([torch.zeros(1, dtype=torch.float64), half_log_abar])
+
+    @property
+    def alphas_cumprod(self) -> Tensor:
+        """abar_n for n = 0..N-1, as the scheduler holds them (float64)."""
+        return torch.exp(2.0 * self._log_alpha_grid[1:])
+
+    def _segment(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        u = t.to(torch.float64) * self.num_train_timesteps
+        i = torch.clamp(torch.floor(u), 0, self.num_train_timesteps - 1).long()
+        return i, u - i
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        grid = self._log_alpha_grid.to(t.device)
+        i, frac = self._segment(t)
+        return (grid[i] + frac * (grid[i + 1] - grid[i])).to(t.dtype)
+
+    def beta(self, t: Tensor) -> Tensor:
+        grid = self._log_alpha_grid.to(t.device)
+        i, _ = self._segment(t)
+        return (-2.0 * self.num_train_timesteps * (grid[i + 1] - grid[i])).to(t.dtype)
+
+    def timestep(self, t: Tensor) -> Tensor:
+        """The scheduler's (continuous) timestep index of time t: t N - 1, so t_n = (n + 1) / N gives n."""
+        return t * self.num_train_timesteps - 1.0
+
+    def __repr__(self) -> str:
+        return (f"DiscreteVPSDE(beta_start={self.beta_start}, beta_end={self.beta_end}, "
+                f"num_train_timesteps={self.num_train_timesteps}, beta_schedule={self.beta_schedule!r})")

@@ -150,7 +150,9 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def sde_spec(sde: SDE) -> dict[str, Any]:
-    return {"class": f"{type(sde).__module__}.{type(sde).__qualname__}", **vars(sde)}
+    """The SDE's class and constructor settings (its public attributes; private ones are derived tables)."""
+    public = {k: v for k, v in vars(sde).items() if not k.startswith("_")}
+    return {"class": f"{type(sde).__module__}.{type(sde).__qualname__}", **public}
 
 
 def export_network(net: nn.Module, path: str | Path) -> Path:

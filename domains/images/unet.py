@@ -1,0 +1,124 @@
+"""diffusers UNets as score networks of the core's SDE, and CTRL's augmented model around them.
+
+A diffusers UNet predicts the noise eps(x_n, n) of a DDPM schedule. With the schedule written as a
+:class:`ctrl_bio.sde.DiscreteVPSDE`, the same network is a score s(x, t) = -eps(x, t N - 1) / sigma_t of DESIGN.md's
+convention, so the core's sampler, KL and estimators run on it unchanged. :class:`UNetScore` does this for a
+pixel-space ``UNet2DModel`` (the CPU suite) and, given fixed text embeddings, for a ``UNet2DConditionModel`` (Stable
+Diffusion; ``domains.images.stable_diffusion``).
+
+:class:`UNetAugmentedScore` is CTRL's augmented model (Zhao et al. 2024, Sec. 4.2) for such a network: the UNet is
+frozen; a :class:`ctrl_bio.model.LabelEmbedding` (one zero-initialised row per class plus a null row) becomes the
+UNet's ``class_embedding``, which diffusers adds to the time embedding, and optional peft LoRA adapters (their B
+matrices start at zero) sit on the attention projections. At initialisation both are exactly zero, so step 0
+reproduces the pre-trained sampler bit for bit; a null request (-1) always gets the pre-trained score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.model import NULL_LABEL, LabelEmbedding, check_labels
+from ctrl_bio.sde import DiscreteVPSDE
+
+#: Attention projections that get LoRA adapters (diffusers' ``Attention`` module names; SD's UNet and UNet2DModel).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def time_embedding_dim(unet: nn.Module) -> int:
+    """Width of a diffusers UNet's time embedding, which the class embedding is added to."""
+    return int(unet.time_embedding.linear_2.out_features)
+
+
+class UNetScore(nn.Module):
+    """A pixel-space diffusers ``UNet2DModel`` (noise prediction) as a score network ``(x, t) -> s``.
+
+    Args:
+        sde: the discrete schedule the UNet is trained on.
+        **unet_config: keyword arguments of ``diffusers.UNet2DModel`` (kept as ``config``, so that
+            :func:`ctrl_bio.training.runs.export_network` can rebuild the network).
+    """
+
+    def __init__(self, sde: DiscreteVPSDE, **unet_config: Any):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        if not isinstance(sde, DiscreteVPSDE):
+            raise TypeError(f"UNetScore needs a DiscreteVPSDE (the UNet's timesteps), got {type(sde).__name__}")
+        self.sde = sde
+        self.config = dict(unet_config)
+        self.unet = UNet2DModel(**unet_config)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        eps = self.unet(x, self.sde.timestep(t), class_labels=class_labels).sample
+        return self.sde.score_from_eps(eps, t)
+
+
+class UNetAugmentedScore(nn.Module):
+    """s_theta(x, t, y) of CTRL for a frozen diffusers UNet: label embedding in the time embedding, optional LoRA.
+
+    Args:
+        score: a frozen score network ``score(x, t, class_labels=None) -> s`` with a diffusers ``unet`` attribute
+            (:class:`UNetScore`, or the Stable Diffusion wrapper); frozen in place.
+        n_classes: classes per label.
+        lora_rank: rank of the LoRA adapters on the UNet's attention projections; 0: none.
+        lora_alpha: LoRA scaling numerator (the update is scaled by lora_alpha / lora_rank).
+        lora_targets: module names the adapters go on.
+    """
+
+    def __init__(self, score: nn.Module, n_classes: Sequence[int], *, lora_rank: int = 0,
+                 lora_alpha: float | None = None, lora_targets: Sequence[str] = LORA_TARGETS):
+        super().__init__()
+        score.requires_grad_(False)
+        self.score = score
+        unet = score.unet
+        if getattr(unet, "class_embedding", None) is not None:
+            raise ValueError("the UNet already has a class embedding: CTRL's label embedding takes that place")
+        unet.class_embedding = LabelEmbedding(n_classes, time_embedding_dim(unet))
+        self.n_classes = unet.class_embedding.n_classes
+        self.lora_rank = int(lora_rank)
+        if self.lora_rank > 0:
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=lora_alpha or self.lora_rank,
+                                        target_modules=list(lora_targets), init_lora_weights=True),
+                             adapter_name="ctrl")
+        for name, p in unet.named_parameters():  # exactly the label pathway trains
+            p.requires_grad_(name.startswith("class_embedding.") or "lora_" in name)
+
+    @property
+    def embedding(self) -> LabelEmbedding:
+        return self.score.unet.class_embedding
+
+    def _pretrained(self, x: Tensor, t: Tensor) -> Tensor:
+        null = torch.full((x.shape[0], len(self.n_classes)), NULL_LABEL, dtype=torch.long, device=x.device)
+        if self.lora_rank == 0:
+            return self.score(x, t, class_labels=null)
+        self.score.unet.disable_adapters()
+        try:
+            return self.score(x, t, class_labels=null)
+        finally:
+            self.score.unet.enable_adapters()
+
+    def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_theta, u = s_theta - s_pre); both from the same frozen UNet."""
+        b = x.shape[0]
+        if self.lora_rank == 0:  # one call on the doubled batch: the null half is exactly the pre-trained network
+            null = torch.full_like(y, NULL_LABEL)
+            both = self.score(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([y, null]))
+            s, s_pre = both[:b], both[b:]
+        else:
+            s, s_pre = self.score(x, t, class_labels=y), self._pretrained(x, t)
+            active = (y != NULL_LABEL).any(dim=1).view(b, *([1] * (x.ndim - 1)))
+            s = torch.where(active, s, s_pre)  # LoRA acts whatever the label: a null request must not see it
+        return s, s - s_pre
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.score_and_control(x, t, y)[0]
+
+    def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        check_labels(y, self.n_classes)
+        return lambda x, t: self.score_and_control(x, t, y)
