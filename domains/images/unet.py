@@ -8,14 +8,16 @@ Diffusion; ``domains.images.stable_diffusion``).
 
 :class:`UNetAugmentedScore` is CTRL's augmented model (Zhao et al. 2024, Sec. 4.2) for such a network: the UNet is
 frozen; a :class:`ctrl_bio.model.LabelEmbedding` (one zero-initialised row per class plus a null row) becomes the
-UNet's ``class_embedding``, which diffusers adds to the time embedding, and optional peft LoRA adapters (their B
-matrices start at zero) sit on the attention projections. At initialisation both are exactly zero, so step 0
-reproduces the pre-trained sampler bit for bit; a null request (-1) always gets the pre-trained score.
+UNet's ``class_embedding`` during the model's calls, which diffusers adds to the time embedding, and optional peft
+LoRA adapters (their B matrices start at zero) sit on the attention projections. At initialisation both are
+exactly zero, so step 0 reproduces the pre-trained sampler bit for bit; a null request (-1) always gets the
+pre-trained score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,6 +33,15 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def time_embedding_dim(unet: nn.Module) -> int:
     """Width of a diffusers UNet's time embedding, which the class embedding is added to."""
     return int(unet.time_embedding.linear_2.out_features)
+
+
+def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
+    """Switch every peft adapter layer inside ``module`` on or off (off: each layer is its frozen base layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
 
 
 class UNetScore(nn.Module):
@@ -77,41 +88,55 @@ class UNetAugmentedScore(nn.Module):
         unet = score.unet
         if getattr(unet, "class_embedding", None) is not None:
             raise ValueError("the UNet already has a class embedding: CTRL's label embedding takes that place")
-        unet.class_embedding = LabelEmbedding(n_classes, time_embedding_dim(unet))
-        self.n_classes = unet.class_embedding.n_classes
+        # Held here and put into the UNet only for the duration of a call (:meth:`labels_installed`), so that the
+        # frozen network stays the pre-trained one for everyone else who holds it (guidance baselines, other rows).
+        self.embedding = LabelEmbedding(n_classes, time_embedding_dim(unet))
+        self.n_classes = self.embedding.n_classes
         self.lora_rank = int(lora_rank)
         if self.lora_rank > 0:
-            from peft import LoraConfig
+            from peft import LoraConfig, inject_adapter_in_model
 
-            unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=lora_alpha or self.lora_rank,
-                                        target_modules=list(lora_targets), init_lora_weights=True),
-                             adapter_name="ctrl")
-        for name, p in unet.named_parameters():  # exactly the label pathway trains
-            p.requires_grad_(name.startswith("class_embedding.") or "lora_" in name)
+            # LoRA layers are injected into the UNet itself (peft; diffusers' UNet2DModel has no add_adapter); with
+            # the adapters disabled they are the identity, which is how the pre-trained score is computed.
+            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=lora_alpha or self.lora_rank,
+                                               target_modules=list(lora_targets), init_lora_weights=True),
+                                    unet, adapter_name="ctrl")
+            for name, p in unet.named_parameters():
+                p.requires_grad_("lora_" in name)
 
-    @property
-    def embedding(self) -> LabelEmbedding:
-        return self.score.unet.class_embedding
+    @contextmanager
+    def labels_installed(self) -> Iterator[None]:
+        """The label embedding as the UNet's ``class_embedding`` (diffusers adds it to the time embedding)."""
+        unet = self.score.unet
+        unet.class_embedding = self.embedding
+        try:
+            yield
+        finally:
+            unet.class_embedding = None
+
+    def _call(self, x: Tensor, t: Tensor, class_labels: Tensor) -> Tensor:
+        with self.labels_installed():
+            return self.score(x, t, class_labels=class_labels)
 
     def _pretrained(self, x: Tensor, t: Tensor) -> Tensor:
         null = torch.full((x.shape[0], len(self.n_classes)), NULL_LABEL, dtype=torch.long, device=x.device)
         if self.lora_rank == 0:
-            return self.score(x, t, class_labels=null)
-        self.score.unet.disable_adapters()
+            return self._call(x, t, null)
+        set_lora_enabled(self.score.unet, False)
         try:
-            return self.score(x, t, class_labels=null)
+            return self._call(x, t, null)
         finally:
-            self.score.unet.enable_adapters()
+            set_lora_enabled(self.score.unet, True)
 
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(s_theta, u = s_theta - s_pre); both from the same frozen UNet."""
         b = x.shape[0]
         if self.lora_rank == 0:  # one call on the doubled batch: the null half is exactly the pre-trained network
             null = torch.full_like(y, NULL_LABEL)
-            both = self.score(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([y, null]))
+            both = self._call(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
             s, s_pre = both[:b], both[b:]
         else:
-            s, s_pre = self.score(x, t, class_labels=y), self._pretrained(x, t)
+            s, s_pre = self._call(x, t, y), self._pretrained(x, t)
             active = (y != NULL_LABEL).any(dim=1).view(b, *([1] * (x.ndim - 1)))
             s = torch.where(active, s, s_pre)  # LoRA acts whatever the label: a null request must not see it
         return s, s - s_pre
