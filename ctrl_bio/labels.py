@@ -323,6 +323,19 @@ def exact_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tensor], T
     return resolve_callable(exact["callable"])(domain, **dict(exact.get("kwargs") or {}))
 
 
+def evaluation_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tensor], Tensor]:
+    """The label's evaluation likelihood: its ``exact`` function, else its ``oracle`` callable (a model trained on data
+    disjoint from every pair); never a reward classifier."""
+    exact = exact_log_prob(spec, domain)
+    if exact is not None:
+        return exact
+    oracle = spec.get("oracle")
+    if not oracle:
+        raise LabelError(f"{_where(spec, 'exact')}: the label has neither 'exact' nor 'oracle', so a suite cannot "
+                         "score it")
+    return resolve_callable(oracle["callable"])(domain, **dict(oracle.get("kwargs") or {}))
+
+
 def label_specs(node: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The label definitions of a run's ``label`` node, in order.
 

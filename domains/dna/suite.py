@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ctrl_bio.finetune import finetune
-from ctrl_bio.guidance import (
-    classifier_free_guidance,
-    classifier_guidance,
-    reconstruction_guidance,
-    train_conditional_pathway,
-    train_noisy_classifier,
-)
-from ctrl_bio.harness import Row, SuiteResult
-from ctrl_bio.labels import LabelledPairs, exact_log_prob, fit_reward_classifiers, load_label, resolve_callable
+from ctrl_bio.harness import SuiteResult
+from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, load_label
 from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.plots import plot_training_curves
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.rows import METHODS, RowRunner, balanced_requests, run_rows
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
 from domains.dna.data import CELL_TYPES, base_indices, decode, from_indices, one_hot
 from domains.dna.domain import DNADomain
@@ -49,25 +39,7 @@ from domains.dna.nets import NoisySequenceCNN
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n", "real_data")
 LogProbFn = Callable[[Tensor], Tensor]
-
-
-def evaluation_log_prob(spec: dict, domain: DNADomain) -> LogProbFn:
-    """The label's evaluation likelihood: its exact function, else its ``oracle`` callable; never a reward model."""
-    exact = exact_log_prob(spec, domain)
-    if exact is not None:
-        return exact
-    oracle = spec.get("oracle")
-    if not oracle:
-        raise ValueError(f"label '{spec['name']}' has neither 'exact' nor 'oracle': the dna suite cannot score it")
-    return resolve_callable(oracle["callable"])(domain, **dict(oracle.get("kwargs") or {}))
-
-
-def balanced_requests(n_classes: tuple[int, ...], n: int) -> Tensor:
-    """n requests cycling through every label combination, (n, K): every class equally often."""
-    combos = torch.cartesian_prod(*[torch.arange(c) for c in n_classes]).reshape(-1, len(n_classes))
-    return combos.repeat((n + combos.shape[0] - 1) // combos.shape[0], 1)[:n]
 
 
 class DNAContext:
@@ -81,6 +53,7 @@ class DNAContext:
         self.n_classes = tuple(int(p.n_classes) for p in pairs)
         self.n_steps, self.t_end, self.seed, self.batch_size = n_steps, t_end, seed, batch_size
         self.gamma, self.alpha = gamma, alpha
+        self.spacing = "uniform"
         self.times = time_grid(n_steps, t_end)
         self.pretrained = domain.pretrained_model()
         self.y_eval = balanced_requests(self.n_classes, n_eval)
@@ -168,6 +141,10 @@ class DNAContext:
             metrics["objective"] = float((self.gamma * log_likelihood - self.alpha * kl).mean())
         return metrics, details
 
+    def noisy_classifier(self, n_classes: int, hidden: int = 64) -> NoisySequenceCNN:
+        """Classifier guidance's network of noisy sequences."""
+        return NoisySequenceCNN(n_classes, hidden=hidden)
+
     def real_requests(self, y: Tensor, seed: int) -> Tensor:
         """Test-chromosome sequences with the requested labels, drawn per request (with replacement)."""
         g = torch.Generator().manual_seed(seed)
@@ -223,20 +200,11 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     nat = ctx.markov.log_likelihood_per_base(ctx.x_test)
     # The spread of naturalness between real test sequences: the yardstick a row's loss of naturalness is read against.
     info["naturalness_real_test"] = {"mean": float(nat.mean()), "std": float(nat.std())}
-    runner = DNARowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
+    runner = RowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
     title = " + ".join(f"{n} ({c} classes)" for n, c in zip(ctx.names, ctx.n_classes))
-    rows, details = [], {}
-    for name in methods:
-        start = time.perf_counter()
-        x, kl, extra = runner.run(name)
-        metrics, detail = ctx.score(x, kl, ctx.y_eval)
-        metrics |= extra
-        metrics["seconds"] = time.perf_counter() - start + metrics.pop("shared_seconds", 0.0)
-        rows.append(Row(name, title, metrics))
-        details[name] = detail
-        log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        if write_fasta:
-            write_rows_fasta(run_dir / "samples" / f"{name}.fasta", x, ctx.y_eval, ctx.names)
+    write = (lambda name, x: write_rows_fasta(run_dir / "samples" / f"{name}.fasta", x, ctx.y_eval, ctx.names)
+             ) if write_fasta else None
+    rows, details = run_rows(runner, methods, title, ctx.score, write)
     info["details"] = details
     info["motifs"] = [m.id for m in ctx.scanner.motifs]
     from domains.dna.plots import plot_motif_scatter, plot_per_class_accuracy
@@ -263,203 +231,3 @@ def write_rows_fasta(path: Path, x: Tensor, y: Tensor, names: list[str]) -> Path
         tags = [f"{n}={CELL_TYPES[v] if n == 'celltype' else v}" for n, v in zip(names, row)]
         records.append(f"seq{i}|" + "|".join(tags))
     return write_fasta(path, decode(x), records)
-
-
-class DNARowRunner:
-    """Builds, trains and samples each row; the reward classifiers and the pre-trained pool are shared."""
-
-    def __init__(self, ctx: DNAContext, method: dict, alpha0: dict, baselines: dict, run_dir: Path, progress: bool,
-                 info: dict):
-        self.ctx, self.method, self.alpha0, self.baselines = ctx, method, alpha0, baselines
-        self.run_dir, self.progress, self.info = run_dir, progress, info
-        self.histories: dict[str, list[dict]] = {}
-        self._reward: LogLikelihoodReward | None = None
-        self._reward_seconds, self._charged = 0.0, False
-        self._chunks: dict[int, Tensor] = {}
-        self._chunk_seconds: dict[int, float] = {}
-        self._ctrl = None
-
-    def reward(self) -> LogLikelihoodReward:
-        """One calibrated classifier per label from its own pairs (CTRL step 1)."""
-        if self._reward is None:
-            start = time.perf_counter()
-            self._reward, reports = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.seed)
-            for name, report in reports.items():
-                self.info[f"classifier_{name}"] = asdict(report)
-                log.info("reward classifier %s: %s", name, report)
-            self._reward_seconds = time.perf_counter() - start
-        return self._reward
-
-    def shared_seconds(self) -> dict[str, float]:
-        """Reward-classifier training time, charged to the row that trained them and again to later rows."""
-        if not self._charged:
-            self._charged = True
-            return {}
-        return {"shared_seconds": self._reward_seconds}
-
-    def pretrained_chunk(self, k: int) -> Tensor:
-        """The k-th set of n_eval pre-trained samples (its own noise); chunk 0 is the ``pretrained`` row and
-        chunks 0..N-1 are best_of_n's candidates (pre-trained samples do not depend on the request)."""
-        if k not in self._chunks:
-            ctx, start = self.ctx, time.perf_counter()
-            y = torch.zeros(ctx.y_eval.shape[0], len(ctx.n_classes), dtype=torch.long)
-            self._chunks[k] = ctx.sample(lambda _y: ctx.pretrained, y, seed_offset=7000 + k)[0]
-            self._chunk_seconds[k] = time.perf_counter() - start
-        return self._chunks[k]
-
-    def new_model(self):
-        torch.manual_seed(self.ctx.seed)
-        return self.ctx.domain.augment(self.ctx.pretrained, self.ctx.n_classes)
-
-    def select_scale(self, make: Callable[[float], Callable[[Tensor], ScoreFn]], scales: list[float]
-                     ) -> tuple[float, dict]:
-        """The scale with the best J = gamma E[log p_reward(y|x)] - alpha KL on the selection requests.
-
-        The same objective CTRL maximises, with the reward classifier every learned row has (never the oracle), so
-        each baseline is tuned for the same target p_pre(x) p(y|x)^(gamma/alpha) as ``ctrl``.
-        """
-        ctx, reward, scores = self.ctx, self.reward(), {}
-        gamma, alpha = float(self.method.get("gamma", 1.0)), float(self.method.get("alpha", 1.0))
-        for w in scales:
-            x, kl = ctx.sample(make(w), ctx.y_select, seed_offset=2500)
-            scores[str(w)] = float((gamma * reward(x, ctx.y_select) - alpha * kl).mean())
-        return max(scales, key=lambda w: scores[str(w)]), scores
-
-    def run(self, name: str) -> tuple[Tensor, Tensor | None, dict[str, float]]:
-        ctx = self.ctx
-        evals = {"score_evals": ctx.n_steps}
-        if name == "pretrained":
-            return self.pretrained_chunk(0), torch.zeros(ctx.y_eval.shape[0]), evals
-        if name == "real_data":
-            return ctx.real_requests(ctx.y_eval, ctx.seed + 4000), None, {}
-        return getattr(self, f"row_{name}")()
-
-    def row_ctrl(self) -> tuple[Tensor, Tensor, dict[str, float]]:
-        ctx, settings = self.ctx, dict(self.method)
-        reward = self.reward()
-        source = settings.pop("pool", "training")
-        pool_size = int(settings.pop("pool_size", 8192))
-        g = torch.Generator().manual_seed(ctx.seed + 7100)
-        if source == "training":
-            pool = ctx.x_train[torch.randperm(ctx.x_train.shape[0], generator=g)[:pool_size]]
-        elif source == "pretrained":
-            pool = ctx.sample(lambda _y: ctx.pretrained, torch.zeros(pool_size, len(ctx.n_classes), dtype=torch.long),
-                              seed_offset=7100)[0]
-        else:
-            raise ValueError(f"suite.method.pool must be 'training' or 'pretrained', got {source!r}")
-        prior = LabelPrior.from_labels([p.y for p in ctx.pairs], list(ctx.n_classes))
-        model = self.new_model()
-        result = finetune(model, ctx.domain.sde, reward, prior, ctx.domain.x_shape, n_steps=ctx.n_steps,
-                          t_end=ctx.t_end, seed=ctx.seed, progress=self.progress, pool_x0=pool,
-                          checkpoint_path=self.run_dir / "checkpoints" / "ctrl.safetensors", **settings)
-        self.histories["ctrl"] = result.history
-        self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
-                             "train_seconds": result.seconds}
-        self._ctrl = model
-        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps} | self.shared_seconds()
-
-    def row_ctrl_alpha0(self) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """CTRL's pathway, then pathwise updates of J with alpha ~ 0: the reward alone, no KL to hold it."""
-        ctx, s = self.ctx, {"alpha": 0.01, "steps": 60, "batch_size": 16, "lr": 1e-3, "grad_last_k": 5} | self.alpha0
-        if self._ctrl is None:
-            self.row_ctrl()
-        model = self.new_model()
-        model.load_state_dict(self._ctrl.state_dict())
-        prior = LabelPrior.from_labels([p.y for p in ctx.pairs], list(ctx.n_classes))
-        result = finetune(model, ctx.domain.sde, self.reward(), prior, ctx.domain.x_shape, estimator="pathwise",
-                          alpha=float(s["alpha"]), steps=int(s["steps"]), batch_size=int(s["batch_size"]),
-                          lr=float(s["lr"]), memory="truncate", grad_last_k=int(s["grad_last_k"]),
-                          n_steps=ctx.n_steps, t_end=ctx.t_end, seed=ctx.seed + 1, progress=self.progress,
-                          eval_every=max(int(s["steps"]) // 2, 1), eval_batch_size=32)
-        self.histories["ctrl_alpha0"] = result.history
-        self.info["ctrl_alpha0"] = {k: s[k] for k in s} | {"train_seconds": result.seconds}
-        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "alpha": float(s["alpha"])} | self.shared_seconds()
-
-    def row_cfg(self) -> tuple[Tensor, Tensor, dict[str, float]]:
-        ctx, cfg = self.ctx, {"steps": 600, "batch_size": 128, "lr": 2e-3, "label_dropout": 0.1} | dict(
-            self.baselines.get("cfg", {}))
-        scales = list(cfg.pop("scales", [1.0, 2.0, 4.0]))
-        x_pairs, y_pairs = self.joint_pairs()
-        model = self.new_model()
-        record = train_conditional_pathway(model, ctx.domain.sde, x_pairs, y_pairs, t_end=ctx.t_end,
-                                           generator=torch.Generator().manual_seed(ctx.seed + 8000),
-                                           progress=self.progress, **cfg)
-        best, per_scale = self.select_scale(lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
-        self.info["cfg"] = {"pairs": int(x_pairs.shape[0]), "per_scale_reward_J": per_scale, "losses": record.losses}
-        x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": int(x_pairs.shape[0])}
-
-    def joint_pairs(self) -> tuple[Tensor, Tensor]:
-        """Pairs carrying every label at once, what cfg and classifier guidance learn from.
-
-        One label: its own pairs. Several: the first label's pair sequences with every other label read off by
-        that label's exact function (only exact labels can be added this way; CTRL itself needs none of it).
-        """
-        ctx = self.ctx
-        x = ctx.pairs[0].x
-        ys = [ctx.pairs[0].y]
-        for spec in ctx.specs[1:]:
-            exact = exact_log_prob(spec, ctx.domain)
-            if exact is None:
-                raise ValueError(f"cfg with several labels needs joint pairs; label '{spec['name']}' has no exact "
-                                 "function to label the first label's sequences with")
-            ys.append(exact(x).argmax(1))
-        return x, torch.stack(ys, 1)
-
-    def row_classifier_guidance(self) -> tuple[Tensor, Tensor, dict[str, float]]:
-        ctx = self.ctx
-        cg = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "hidden": 64} | dict(
-            self.baselines.get("classifier_guidance", {}))
-        scales = list(cg.pop("scales", [1.0, 2.0, 4.0]))
-        hidden = int(cg.pop("hidden"))
-        x_pairs, y_pairs = self.joint_pairs()
-        nets = []
-        for k, n in enumerate(ctx.n_classes):
-            torch.manual_seed(ctx.seed + k)
-            net = NoisySequenceCNN(n, hidden=hidden)
-            train_noisy_classifier(net, ctx.domain.sde, x_pairs, y_pairs[:, k], t_end=ctx.t_end,
-                                   generator=torch.Generator().manual_seed(ctx.seed + 8100 + k),
-                                   progress=self.progress, **cg)
-            nets.append(net)
-
-        def noisy_ll(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return sum(net(x, t).log_softmax(1).gather(1, y[:, k:k + 1]).squeeze(1) for k, net in enumerate(nets))
-
-        pre = ctx.pretrained
-        best, per_scale = self.select_scale(lambda w: lambda y: classifier_guidance(pre, noisy_ll, y, w), scales)
-        self.info["classifier_guidance"] = {"pairs": int(x_pairs.shape[0]), "per_scale_reward_J": per_scale}
-        x, kl = ctx.sample(lambda y: classifier_guidance(pre, noisy_ll, y, best), ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": int(x_pairs.shape[0])}
-
-    def row_dps(self) -> tuple[Tensor, Tensor, dict[str, float]]:
-        ctx = self.ctx
-        scales = list(self.baselines.get("dps", {}).get("scales", [0.3, 1.0, 3.0]))
-        reward, pre, sde = self.reward(), ctx.pretrained, ctx.domain.sde
-        best, per_scale = self.select_scale(lambda w: lambda y: reconstruction_guidance(pre, sde, reward, y, w),
-                                            scales)
-        self.info["dps"] = {"per_scale_reward_J": per_scale}
-        x, kl = ctx.sample(lambda y: reconstruction_guidance(pre, sde, reward, y, best), ctx.y_eval)
-        # A forward and a backward pass through the score network per step: about three evaluations.
-        return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
-
-    def row_best_of_n(self) -> tuple[Tensor, None, dict[str, float]]:
-        """N pre-trained samples per request, the one the reward classifier likes best; selection has no path KL.
-
-        The candidates are the ``pretrained`` row's samples plus N - 1 more sets; their sampling time is charged here.
-        """
-        ctx, reward = self.ctx, self.reward()
-        n = int(self.baselines.get("best_of_n", {}).get("n", 4))
-        b = ctx.y_eval.shape[0]
-        reused = 0 in self._chunks
-        candidates = torch.stack([self.pretrained_chunk(k) for k in range(n)])  # (n, b, 4, L)
-        with torch.no_grad():
-            scores = torch.stack([reward(c, ctx.y_eval) for c in candidates])
-        x = candidates[scores.argmax(0), torch.arange(b)]
-        extra = {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()
-        if reused:  # the pretrained row drew chunk 0 and was charged for it; so is this row
-            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + self._chunk_seconds[0]
-        return x, None, extra
-
-

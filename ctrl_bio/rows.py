@@ -1,0 +1,343 @@
+"""The rows every domain suite shares: CTRL, its ablation and the baselines, trained and sampled the same way.
+
+A domain suite (DNA, images, ...) supplies a :class:`SuiteContext`: its domain, labels and pairs, requests, sampler
+and real held-out data. :class:`RowRunner` builds each row on it (DESIGN.md's method names):
+
+- ``pretrained``: the frozen network; the floor.
+- ``ctrl``: :func:`ctrl_bio.finetune.finetune` with one calibrated reward classifier per label, each from its own pairs.
+- ``ctrl_alpha0``: ``ctrl``'s pathway continued by pathwise gradients with the KL weight near zero (what the KL holds).
+- ``cfg``: the same zero-initialised pathway trained by denoising score matching on the labelled pairs, scale swept.
+- ``classifier_guidance``: a classifier of noisy x_t trained on the same pairs (the domain gives its network).
+- ``dps``: the reward classifier at Tweedie's x0_hat.
+- ``best_of_n``: N pre-trained samples per request, the reward classifier picks.
+- ``real_data``: held-out real samples with the requested labels; the ceiling.
+
+Guidance scales are chosen by the reward classifier's J = gamma E[log p(y|x)] - alpha KL on requests of their own,
+CTRL's own objective with its gamma and alpha: the evaluation oracle or exact label is never consulted for a choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.domain import Domain
+from ctrl_bio.finetune import finetune
+from ctrl_bio.guidance import (
+    classifier_free_guidance,
+    classifier_guidance,
+    reconstruction_guidance,
+    train_conditional_pathway,
+    train_noisy_classifier,
+)
+from ctrl_bio.harness import Row
+from ctrl_bio.labels import LabelledPairs, exact_log_prob, fit_reward_classifiers
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.sampling import ScoreFn, Spacing
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n", "real_data")
+#: (samples, path KL to the pre-trained model or None, extra metrics) of one row.
+RowOutput = tuple[Tensor, Tensor | None, dict[str, float]]
+
+
+def balanced_requests(n_classes: tuple[int, ...], n: int) -> Tensor:
+    """n requests cycling through every label combination, (n, K): every class equally often."""
+    combos = torch.cartesian_prod(*[torch.arange(c) for c in n_classes]).reshape(-1, len(n_classes))
+    return combos.repeat((n + combos.shape[0] - 1) // combos.shape[0], 1)[:n]
+
+
+class SuiteContext(Protocol):
+    """What a domain suite shares between its rows.
+
+    Attributes:
+        domain: the domain (its SDE, sample shape and ``augment``).
+        specs, pairs: the label definitions and each label's own pairs.
+        n_classes: classes per label.
+        n_steps, t_end, spacing: the sampler every row uses.
+        seed: the suite's seed.
+        pretrained: the frozen pre-trained score network.
+        y_eval, y_select: evaluation requests, and the separate requests guidance scales are chosen on.
+        x_train: the pre-trained model's unlabelled training data (``ctrl``'s ``pool: training``).
+    """
+
+    domain: Domain
+    specs: list[dict]
+    pairs: list[LabelledPairs]
+    n_classes: tuple[int, ...]
+    n_steps: int
+    t_end: float
+    spacing: Spacing
+    seed: int
+    pretrained: nn.Module
+    y_eval: Tensor
+    y_select: Tensor
+    x_train: Tensor
+
+    def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
+               ) -> tuple[Tensor, Tensor]:
+        """Samples and path KLs for requests y (the same noise for every row at one offset)."""
+        ...
+
+    def real_requests(self, y: Tensor, seed: int) -> Tensor:
+        """Held-out real samples carrying the requested labels."""
+        ...
+
+    def noisy_classifier(self, n_classes: int, **kwargs: Any) -> nn.Module:
+        """A fresh classifier of noisy samples ``(x_t, t) -> logits`` for ``classifier_guidance``."""
+        ...
+
+
+class RowRunner:
+    """Builds, trains and samples each row; the reward classifiers and the pre-trained samples are shared.
+
+    Args:
+        ctx: the domain suite's context.
+        method: keyword arguments of :func:`ctrl_bio.finetune.finetune` for ``ctrl`` plus ``pool``: ``training``
+            (score matching resamples the pre-trained model's unlabelled training data) or ``pretrained`` (its
+            samples), and ``pool_size``.
+        alpha0: settings of ``ctrl_alpha0``: ``alpha``, ``steps``, ``batch_size``, ``lr``, ``grad_last_k``.
+        baselines: settings of ``cfg``, ``classifier_guidance`` (``hidden`` and other keyword arguments go to
+            ``ctx.noisy_classifier``), ``dps`` and ``best_of_n``.
+        run_dir: where ``ctrl`` writes its checkpoint.
+        info: the suite's ``info`` record; rows add what they trained and chose.
+    """
+
+    def __init__(self, ctx: SuiteContext, method: dict, alpha0: dict, baselines: dict, run_dir: Path, progress: bool,
+                 info: dict):
+        self.ctx, self.method, self.alpha0, self.baselines = ctx, method, alpha0, baselines
+        self.run_dir, self.progress, self.info = Path(run_dir), progress, info
+        self.histories: dict[str, list[dict]] = {}
+        self._reward: LogLikelihoodReward | None = None
+        self._reward_seconds, self._charged = 0.0, False
+        self._chunks: dict[int, Tensor] = {}
+        self._chunk_seconds: dict[int, float] = {}
+        self._ctrl = None
+
+    def reward(self) -> LogLikelihoodReward:
+        """One calibrated classifier per label from its own pairs (CTRL step 1)."""
+        if self._reward is None:
+            start = time.perf_counter()
+            self._reward, reports = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.seed)
+            for name, report in reports.items():
+                self.info[f"classifier_{name}"] = asdict(report)
+                log.info("reward classifier %s: %s", name, report)
+            self._reward_seconds = time.perf_counter() - start
+        return self._reward
+
+    def shared_seconds(self) -> dict[str, float]:
+        """Reward-classifier training time, charged to the row that trained them and again to later rows."""
+        if not self._charged:
+            self._charged = True
+            return {}
+        return {"shared_seconds": self._reward_seconds}
+
+    def label_prior(self) -> LabelPrior:
+        """p(y): each label's empirical class frequencies in its pairs, independent across labels."""
+        return LabelPrior.from_labels([p.y for p in self.ctx.pairs], list(self.ctx.n_classes))
+
+    def pretrained_chunk(self, k: int) -> Tensor:
+        """The k-th set of n_eval pre-trained samples (its own noise); chunk 0 is the ``pretrained`` row and
+        chunks 0..N-1 are best_of_n's candidates (pre-trained samples do not depend on the request)."""
+        if k not in self._chunks:
+            ctx, start = self.ctx, time.perf_counter()
+            y = torch.zeros(ctx.y_eval.shape[0], len(ctx.n_classes), dtype=torch.long)
+            self._chunks[k] = ctx.sample(lambda _y: ctx.pretrained, y, seed_offset=7000 + k)[0]
+            self._chunk_seconds[k] = time.perf_counter() - start
+        return self._chunks[k]
+
+    def new_model(self):
+        torch.manual_seed(self.ctx.seed)
+        return self.ctx.domain.augment(self.ctx.pretrained, self.ctx.n_classes)
+
+    def select_scale(self, make: Callable[[float], Callable[[Tensor], ScoreFn]], scales: list[float]
+                     ) -> tuple[float, dict]:
+        """The scale with the best J = gamma E[log p_reward(y|x)] - alpha KL on the selection requests.
+
+        The same objective CTRL maximises, with the reward classifier every learned row has (never the oracle), so
+        each baseline is tuned for the same target p_pre(x) p(y|x)^(gamma/alpha) as ``ctrl``.
+        """
+        ctx, reward, scores = self.ctx, self.reward(), {}
+        gamma, alpha = float(self.method.get("gamma", 1.0)), float(self.method.get("alpha", 1.0))
+        for w in scales:
+            x, kl = ctx.sample(make(w), ctx.y_select, seed_offset=2500)
+            scores[str(w)] = float((gamma * reward(x, ctx.y_select) - alpha * kl).mean())
+        return max(scales, key=lambda w: scores[str(w)]), scores
+
+    def run(self, name: str) -> RowOutput:
+        ctx = self.ctx
+        if name not in METHODS:
+            raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+        if name == "pretrained":
+            return self.pretrained_chunk(0), torch.zeros(ctx.y_eval.shape[0]), {"score_evals": ctx.n_steps}
+        if name == "real_data":
+            return ctx.real_requests(ctx.y_eval, ctx.seed + 4000), None, {}
+        return getattr(self, f"row_{name}")()
+
+    def row_ctrl(self) -> RowOutput:
+        ctx, settings = self.ctx, dict(self.method)
+        reward = self.reward()
+        source = settings.pop("pool", "training")
+        pool_size = int(settings.pop("pool_size", 8192))
+        g = torch.Generator().manual_seed(ctx.seed + 7100)
+        if source == "training":
+            pool = ctx.x_train[torch.randperm(ctx.x_train.shape[0], generator=g)[:pool_size]]
+        elif source == "pretrained":
+            pool = ctx.sample(lambda _y: ctx.pretrained, torch.zeros(pool_size, len(ctx.n_classes), dtype=torch.long),
+                              seed_offset=7100)[0]
+        else:
+            raise ValueError(f"suite.method.pool must be 'training' or 'pretrained', got {source!r}")
+        model = self.new_model()
+        result = finetune(model, ctx.domain.sde, reward, self.label_prior(), ctx.domain.x_shape, n_steps=ctx.n_steps,
+                          t_end=ctx.t_end, spacing=ctx.spacing, seed=ctx.seed, progress=self.progress, pool_x0=pool,
+                          checkpoint_path=self.run_dir / "checkpoints" / "ctrl.safetensors", **settings)
+        self.histories["ctrl"] = result.history
+        self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
+                             "train_seconds": result.seconds}
+        self._ctrl = model
+        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps} | self.shared_seconds()
+
+    def row_ctrl_alpha0(self) -> RowOutput:
+        """CTRL's pathway, then pathwise updates of J with alpha ~ 0: the reward alone, no KL to hold it."""
+        ctx, s = self.ctx, {"alpha": 0.01, "steps": 60, "batch_size": 16, "lr": 1e-3, "grad_last_k": 5} | self.alpha0
+        if self._ctrl is None:
+            self.row_ctrl()
+        model = self.new_model()
+        model.load_state_dict(self._ctrl.state_dict())
+        result = finetune(model, ctx.domain.sde, self.reward(), self.label_prior(), ctx.domain.x_shape,
+                          estimator="pathwise", alpha=float(s["alpha"]), steps=int(s["steps"]),
+                          batch_size=int(s["batch_size"]), lr=float(s["lr"]), memory="truncate",
+                          grad_last_k=int(s["grad_last_k"]), n_steps=ctx.n_steps, t_end=ctx.t_end, spacing=ctx.spacing,
+                          seed=ctx.seed + 1, progress=self.progress, eval_every=max(int(s["steps"]) // 2, 1),
+                          eval_batch_size=32)
+        self.histories["ctrl_alpha0"] = result.history
+        self.info["ctrl_alpha0"] = {k: s[k] for k in s} | {"train_seconds": result.seconds}
+        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "alpha": float(s["alpha"])} | self.shared_seconds()
+
+    def row_cfg(self) -> RowOutput:
+        ctx, cfg = self.ctx, {"steps": 600, "batch_size": 128, "lr": 2e-3, "label_dropout": 0.1} | dict(
+            self.baselines.get("cfg", {}))
+        scales = list(cfg.pop("scales", [1.0, 2.0, 4.0]))
+        x_pairs, y_pairs = self.joint_pairs()
+        model = self.new_model()
+        record = train_conditional_pathway(model, ctx.domain.sde, x_pairs, y_pairs, t_end=ctx.t_end,
+                                           generator=torch.Generator().manual_seed(ctx.seed + 8000),
+                                           progress=self.progress, **cfg)
+        best, per_scale = self.select_scale(lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
+        self.info["cfg"] = {"pairs": int(x_pairs.shape[0]), "per_scale_reward_J": per_scale, "losses": record.losses}
+        x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": int(x_pairs.shape[0])}
+
+    def joint_pairs(self) -> tuple[Tensor, Tensor]:
+        """Pairs carrying every label at once, what cfg and classifier guidance learn from.
+
+        One label: its own pairs. Several: the first label's pair inputs with every other label read off by that
+        label's exact function (only exact labels can be added this way; CTRL itself needs none of it).
+        """
+        ctx = self.ctx
+        x = ctx.pairs[0].x
+        ys = [ctx.pairs[0].y]
+        for spec in ctx.specs[1:]:
+            exact = exact_log_prob(spec, ctx.domain)
+            if exact is None:
+                raise ValueError(f"cfg with several labels needs joint pairs; label '{spec['name']}' has no exact "
+                                 "function to label the first label's inputs with")
+            ys.append(exact(x).argmax(1))
+        return x, torch.stack(ys, 1)
+
+    def row_classifier_guidance(self) -> RowOutput:
+        ctx = self.ctx
+        cg = {"steps": 1500, "batch_size": 128, "lr": 2e-3} | dict(self.baselines.get("classifier_guidance", {}))
+        scales = list(cg.pop("scales", [1.0, 2.0, 4.0]))
+        net_kwargs = {k: cg.pop(k) for k in list(cg) if k not in ("steps", "batch_size", "lr")}
+        x_pairs, y_pairs = self.joint_pairs()
+        nets = []
+        for k, n in enumerate(ctx.n_classes):
+            torch.manual_seed(ctx.seed + k)
+            net = ctx.noisy_classifier(n, **net_kwargs)
+            train_noisy_classifier(net, ctx.domain.sde, x_pairs, y_pairs[:, k], t_end=ctx.t_end,
+                                   generator=torch.Generator().manual_seed(ctx.seed + 8100 + k),
+                                   progress=self.progress, **cg)
+            nets.append(net)
+
+        def noisy_ll(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            return sum(net(x, t).log_softmax(1).gather(1, y[:, k:k + 1]).squeeze(1) for k, net in enumerate(nets))
+
+        pre = ctx.pretrained
+        best, per_scale = self.select_scale(lambda w: lambda y: classifier_guidance(pre, noisy_ll, y, w), scales)
+        self.info["classifier_guidance"] = {"pairs": int(x_pairs.shape[0]), "per_scale_reward_J": per_scale}
+        x, kl = ctx.sample(lambda y: classifier_guidance(pre, noisy_ll, y, best), ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": int(x_pairs.shape[0])}
+
+    def row_dps(self) -> RowOutput:
+        ctx = self.ctx
+        scales = list(self.baselines.get("dps", {}).get("scales", [0.3, 1.0, 3.0]))
+        reward, pre, sde = self.reward(), ctx.pretrained, ctx.domain.sde
+        best, per_scale = self.select_scale(lambda w: lambda y: reconstruction_guidance(pre, sde, reward, y, w),
+                                            scales)
+        self.info["dps"] = {"per_scale_reward_J": per_scale}
+        x, kl = ctx.sample(lambda y: reconstruction_guidance(pre, sde, reward, y, best), ctx.y_eval)
+        # A forward and a backward pass through the score network per step: about three evaluations.
+        return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
+
+    def row_best_of_n(self) -> RowOutput:
+        """N pre-trained samples per request, the one the reward classifier likes best; selection has no path KL.
+
+        The candidates are the ``pretrained`` row's samples plus N - 1 more sets; their sampling time is charged here.
+        """
+        ctx, reward = self.ctx, self.reward()
+        n = int(self.baselines.get("best_of_n", {}).get("n", 4))
+        b = ctx.y_eval.shape[0]
+        reused = 0 in self._chunks
+        candidates = torch.stack([self.pretrained_chunk(k) for k in range(n)])  # (n, b, ...)
+        with torch.no_grad():
+            scores = torch.stack([reward(c, ctx.y_eval) for c in candidates])
+        x = candidates[scores.argmax(0), torch.arange(b)]
+        extra = {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()
+        if reused:  # the pretrained row drew chunk 0 and was charged for it; so is this row
+            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + self._chunk_seconds[0]
+        return x, None, extra
+
+
+def run_rows(runner: RowRunner, methods: Sequence[str], label: str,
+             score: Callable[[Tensor, Tensor | None, Tensor], tuple[dict[str, float], dict[str, Any]]],
+             write: Callable[[str, Tensor], Any] | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """Run each method's row, score its samples for the evaluation requests and time it.
+
+    Args:
+        runner: the row runner.
+        methods: the rows, in order.
+        label: the task's title in the results table.
+        score: ``(x, kl, y) -> (metrics, details)``, the domain's evaluation (never a reward classifier).
+        write: ``(method, x)`` writes a row's samples in the domain's format.
+
+    Returns:
+        The rows, and each method's details (per-class numbers for plots).
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    rows, details = [], {}
+    y = runner.ctx.y_eval
+    for name in methods:
+        start = time.perf_counter()
+        x, kl, extra = runner.run(name)
+        metrics, detail = score(x, kl, y)
+        metrics |= extra
+        metrics["seconds"] = time.perf_counter() - start + metrics.pop("shared_seconds", 0.0)
+        rows.append(Row(name, label, metrics))
+        details[name] = detail
+        log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        if write is not None:
+            write(name, x)
+    return rows, details
