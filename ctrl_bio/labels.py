@@ -323,6 +323,26 @@ def exact_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tensor], T
     return resolve_callable(exact["callable"])(domain, **dict(exact.get("kwargs") or {}))
 
 
+#: log-probability an exact label function gives the classes it rules out: finite, so that sums stay finite.
+LOG_EPS = math.log(1e-6)
+
+
+def bin_log_prob(values: Callable[[Tensor], Tensor], edges: Sequence[float]) -> Callable[[Tensor], Tensor]:
+    """x -> log p(y | x) of a deterministic binned label: 0 for the bin of ``values(x)``, :data:`LOG_EPS` elsewhere.
+
+    Class k is the number of edges <= value, as ``type: bins`` reads raw values.
+    """
+    edges_t = torch.tensor(list(edges), dtype=torch.float64)
+
+    def log_prob(x: Tensor) -> Tensor:
+        k = torch.bucketize(values(x).to(torch.float64), edges_t.to(x.device), right=True)
+        out = torch.full((x.shape[0], len(edges) + 1), LOG_EPS, device=x.device)
+        out[torch.arange(x.shape[0]), k] = 0.0
+        return out
+
+    return log_prob
+
+
 def evaluation_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tensor], Tensor]:
     """The label's evaluation likelihood: its ``exact`` function, else its ``oracle`` callable (a model trained on data
     disjoint from every pair); never a reward classifier."""

@@ -39,8 +39,9 @@ from ctrl_bio.guidance import (
 )
 from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, exact_log_prob, fit_reward_classifiers
+from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
-from ctrl_bio.sampling import ScoreFn, Spacing
+from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,77 @@ class SuiteContext(Protocol):
     def noisy_classifier(self, n_classes: int, **kwargs: Any) -> nn.Module:
         """A fresh classifier of noisy samples ``(x_t, t) -> logits`` for ``classifier_guidance``."""
         ...
+
+
+class RequestSampling:
+    """``sample`` and ``real_requests`` of a :class:`SuiteContext`, for contexts that set ``domain``, ``times``,
+    ``batch_size``, ``seed``, ``names``, ``x_test`` (held-out real samples) and ``test_labels`` (their classes)."""
+
+    domain: Domain
+    times: Tensor
+    batch_size: int
+    seed: int
+    names: list[str]
+    x_test: Tensor
+    test_labels: Tensor
+
+    def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
+               ) -> tuple[Tensor, Tensor]:
+        """Samples and path KLs for requests y, in batches (the same noise for every row at one offset)."""
+        g = torch.Generator().manual_seed(self.seed + seed_offset)
+        xs, kls = [], []
+        for start in range(0, y.shape[0], self.batch_size):
+            yb = y[start:start + self.batch_size]
+            x_init = self.domain.sde.prior_sampling((yb.shape[0], *self.domain.x_shape), generator=g)
+            with torch.no_grad():
+                out = euler_maruyama(self.domain.sde, score_fn_for(yb), x_init, self.times, generator=g,
+                                     keep_trajectory=False)
+            xs.append(out.x)
+            kls.append(out.kl)
+        return torch.cat(xs), torch.cat(kls)
+
+    def real_requests(self, y: Tensor, seed: int) -> Tensor:
+        """Held-out real samples with the requested labels, drawn per request (with replacement)."""
+        g = torch.Generator().manual_seed(seed)
+        out = torch.empty(y.shape[0], *self.domain.x_shape)
+        for combo in torch.unique(y, dim=0):
+            rows = (y == combo).all(1).nonzero().squeeze(1)
+            match = (self.test_labels == combo).all(1).nonzero().squeeze(1)
+            if match.numel() == 0:
+                raise ValueError(f"no held-out real sample carries the labels {combo.tolist()} of {self.names}")
+            out[rows] = self.x_test[match[torch.randint(match.numel(), (rows.numel(),), generator=g)]]
+        return out
+
+
+def label_metrics(log_probs: Sequence[Tensor], y: Tensor, names: Sequence[str], n_classes: Sequence[int]
+                  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Accuracy and macro-F1 of the evaluation likelihoods' argmax against the requests (averaged over labels, and
+    per label when there are several), with per-class accuracies and confusion matrices as details."""
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    accs, f1s = [], []
+    for k, (name, n, lp) in enumerate(zip(names, n_classes, log_probs)):
+        pred = lp.argmax(1)
+        accs.append(accuracy(pred, y[:, k]))
+        f1s.append(macro_f1(pred, y[:, k], n))
+        details[f"per_class_accuracy_{name}"] = [accuracy(pred[y[:, k] == c], y[y[:, k] == c, k])
+                                                 if (y[:, k] == c).any() else None for c in range(n)]
+        details[f"confusion_{name}"] = torch.bincount(y[:, k] * n + pred, minlength=n * n).reshape(n, n).tolist()
+        if len(names) > 1:
+            metrics[f"accuracy_{name}"] = accs[-1]
+    metrics["accuracy"] = float(sum(accs) / len(accs))
+    metrics["macro_f1"] = float(sum(f1s) / len(f1s))
+    return metrics, details
+
+
+def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, gamma: float, alpha: float
+                      ) -> dict[str, float]:
+    """``kl`` and J = gamma log p_eval(y|x) - alpha KL under the evaluation likelihoods (nothing for a row with no
+    path, such as ``real_data``)."""
+    if kl is None:
+        return {}
+    log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))
+    return {"kl": float(kl.mean()), "objective": float((gamma * log_likelihood - alpha * kl).mean())}
 
 
 class RowRunner:

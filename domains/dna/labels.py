@@ -11,17 +11,14 @@ labels come from separate pair data sets (CTRL Sec. 5).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ctrl_bio.labels import bin_log_prob
 from domains.dna.data import base_indices, one_hot
-
-#: log-probability given to the classes an exact label function rules out: finite, so that sums stay finite.
-LOG_EPS = math.log(1e-6)
 
 
 def _pool(domain, n: int | None, generator: torch.Generator):
@@ -41,9 +38,13 @@ def celltype_pairs(domain, n: int | None, generator: torch.Generator) -> tuple[T
 
 
 def gc_content(x: Tensor) -> Tensor:
-    """Fraction of G or C in each decoded sequence, (N, 4, L) -> (N,)."""
+    """Fraction of G or C in each decoded sequence, (N, 4, L) -> (N,), in float64.
+
+    float64, because bin edges such as 0.42 are hit exactly (84 of 200 bases): in float32 the fraction rounds below
+    the float64 edge, and the pairs' labels (read with Python floats) would disagree with the exact evaluation.
+    """
     b = base_indices(x)
-    return ((b == 1) | (b == 2)).float().mean(dim=1)
+    return ((b == 1) | (b == 2)).to(torch.float64).mean(dim=1)
 
 
 def gc_pairs(domain, n: int | None, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -51,19 +52,6 @@ def gc_pairs(domain, n: int | None, generator: torch.Generator) -> tuple[Tensor,
     sub = _pool(domain, n, generator)
     x = one_hot(sub.sequences)
     return x, gc_content(x)
-
-
-def bin_log_prob(values: Callable[[Tensor], Tensor], edges: Sequence[float]) -> Callable[[Tensor], Tensor]:
-    """x -> log p(y | x) of a deterministic binned label: ~0 for the bin of ``values(x)``, LOG_EPS elsewhere."""
-    edges_t = torch.tensor(list(edges))
-
-    def log_prob(x: Tensor) -> Tensor:
-        k = torch.bucketize(values(x), edges_t.to(x.device), right=True)
-        out = torch.full((x.shape[0], len(edges) + 1), LOG_EPS, device=x.device)
-        out[torch.arange(x.shape[0]), k] = 0.0
-        return out
-
-    return log_prob
 
 
 def gc_log_prob(domain, edges: Sequence[float]) -> Callable[[Tensor], Tensor]:

@@ -29,10 +29,17 @@ from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, load_label
-from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.plots import plot_training_curves
-from ctrl_bio.rows import METHODS, RowRunner, balanced_requests, run_rows
-from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
+from ctrl_bio.rows import (
+    METHODS,
+    RequestSampling,
+    RowRunner,
+    balanced_requests,
+    label_metrics,
+    objective_metrics,
+    run_rows,
+)
+from ctrl_bio.sampling import time_grid
 from domains.dna.data import CELL_TYPES, base_indices, decode, from_indices, one_hot
 from domains.dna.domain import DNADomain
 from domains.dna.nets import NoisySequenceCNN
@@ -42,7 +49,7 @@ log = logging.getLogger(__name__)
 LogProbFn = Callable[[Tensor], Tensor]
 
 
-class DNAContext:
+class DNAContext(RequestSampling):
     """What every row shares: domain, pre-trained network, labels, requests, real test data, metrics."""
 
     def __init__(self, domain: DNADomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
@@ -82,21 +89,6 @@ class DNAContext:
         return np.stack([present[celltype == c].mean(0).numpy() if (celltype == c).any() else
                          np.full(present.shape[1], np.nan) for c in range(len(CELL_TYPES))])
 
-    def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
-               ) -> tuple[Tensor, Tensor]:
-        """Samples and path KLs for requests y, in batches (the same noise for every row at one offset)."""
-        g = torch.Generator().manual_seed(self.seed + seed_offset)
-        xs, kls = [], []
-        for start in range(0, y.shape[0], self.batch_size):
-            yb = y[start:start + self.batch_size]
-            x_init = self.domain.sde.prior_sampling((yb.shape[0], *self.domain.x_shape), generator=g)
-            with torch.no_grad():
-                out = euler_maruyama(self.domain.sde, score_fn_for(yb), x_init, self.times, generator=g,
-                                     keep_trajectory=False)
-            xs.append(out.x)
-            kls.append(out.kl)
-        return torch.cat(xs), torch.cat(kls)
-
     def score(self, x: Tensor, kl: Tensor | None, y: Tensor) -> tuple[dict[str, float], dict[str, Any]]:
         """Every metric of samples x for requests y, and per-class details for the plots."""
         from domains.dna.metrics import (
@@ -109,20 +101,8 @@ class DNAContext:
         )
 
         x = from_indices(base_indices(x))  # score the decoded sequences, not the continuous samples
-        metrics: dict[str, float] = {}
-        details: dict[str, Any] = {}
-        accs, f1s = [], []
         log_probs = [f(x) for f in self.eval_fns]  # each evaluation model runs once per row
-        for k, (name, n, lp) in enumerate(zip(self.names, self.n_classes, log_probs)):
-            pred = lp.argmax(1)
-            accs.append(accuracy(pred, y[:, k]))
-            f1s.append(macro_f1(pred, y[:, k], n))
-            details[f"per_class_accuracy_{name}"] = [accuracy(pred[y[:, k] == c], y[y[:, k] == c, k])
-                                                     if (y[:, k] == c).any() else None for c in range(n)]
-            if len(self.names) > 1:
-                metrics[f"accuracy_{name}"] = accs[-1]
-        metrics["accuracy"] = float(np.mean(accs))
-        metrics["macro_f1"] = float(np.mean(f1s))
+        metrics, details = label_metrics(log_probs, y, self.names, self.n_classes)
         if self.celltype_k is not None:
             freq = self.motif_frequencies(x, y[:, self.celltype_k])
             gen, real = torch.as_tensor(freq), torch.as_tensor(self.real_motif_freq)
@@ -134,28 +114,13 @@ class DNAContext:
         metrics["novelty"] = novelty(x, self.x_train)
         metrics["naturalness"] = float(self.markov.log_likelihood_per_base(x).mean())
         metrics["kmer_entropy"] = float(kmer_entropy(x).mean())
-        if kl is not None:
-            metrics["kl"] = float(kl.mean())
-            # J under the evaluation likelihood (the oracle / exact labels), with the run's gamma and alpha.
-            log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))
-            metrics["objective"] = float((self.gamma * log_likelihood - self.alpha * kl).mean())
+        # J under the evaluation likelihood (the oracle / exact labels), with the run's gamma and alpha.
+        metrics |= objective_metrics(log_probs, y, kl, self.gamma, self.alpha)
         return metrics, details
 
     def noisy_classifier(self, n_classes: int, hidden: int = 64) -> NoisySequenceCNN:
         """Classifier guidance's network of noisy sequences."""
         return NoisySequenceCNN(n_classes, hidden=hidden)
-
-    def real_requests(self, y: Tensor, seed: int) -> Tensor:
-        """Test-chromosome sequences with the requested labels, drawn per request (with replacement)."""
-        g = torch.Generator().manual_seed(seed)
-        out = torch.empty(y.shape[0], *self.domain.x_shape)
-        for combo in torch.unique(y, dim=0):
-            rows = (y == combo).all(1).nonzero().squeeze(1)
-            match = (self.test_labels == combo).all(1).nonzero().squeeze(1)
-            if match.numel() == 0:
-                raise ValueError(f"no test sequence carries the labels {combo.tolist()} of {self.names}")
-            out[rows] = self.x_test[match[torch.randint(match.numel(), (rows.numel(),), generator=g)]]
-        return out
 
 
 def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, Any]], n_eval: int = 512,
