@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,3 +39,20 @@ def histogram_tv(a: Tensor, b: Tensor, n_bins: int) -> float:
     p = torch.bincount(a, minlength=n_bins).double()
     q = torch.bincount(b, minlength=n_bins).double()
     return float(0.5 * (p / p.sum() - q / q.sum()).abs().sum())
+
+
+def frechet_distance(x: Tensor, y: Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two samples (n, ...) flattened to features (Heusel et al. 2017):
+    ||mu_x - mu_y||^2 + tr(C_x + C_y - 2 (C_x C_y)^(1/2)).
+
+    Biased upwards at finite n (Chong & Forsyth 2020): compare it with the same distance between two real samples
+    of the same sizes, never with zero.
+    """
+    from scipy import linalg
+
+    a, b = x.reshape(x.shape[0], -1).double().numpy(), y.reshape(y.shape[0], -1).double().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean  # imaginary parts are round-off
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean))

@@ -18,6 +18,7 @@ CTRL's own objective with its gamma and alpha: the evaluation oracle or exact la
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from ctrl_bio.guidance import (
     train_noisy_classifier,
 )
 from ctrl_bio.harness import Row
-from ctrl_bio.labels import LabelledPairs, exact_log_prob, fit_reward_classifiers
+from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama
@@ -48,6 +49,23 @@ log = logging.getLogger(__name__)
 METHODS = ("pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n", "real_data")
 #: (samples, path KL to the pre-trained model or None, extra metrics) of one row.
 RowOutput = tuple[Tensor, Tensor | None, dict[str, float]]
+
+
+def load_task(labels: Sequence[dict[str, Any]], domain: Any, seed: int
+              ) -> tuple[list[dict], list[LabelledPairs], list[Callable[[Tensor], Tensor]], dict[str, Any]]:
+    """A suite's label task: the definitions, each label's own pairs (its own seed), each label's evaluation
+    likelihood (exact function or oracle, never a reward classifier), and an ``info`` record of where the pairs came
+    from and what was skipped."""
+    if not labels:
+        raise ValueError("a suite needs at least one label (label=<name> or label=[<name>,<name>])")
+    specs = copy.deepcopy(list(labels))
+    pairs, eval_fns, info = [], [], {}
+    for k, spec in enumerate(specs):
+        p = load_label(spec, domain=domain, seed=seed + 7919 * (k + 1))
+        pairs.append(p)
+        eval_fns.append(evaluation_log_prob(spec, domain))
+        info[f"pairs_{spec['name']}"] = {"n": len(p), "source": p.source, "skipped": p.skipped}
+    return specs, pairs, eval_fns, info
 
 
 def balanced_requests(n_classes: tuple[int, ...], n: int) -> Tensor:

@@ -17,7 +17,6 @@ alpha) on requests of their own: the oracle is never consulted for a choice.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
-from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, load_label
+from ctrl_bio.labels import LabelledPairs
 from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.rows import (
     METHODS,
@@ -36,6 +35,7 @@ from ctrl_bio.rows import (
     RowRunner,
     balanced_requests,
     label_metrics,
+    load_task,
     objective_metrics,
     run_rows,
 )
@@ -148,17 +148,10 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)} for suite dna; known: {', '.join(METHODS)}")
-    if not labels:
-        raise ValueError("suite dna needs at least one label (label=celltype, label=[celltype,gc], ...)")
     run_dir = Path(run_dir)
     method, baselines = dict(method or {}), dict(baselines or {})
-    specs = copy.deepcopy(labels)
-    pairs, eval_fns, info = [], [], {"n_eval": n_eval, "n_steps": n_steps}
-    for k, spec in enumerate(specs):
-        p = load_label(spec, domain=domain, seed=seed + 7919 * (k + 1))
-        pairs.append(p)
-        eval_fns.append(evaluation_log_prob(spec, domain))
-        info[f"pairs_{spec['name']}"] = {"n": len(p), "source": p.source, "skipped": p.skipped}
+    specs, pairs, eval_fns, info = load_task(labels, domain, seed)
+    info |= {"n_eval": n_eval, "n_steps": n_steps}
     ctx = DNAContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end,
                      seed=seed, batch_size=batch_size, motif_ids=motifs, gamma=float(method.get("gamma", 1.0)),
                      alpha=float(method.get("alpha", 1.0)))

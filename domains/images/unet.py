@@ -142,6 +142,9 @@ class UNetAugmentedScore(nn.Module):
         return s, s - s_pre
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """s_theta alone (denoising score matching needs no s_pre): one UNet call unless LoRA meets a null request."""
+        if self.lora_rank == 0 or bool((y != NULL_LABEL).any(dim=1).all()):
+            return self._call(x, t, y)
         return self.score_and_control(x, t, y)[0]
 
     def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
