@@ -218,6 +218,11 @@ def test_adapter_round_trip_gives_identical_scores(pipe, sd_path, tmp_path):
 
     pipe2, model2 = load_finetuned(folder)  # the base pipeline found through the JSON
     assert model2.n_classes == (4, 2)
+    with requested_labels(model, [[3, 1]]):
+        images = _pipeline_images(pipe)
+    with requested_labels(model2, [[3, 1]]):
+        images_loaded = _pipeline_images(pipe2)
+    np.testing.assert_array_equal(images_loaded, images)
 
 
 # (e) sampling through a normal pipeline call --------------------------------------------------------------------------
