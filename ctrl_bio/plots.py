@@ -23,7 +23,8 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, opt
         ax.set_title(title)
         ax.set_xlabel("update")
         ax.grid(alpha=0.3)
-    axes[0].set_ylim(bottom=max(axes[0].get_ylim()[0], (optimum or 0.0) - 10))
+    if optimum is not None:  # keep the optimum in view without letting a bad first estimate squash the curves
+        axes[0].set_ylim(bottom=max(axes[0].get_ylim()[0], optimum - 10))
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
