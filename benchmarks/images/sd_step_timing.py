@@ -15,9 +15,15 @@ both with random weights: timing and memory do not depend on the weight values, 
 are 4x64x64 (512x512 images). Each mode runs in its own subprocess so that its peak memory is its own (CUDA: peak
 allocated by torch; CPU: peak resident set size of the process).
 
-Recorded numbers: none yet. The GPU numbers (the point of this script) are not yet recorded: the session that wrote
-it had no GPU. ``--tiny`` (a tiny UNet and VAE, latents 4x8x8) checks the script end to end on a CPU in seconds; its
-numbers say nothing about Stable Diffusion.
+Recorded numbers. The GPU numbers (the point of this script) are not yet recorded: the session that wrote it had no
+GPU. At full SD-1.5 size it has run end to end on a CPU only (fp32, one thread, LoRA rank 4, w = 7.5, batch 1, UNet
+and VAE checkpointing on; a second job shared the two cores, so the times are rough):
+
+    --cpu --modes truncate   --steps 1 --repeats 1   135.4 s/step   peak RSS 11.2 GiB
+    --cpu --modes checkpoint --steps 2 --repeats 1   266.6 s/step   peak RSS 12.6 GiB
+
+``--tiny`` (a tiny UNet and VAE, latents 4x8x8) checks the script end to end on a CPU in seconds; its numbers say
+nothing about Stable Diffusion.
 
     python benchmarks/images/sd_step_timing.py                   # SD-1.5 size, CUDA if available
     python benchmarks/images/sd_step_timing.py --tiny --steps 4  # smoke test on a CPU
@@ -127,7 +133,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         "mode": args.mode, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "tiny": args.tiny, "batch_size": args.batch_size, "sampler_steps": args.steps, "dtype": args.dtype,
         "unet_checkpointing": args.unet_checkpointing, "lora_rank": args.lora_rank, "guidance": args.guidance,
-        "unet_params_M": sum(p.numel() for p in model.score.unet.parameters()) / 1e6,
+        "unet_params_M": sum(p.numel() for n, p in model.score.unet.named_parameters() if "lora_" not in n) / 1e6,
         "trainable_params": sum(p.numel() for p in trainable),
         "seconds_per_step": seconds, "peak_memory_gib": peak_gib, "peak_memory_kind": peak_kind, **last,
     }
