@@ -93,13 +93,15 @@ class UNetAugmentedScore(nn.Module):
         self.embedding = LabelEmbedding(n_classes, time_embedding_dim(unet))
         self.n_classes = self.embedding.n_classes
         self.lora_rank = int(lora_rank)
+        self.lora_alpha = float(lora_alpha or self.lora_rank)
+        self.lora_targets = tuple(lora_targets)
         if self.lora_rank > 0:
             from peft import LoraConfig, inject_adapter_in_model
 
             # LoRA layers are injected into the UNet itself (peft; diffusers' UNet2DModel has no add_adapter); with
             # the adapters disabled they are the identity, which is how the pre-trained score is computed.
-            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=lora_alpha or self.lora_rank,
-                                               target_modules=list(lora_targets), init_lora_weights=True),
+            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
+                                               target_modules=list(self.lora_targets), init_lora_weights=True),
                                     unet, adapter_name="ctrl")
             for name, p in unet.named_parameters():
                 p.requires_grad_("lora_" in name)
