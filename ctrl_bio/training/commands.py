@@ -172,6 +172,11 @@ def _reward_fns(cfg: DictConfig, domain: Domain, labelled: Sequence[tuple[dict, 
             for spec, _ in labelled]
 
 
+def time_spacing(cfg: DictConfig, domain: Domain) -> str:
+    """The sampler's time grid: the run's ``spacing``, else the domain's own (``spacing`` attribute), else uniform."""
+    return cfg.get("spacing") or getattr(domain, "spacing", "uniform")
+
+
 def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     """CTRL fine-tuning of a zero-initialised label pathway; writes ``pathway.safetensors`` (+ ``.json``)."""
     domain = build_domain(cfg.plugin)
@@ -186,7 +191,7 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     if unknown:
         raise ValueError(f"method: finetune does not take {sorted(unknown)} (its keys: those of method=ctrl)")
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
-                        t_end=cfg.t_end, seed=cfg.seed, **method)
+                        t_end=cfg.t_end, spacing=time_spacing(cfg, domain), seed=cfg.seed, **method)
     if cfg.trainer.get("max_steps") not in (None, module.total_steps):
         raise ValueError(f"finetune runs method.sm_steps + method.steps = {module.total_steps} steps (each phase has "
                          f"its own schedule): set those instead of trainer.max_steps={cfg.trainer.max_steps}")
@@ -236,7 +241,7 @@ def run_sample(cfg: DictConfig, run_dir: Path, resume: Path | None = None) -> No
     model = domain.augment(domain.pretrained_model(), [lab["n_classes"] for lab in labels])
     load_trainable(model, weights)
     n_steps = cfg.n_steps or ft_cfg.n_steps
-    times = time_grid(n_steps, ft_cfg.t_end)
+    times = time_grid(n_steps, ft_cfg.t_end, spacing=time_spacing(ft_cfg, domain))
     g = torch.Generator().manual_seed(cfg.seed)
     chunks = []
     with torch.no_grad():

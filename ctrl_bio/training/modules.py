@@ -26,6 +26,7 @@ from ctrl_bio.objective import (
     weighted_score_matching_loss,
 )
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
 
 #: Independent random streams of one step (training draws, evaluation draws, fixed pools).
@@ -152,7 +153,8 @@ class CTRLModule(L.LightningModule):
                  gamma: float = 1.0, steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100,
                  t_end: float = 1e-3, memory: MemoryMode = "checkpoint", grad_last_k: int = 10,
                  grad_clip: float | None = 1.0, sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3,
-                 pool_size: int = 20000, eval_every: int = 100, eval_batch_size: int = 512, seed: int = 0):
+                 pool_size: int = 20000, eval_every: int = 100, eval_batch_size: int = 512, seed: int = 0,
+                 spacing: Spacing = "uniform"):
         super().__init__()
         if estimator not in ("pathwise", "score_matching", "hybrid"):
             raise ValueError(f"estimator must be 'pathwise', 'score_matching' or 'hybrid', got {estimator!r}")
@@ -161,7 +163,7 @@ class CTRLModule(L.LightningModule):
         self.automatic_optimization = False
         self.model, self.sde, self.reward, self.label_prior = model, sde, reward, label_prior
         self.x_shape = tuple(x_shape)
-        self.alpha, self.gamma, self.n_steps, self.t_end = alpha, gamma, n_steps, t_end
+        self.alpha, self.gamma, self.n_steps, self.t_end, self.spacing = alpha, gamma, n_steps, t_end, spacing
         self.memory, self.grad_last_k, self.grad_clip = memory, grad_last_k, grad_clip
         self.batch_size, self.lr, self.sm_batch_size, self.sm_lr = batch_size, lr, sm_batch_size, sm_lr
         self.pool_size, self.eval_every, self.eval_batch_size, self.seed = pool_size, eval_every, eval_batch_size, seed
@@ -196,7 +198,8 @@ class CTRLModule(L.LightningModule):
             # The same pool on every rank and after every resume: it depends on the seed only (the pathway is
             # switched off by the null label, so the pool is the pre-trained model's whatever the parameters).
             x0 = sample_pretrained_pool(self.model, self.sde, self.x_shape, self.pool_size, n_steps=self.n_steps,
-                                        t_end=self.t_end, generator=step_generator(self.seed, 0, 0, POOL_STREAM))
+                                        t_end=self.t_end, spacing=self.spacing,
+                                        generator=step_generator(self.seed, 0, 0, POOL_STREAM))
             with torch.no_grad():
                 self.pool = WeightedPool(x0, [f(x0) for f in self.reward.log_prob_fns], tilt=self.gamma / self.alpha)
 
@@ -223,7 +226,8 @@ class CTRLModule(L.LightningModule):
         else:
             y = self.label_prior.sample(self.batch_size, g).to(self.device)
             loss = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, n_steps=self.n_steps,
-                                 t_end=self.t_end, alpha=self.alpha, gamma=self.gamma, memory=self.memory,
+                                 t_end=self.t_end, spacing=self.spacing, alpha=self.alpha, gamma=self.gamma,
+                                 memory=self.memory,
                                  grad_last_k=self.grad_last_k, generator=g).loss
         check_finite(self, loss, phase)
         opt.zero_grad(set_to_none=True)
@@ -245,5 +249,6 @@ class CTRLModule(L.LightningModule):
         g = step_generator(self.seed, step, self.global_rank, EVAL_STREAM)
         y = self.label_prior.sample(self.eval_batch_size, g).to(self.device)
         est = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, n_steps=self.n_steps,
-                            t_end=self.t_end, alpha=self.alpha, gamma=self.gamma, memory="full", generator=g)
+                            t_end=self.t_end, spacing=self.spacing, alpha=self.alpha, gamma=self.gamma, memory="full",
+                            generator=g)
         return {"reward": float(est.reward), "kl": float(est.kl), "objective": float(est.objective)}

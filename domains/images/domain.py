@@ -9,6 +9,7 @@ embedding, plus LoRA adapters on its attention when ``lora_rank`` > 0. Samples a
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from ctrl_bio.domain import ScoreModel
 from ctrl_bio.model import NULL_LABEL
 from ctrl_bio.sde import DiscreteVPSDE
 from domains.images.data import PATCH, load_patches, to_uint8
-from domains.images.unet import UNetAugmentedScore, UNetScore
+from domains.images.unet import LORA_TARGETS, UNetAugmentedScore, UNetScore
 
 #: The pre-trained network that ships with the package.
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "pretrained.safetensors"
@@ -42,19 +43,25 @@ class ImageDomain:
         unet: keyword arguments of ``diffusers.UNet2DModel`` for ``pretrain`` (default :data:`DEFAULT_UNET`).
         checkpoint: pre-trained weights (a ``.safetensors`` file or a ``pretrain`` run directory); None: the shipped
             network.
-        lora_rank: rank of LoRA adapters on the UNet's attention beside the label embedding; 0: embedding only.
+        lora_rank: rank of LoRA adapters beside the label embedding; 0: embedding only.
+        lora_targets: the UNet modules that get LoRA adapters (suffixes of module names; peft adapts Linear and
+            Conv2d layers): the attention projections by default, ``[conv1, conv2]`` for every ResNet convolution.
         beta_start, beta_end, num_train_timesteps: the DDPM schedule.
     """
 
     unet: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_UNET))
     checkpoint: str | None = None
     lora_rank: int = 0
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     beta_start: float = 1e-4
     beta_end: float = 0.02
     num_train_timesteps: int = 1000
     _train_x: Tensor | None = field(default=None, init=False, repr=False)
 
     name = "images"
+    #: The sampler's time grid for this domain (``finetune`` and ``sample`` use it unless told otherwise): fine
+    #: steps near the data, so that the last Euler-Maruyama step adds no visible noise.
+    spacing = "quadratic"
     label_types = ("categorical", "bins")
     x_shape = (1, PATCH, PATCH)
 
@@ -78,7 +85,9 @@ class ImageDomain:
         return load_network(path, self.sde)
 
     def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> UNetAugmentedScore:
-        return UNetAugmentedScore(pretrained, n_classes, lora_rank=self.lora_rank)
+        if self.lora_rank > 0:  # LoRA layers are injected into the network: give each augmented model its own copy
+            pretrained = copy.deepcopy(pretrained)
+        return UNetAugmentedScore(pretrained, n_classes, lora_rank=self.lora_rank, lora_targets=self.lora_targets)
 
     def write_samples(self, x: Tensor, y: Tensor, label_names: Sequence[str], run_dir: Path) -> Path:
         """One PNG per sample, named ``sample<i>_<label>=<class>...png``, in ``run_dir/samples``."""
