@@ -19,9 +19,9 @@ from ctrl_bio.model import NULL_LABEL  # noqa: E402
 from ctrl_bio.objective import pathwise_loss  # noqa: E402
 from ctrl_bio.sampling import euler_maruyama, time_grid  # noqa: E402
 from domains.images.data import brightness, from_uint8, jpeg_bytes, load_patches, to_uint8  # noqa: E402
-from domains.images.domain import ImageDomain  # noqa: E402
+from domains.images.domain import CONV_LORA_TARGETS, ImageDomain  # noqa: E402
 from domains.images.labels import brightness_log_prob, compress_log_prob, pair_pool  # noqa: E402
-from domains.images.unet import UNetAugmentedScore  # noqa: E402
+from domains.images.unet import LORA_TARGETS, UNetAugmentedScore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGES = [343, 361, 386]  # configs/label/compress.yaml
@@ -82,10 +82,10 @@ def test_compress_bins_are_the_training_quartiles():
     assert np.allclose(share, 0.25, atol=0.02)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_zero_initialised_pathway_reproduces_the_pretrained_sampler(tiny_domain, tiny_net, lora_rank):
+@pytest.mark.parametrize("lora_rank,targets", [(0, LORA_TARGETS), (2, LORA_TARGETS), (2, CONV_LORA_TARGETS)])
+def test_zero_initialised_pathway_reproduces_the_pretrained_sampler(tiny_domain, tiny_net, lora_rank, targets):
     net = copy.deepcopy(tiny_net)
-    model = UNetAugmentedScore(net, (4, 2), lora_rank=lora_rank)
+    model = UNetAugmentedScore(net, (4, 2), lora_rank=lora_rank, lora_targets=targets)
     g = torch.Generator().manual_seed(0)
     times = time_grid(6, 1e-3, spacing="quadratic")
     noise, x_init = torch.randn(6, 5, 1, 16, 16, generator=g), torch.randn(5, 1, 16, 16, generator=g)
@@ -98,10 +98,10 @@ def test_zero_initialised_pathway_reproduces_the_pretrained_sampler(tiny_domain,
     assert net.unet.class_embedding is None  # the frozen UNet is left as it was
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_ctrl_step_trains_only_the_label_pathway_and_null_stays_pretrained(tiny_domain, tiny_net, lora_rank):
+@pytest.mark.parametrize("lora_rank,targets", [(0, LORA_TARGETS), (2, CONV_LORA_TARGETS)])
+def test_ctrl_step_trains_only_the_label_pathway_and_null_stays_pretrained(tiny_domain, tiny_net, lora_rank, targets):
     net = copy.deepcopy(tiny_net)
-    model = UNetAugmentedScore(net, (4,), lora_rank=lora_rank)
+    model = UNetAugmentedScore(net, (4,), lora_rank=lora_rank, lora_targets=targets)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.startswith("embedding.") or "lora_" in n for n in trainable)
