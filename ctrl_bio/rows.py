@@ -42,7 +42,7 @@ from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
-from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama
+from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama, time_grid
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,28 @@ class SuiteContext(Protocol):
         ...
 
 
-class RequestSampling:
-    """``sample`` and ``real_requests`` of a :class:`SuiteContext`, for contexts that set ``domain``, ``times``,
-    ``batch_size``, ``seed``, ``names``, ``x_test`` (held-out real samples) and ``test_labels`` (their classes)."""
+class BaseSuiteContext:
+    """The part of a :class:`SuiteContext` every domain suite shares: the task, the sampler, the requests, the frozen
+    pre-trained network, batched sampling and real held-out requests. A domain's context calls this ``__init__``,
+    then sets ``x_test`` (held-out real samples), ``test_labels`` (their classes, (N, K)) and ``x_train``, and adds
+    its ``score`` and ``noisy_classifier``.
+    """
 
-    domain: Domain
-    times: Tensor
-    batch_size: int
-    seed: int
-    names: list[str]
     x_test: Tensor
     test_labels: Tensor
+
+    def __init__(self, domain: Domain, specs: list[dict], pairs: list[LabelledPairs],
+                 eval_fns: list[Callable[[Tensor], Tensor]], *, n_eval: int, n_select: int, n_steps: int,
+                 t_end: float, spacing: Spacing, seed: int, batch_size: int, gamma: float, alpha: float):
+        self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
+        self.names = [s["name"] for s in specs]
+        self.n_classes = tuple(int(p.n_classes) for p in pairs)
+        self.n_steps, self.t_end, self.spacing, self.seed, self.batch_size = n_steps, t_end, spacing, seed, batch_size
+        self.gamma, self.alpha = gamma, alpha
+        self.times = time_grid(n_steps, t_end, spacing=spacing)
+        self.pretrained = domain.pretrained_model()
+        self.y_eval = balanced_requests(self.n_classes, n_eval)
+        self.y_select = balanced_requests(self.n_classes, n_select)
 
     def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
                ) -> tuple[Tensor, Tensor]:

@@ -31,15 +31,13 @@ from ctrl_bio.labels import LabelledPairs
 from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.rows import (
     METHODS,
-    RequestSampling,
+    BaseSuiteContext,
     RowRunner,
-    balanced_requests,
     label_metrics,
     load_task,
     objective_metrics,
     run_rows,
 )
-from ctrl_bio.sampling import time_grid
 from domains.dna.data import CELL_TYPES, base_indices, decode, from_indices, one_hot
 from domains.dna.domain import DNADomain
 from domains.dna.nets import NoisySequenceCNN
@@ -49,22 +47,14 @@ log = logging.getLogger(__name__)
 LogProbFn = Callable[[Tensor], Tensor]
 
 
-class DNAContext(RequestSampling):
+class DNAContext(BaseSuiteContext):
     """What every row shares: domain, pre-trained network, labels, requests, real test data, metrics."""
 
     def __init__(self, domain: DNADomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
                  motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0):
-        self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
-        self.names = [s["name"] for s in specs]
-        self.n_classes = tuple(int(p.n_classes) for p in pairs)
-        self.n_steps, self.t_end, self.seed, self.batch_size = n_steps, t_end, seed, batch_size
-        self.gamma, self.alpha = gamma, alpha
-        self.spacing = "uniform"
-        self.times = time_grid(n_steps, t_end)
-        self.pretrained = domain.pretrained_model()
-        self.y_eval = balanced_requests(self.n_classes, n_eval)
-        self.y_select = balanced_requests(self.n_classes, n_select)
+        super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
+                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha)
         table = domain.table
         test = table.of_split("test")
         self.x_test = one_hot(test.sequences)

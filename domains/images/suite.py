@@ -32,15 +32,14 @@ from ctrl_bio.metrics import frechet_distance
 from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.rows import (
     METHODS,
-    RequestSampling,
+    BaseSuiteContext,
     RowRunner,
-    balanced_requests,
     label_metrics,
     load_task,
     objective_metrics,
     run_rows,
 )
-from ctrl_bio.sampling import Spacing, time_grid
+from ctrl_bio.sampling import Spacing
 from domains.images.data import from_uint8, jpeg_bytes, load_patches, to_uint8
 from domains.images.domain import ImageDomain
 from domains.images.nets import NoisyPatchCNN
@@ -61,21 +60,14 @@ def diversity(x: Tensor, y: Tensor) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-class ImageContext(RequestSampling):
+class ImageContext(BaseSuiteContext):
     """What every row shares: domain, pre-trained network, labels, requests, real held-out patches, metrics."""
 
     def __init__(self, domain: ImageDomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, spacing: Spacing, seed: int,
                  batch_size: int, gamma: float = 1.0, alpha: float = 1.0):
-        self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
-        self.names = [s["name"] for s in specs]
-        self.n_classes = tuple(int(p.n_classes) for p in pairs)
-        self.n_steps, self.t_end, self.spacing, self.seed, self.batch_size = n_steps, t_end, spacing, seed, batch_size
-        self.gamma, self.alpha = gamma, alpha
-        self.times = time_grid(n_steps, t_end, spacing=spacing)
-        self.pretrained = domain.pretrained_model()
-        self.y_eval = balanced_requests(self.n_classes, n_eval)
-        self.y_select = balanced_requests(self.n_classes, n_select)
+        super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
+                         t_end=t_end, spacing=spacing, seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha)
         self.x_test = load_patches("test").x
         self.test_labels = torch.stack([f(self.x_test).argmax(1) for f in eval_fns], 1)
         self.x_train = domain.training_data()
