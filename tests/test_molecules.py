@@ -1,0 +1,146 @@
+"""The molecule domain's representation, score network and domain object, on the shipped QM9 slice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("rdkit")
+pytest.importorskip("torch_geometric")
+
+from ctrl_bio.domain import check_domain  # noqa: E402
+from ctrl_bio.model import NULL_LABEL  # noqa: E402
+from ctrl_bio.sde import VPSDE  # noqa: E402
+from domains.molecules.data import (  # noqa: E402
+    COLS,
+    MAX_ATOMS,
+    NO_ATOM,
+    ROWS,
+    X_DIM,
+    MoleculeDataError,
+    decode,
+    encode,
+    join_x,
+    load_qm9,
+    smiles_to_graphs,
+    split_x,
+    to_smiles,
+)
+from domains.molecules.domain import MoleculeDomain  # noqa: E402
+from domains.molecules.metrics import generation_metrics  # noqa: E402
+from domains.molecules.nets import GraphClassifier, GraphScoreNet, edges_to_matrix  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def table():
+    return load_qm9("slice")
+
+
+def test_slice_is_read_with_charged_molecules_counted(table):
+    assert len(table) + sum(table.skipped.values()) == 3000
+    assert set(table.skipped) <= {"formal charge"}
+    assert table.nodes.shape == (len(table), MAX_ATOMS) and table.edges.shape == (len(table), len(ROWS))
+
+
+def test_graph_round_trip_is_the_identity(table):
+    x = table.x()
+    assert x.shape == (len(table), X_DIM) and set(x.unique().tolist()) == {-1.0, 1.0}
+    assert to_smiles(decode(x)) == table.smiles
+
+
+def test_decode_applies_no_valency_correction():
+    # Carbon with five single bonds (C bonded to 5 carbons) is not a molecule: it must come out invalid.
+    nodes = torch.full((1, MAX_ATOMS), NO_ATOM)
+    nodes[0, :6] = 0
+    edges = torch.zeros(1, len(ROWS), dtype=torch.long)
+    for k, (i, j) in enumerate(zip(ROWS, COLS)):
+        if i == 0 and j <= 5:
+            edges[0, k] = 1
+    assert decode(encode(nodes, edges)) == [None]
+    edges[0, 0] = 2  # and a double bond on a pentavalent carbon does not help
+    assert decode(encode(nodes, edges)) == [None]
+
+
+def test_bad_smiles_are_skipped_and_counted():
+    nodes, edges, good, skipped = smiles_to_graphs(["CCO", "not a smiles", "", "[NH4+]", "CCCCCCCCCC", "CCCl", "C#N"])
+    assert good == [0, 6]
+    assert skipped == {"unparsable SMILES": 2, "formal charge": 1, "more than 9 heavy atoms": 1, "element Cl": 1}
+    assert to_smiles(decode(encode(nodes, edges))) == ["CCO", "C#N"]
+
+
+def test_missing_file_is_one_clear_line(tmp_path):
+    with pytest.raises(MoleculeDataError, match="no such file"):
+        load_qm9(str(tmp_path / "missing.csv"))
+
+
+def test_splits_and_pools_are_disjoint(table):
+    test = table.split == "test"
+    assert 0.05 < test.mean() < 0.15
+    pairs, oracle = table.pairs_pool(), table.oracle_pool()
+    assert not (pairs & oracle).any() and not (pairs & test).any() and not (oracle & test).any()
+    assert (pairs | oracle | test).all()
+
+
+def _permute(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    nodes, edges = split_x(x)
+    matrix = edges_to_matrix(edges)[:, perm][:, :, perm]
+    return join_x(nodes[:, perm], matrix[:, ROWS, COLS])
+
+
+def test_score_network_is_permutation_equivariant():
+    torch.manual_seed(0)
+    net = GraphScoreNet(VPSDE(), hidden=32, edge_hidden=16, n_layers=2, emb_dim=32)
+    x, t = torch.randn(3, X_DIM), torch.rand(3)
+    perm = torch.randperm(MAX_ATOMS)
+    assert torch.allclose(net(_permute(x, perm), t), _permute(net(x, t), perm), atol=1e-5)
+
+
+def test_classifier_is_permutation_invariant():
+    torch.manual_seed(0)
+    clf = GraphClassifier(3, hidden=32, edge_hidden=16, n_layers=2, time_conditional=True).eval()
+    x, t = torch.randn(4, X_DIM), torch.rand(4)
+    perm = torch.randperm(MAX_ATOMS)
+    assert torch.allclose(clf(_permute(x, perm), t), clf(x, t), atol=1e-5)
+
+
+def test_zero_initialised_label_embedding_reproduces_the_pretrained_score():
+    domain = MoleculeDomain(data="slice")
+    torch.manual_seed(0)
+    net = GraphScoreNet(domain.sde, hidden=32, edge_hidden=16, n_layers=2, emb_dim=32).requires_grad_(False)
+    model = domain.augment(net, [3])
+    x, t = torch.randn(4, X_DIM), torch.rand(4)
+    y = torch.tensor([[0], [1], [2], [NULL_LABEL]])
+    s, u = model.score_and_control(x, t, y)
+    assert torch.equal(s, net(x, t)) and torch.equal(u, torch.zeros_like(u))
+
+
+def test_domain_protocol_and_samples_written(table, tmp_path):
+    domain = check_domain(MoleculeDomain(data="slice"))
+    x, bad = domain.encode_x(["CCO", "xx", "c1ccoc1"])
+    assert bad == [1] and x.shape == (2, X_DIM)
+    y = torch.tensor([[0], [NULL_LABEL]])
+    path = domain.write_samples(x, y, ["qed"], tmp_path)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "sample,smiles,valid,requested_qed"
+    assert lines[1] == "0,CCO,1,0" and lines[2] == "1,c1ccoc1,1,"
+
+
+def test_generation_metrics_on_known_molecules(table):
+    mols = decode(table.x()[:4]) + [None]
+    train = set(table.smiles[:2])
+    m = generation_metrics(mols, train)
+    assert m["validity"] == pytest.approx(4 / 5)
+    assert m["uniqueness"] == 1.0
+    assert m["novelty"] == pytest.approx(2 / 4)
+    two_fragments = decode(encode(torch.tensor([[0, 0] + [NO_ATOM] * 7]), torch.zeros(1, len(ROWS), dtype=torch.long)))
+    assert generation_metrics(two_fragments, set())["connected"] == 0.0
+
+
+@pytest.mark.slow
+def test_pretrain_command_runs_on_the_slice(tmp_path):
+    from ctrl_bio.cli import main
+
+    main(["pretrain", "domain=molecules", "domain.data=slice", "steps=3", "batch_size=16", "progress=false",
+          "domain.score_net.hidden=16", "domain.score_net.edge_hidden=8", "domain.score_net.n_layers=1",
+          f"hydra.run.dir={tmp_path}"])
+    assert (tmp_path / "score.safetensors").is_file() and (tmp_path / "quality.json").is_file()
