@@ -1,4 +1,4 @@
-"""Plots every suite shares: objective, reward and KL over fine-tuning."""
+"""Plots every suite shares: objective, reward and KL over fine-tuning; accuracy per requested class."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, optimum: float | None = None) -> Path:
@@ -50,6 +51,29 @@ def plot_reward_vs_queries(histories: dict[str, list[dict]], path: str | Path) -
         ax.set_xlabel("reward queries")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_per_class_accuracy(per_class: dict[str, list[float | None]], label: str, path: str | Path,
+                            class_names: list[str] | None = None) -> Path:
+    """Grouped bars: for each requested class, the share of each method's samples scored as that class."""
+    methods = list(per_class)
+    n_classes = len(next(iter(per_class.values())))
+    names = class_names if class_names and len(class_names) == n_classes else [str(c) for c in range(n_classes)]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * n_classes, 3.6))
+    for i, m in enumerate(methods):
+        values = [np.nan if v is None else v for v in per_class[m]]
+        ax.bar(np.arange(n_classes) + (i - (len(methods) - 1) / 2) * width, values, width, label=m)
+    ax.set_xticks(np.arange(n_classes), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (evaluation oracle / exact)")
+    ax.set_title(f"{label}: accuracy per requested class")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Plots of the DNA suite: per-class accuracy bars and motif frequencies of generated vs real sequences."""
+"""Plots of the DNA suite: motif frequencies of generated vs real sequences (accuracy bars: ctrl_bio.plots)."""
 
 from __future__ import annotations
 
@@ -11,29 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from domains.dna.data import CELL_TYPES  # noqa: E402
-
-
-def plot_per_class_accuracy(per_class: dict[str, list[float | None]], label: str, path: str | Path) -> Path:
-    """Grouped bars: for each requested class, the share of each method's samples scored as that class."""
-    methods = list(per_class)
-    n_classes = len(next(iter(per_class.values())))
-    names = list(CELL_TYPES) if label == "celltype" and n_classes == len(CELL_TYPES) else [str(c) for c in
-                                                                                            range(n_classes)]
-    width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * n_classes, 3.6))
-    for i, m in enumerate(methods):
-        values = [np.nan if v is None else v for v in per_class[m]]
-        ax.bar(np.arange(n_classes) + (i - (len(methods) - 1) / 2) * width, values, width, label=m)
-    ax.set_xticks(np.arange(n_classes), names)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (evaluation oracle / exact)")
-    ax.set_title(f"{label}: accuracy per requested class")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
 
 
 def plot_motif_scatter(generated: dict[str, np.ndarray], real: np.ndarray, path: str | Path) -> Path:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LabelledPairs
-from ctrl_bio.plots import plot_training_curves
+from ctrl_bio.plots import plot_per_class_accuracy, plot_training_curves
 from ctrl_bio.rows import (
     METHODS,
     BaseSuiteContext,
@@ -155,11 +155,12 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     rows, details = run_rows(runner, methods, title, ctx.score, write)
     info["details"] = details
     info["motifs"] = [m.id for m in ctx.scanner.motifs]
-    from domains.dna.plots import plot_motif_scatter, plot_per_class_accuracy
+    from domains.dna.plots import plot_motif_scatter
 
     for name in ctx.names:
         plot_per_class_accuracy({m: d[f"per_class_accuracy_{name}"] for m, d in details.items()}, name,
-                                run_dir / f"per_class_accuracy_{name}.png")
+                                run_dir / f"per_class_accuracy_{name}.png",
+                                class_names=list(CELL_TYPES) if name == "celltype" else None)
     if ctx.celltype_k is not None:  # motif frequencies are per cell type: only tasks with that label have them
         scatter = {m: np.array(d["motif_frequencies"]) for m, d in details.items()
                    if m in ("pretrained", "ctrl", "cfg") and "motif_frequencies" in d}

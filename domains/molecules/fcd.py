@@ -6,8 +6,8 @@ reports on QM9 (Jo et al. 2022, against the test set) computes it with ``fcd_tor
 the ChemNet weights inside its wheel, so nothing is downloaded at run time.
 
 The package's ChemNet and SMILES encoding (canonicalised, one-hot, padded to 350) are used as they are; the batch
-loop and the Fréchet distance are written here because the package's own versions call ``np.row_stack`` (deprecated in
-NumPy 2) and ``scipy.linalg.sqrtm(disp=...)`` (removed in SciPy 1.18).
+loop is written here and the distance is :func:`ctrl_bio.metrics.frechet_distance`, because the package's own versions
+call ``np.row_stack`` (deprecated in NumPy 2) and ``scipy.linalg.sqrtm(disp=...)`` (removed in SciPy 1.18).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+
+from ctrl_bio.metrics import frechet_distance
 
 #: SMILES per ChemNet forward pass (each is a 350 x 35 one-hot matrix).
 BATCH_SIZE = 256
@@ -52,25 +54,11 @@ def chemnet_activations(smiles: Sequence[str]) -> np.ndarray:
     return np.vstack(out) if out else np.zeros((0, 512), np.float32)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), with a small ridge if the root is singular."""
-    from scipy import linalg
-
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
-
-
-def _statistics(smiles: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+def _activations(smiles: Sequence[str | None]) -> torch.Tensor:
     kept = [s for s in smiles if s is not None]
     if len(kept) < 2:
         raise ValueError(f"FCD needs at least 2 valid SMILES per set, got {len(kept)}")
-    act = chemnet_activations(kept).astype(np.float64)
-    return act.mean(0), np.cov(act, rowvar=False)
+    return torch.from_numpy(chemnet_activations(kept).astype(np.float64))
 
 
 def fcd(smiles_a: Sequence[str | None], smiles_b: Sequence[str | None]) -> float:
@@ -78,4 +66,4 @@ def fcd(smiles_a: Sequence[str | None], smiles_b: Sequence[str | None]) -> float
 
     Raises ValueError on a SMILES RDKit cannot parse or a set with fewer than 2 molecules.
     """
-    return frechet_distance(*_statistics(smiles_a), *_statistics(smiles_b))
+    return frechet_distance(_activations(smiles_a), _activations(smiles_b))
