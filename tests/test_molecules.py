@@ -123,6 +123,7 @@ def test_domain_protocol_and_samples_written(table, tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0] == "sample,smiles,valid,requested_qed"
     assert lines[1] == "0,CCO,1,0" and lines[2] == "1,c1ccoc1,1,"
+    assert (tmp_path / "samples.sdf").read_text().count("$$$$") == 2
 
 
 def test_generation_metrics_on_known_molecules(table):

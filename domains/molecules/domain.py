@@ -5,7 +5,7 @@ the QM9 training split (nodes and bonds diffused jointly under one VP-SDE); the 
 ``domains/molecules/checkpoints/pretrained.safetensors`` (+ ``.json``). The label pathway is CTRL's
 zero-initialised :class:`ctrl_bio.model.LabelEmbedding` added to the frozen network's time embedding
 (:class:`ctrl_bio.model.EmbeddingAugmentedScore`), so fine-tuning starts from the pre-trained sampler bit for bit.
-Samples are written as SMILES (CSV, with the requested labels and validity) and SDF.
+Samples are written as SMILES (CSV, with the requested labels and validity) and SDF (RDKit 3-D embedding).
 """
 
 from __future__ import annotations
@@ -93,7 +93,17 @@ class MoleculeDomain:
         return encode(nodes, edges), bad
 
     def write_samples(self, x: Tensor, y: Tensor, label_names: Sequence[str], run_dir: Path) -> Path:
-        return write_smiles_csv(Path(run_dir) / "samples.csv", to_smiles(decode(x)), y, label_names)
+        """``samples.csv`` (SMILES, validity, requested labels) and ``samples.sdf`` (valid molecules in 3-D); returns
+        the CSV."""
+        from domains.molecules.io import write_sdf
+
+        mols = decode(x)
+        names = []
+        for i, row in enumerate(y.tolist()):
+            tags = [f"{n}={v}" for n, v in zip(label_names, row) if v != NULL_LABEL]
+            names.append(f"sample{i}|" + ("|".join(tags) if tags else "unconditional"))
+        write_sdf(Path(run_dir) / "samples.sdf", mols, names)
+        return write_smiles_csv(Path(run_dir) / "samples.csv", to_smiles(mols), y, label_names)
 
     @torch.no_grad()
     def sample(self, score: ScoreModel, n: int, n_steps: int = 100, seed: int = 0, batch_size: int = 512,
