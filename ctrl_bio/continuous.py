@@ -147,7 +147,7 @@ class ContinuousAugmentedScore(nn.Module):
         self.n_labels = self.embedding.n_labels
 
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        emb = self.embedding(y)
+        emb = self.embedding(y.to(x.device))  # a prior samples on the CPU; the model may sit on a GPU
         if hasattr(self.net, "forward_pair"):
             s, s_pre = self.net.forward_pair(x, t, emb)
         else:
@@ -155,7 +155,7 @@ class ContinuousAugmentedScore(nn.Module):
         return s, s - s_pre
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        return self.net(x, t, self.embedding(y))
+        return self.net(x, t, self.embedding(y.to(x.device)))
 
     def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """A sampler callable ``(x, t) -> (s_theta, u)`` for fixed labels y of shape (B, K) (NaN: no request)."""
@@ -234,7 +234,7 @@ class ContinuousPathwayScore(nn.Module):
 
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         s_pre = self.pretrained(x, t)
-        u = self.pathway(x, t, y, s_pre, self.sde)
+        u = self.pathway(x, t, y.to(x.device), s_pre, self.sde)
         return s_pre + u, u
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
@@ -302,7 +302,7 @@ class GaussianReward:
         pred = self.predict(x0)
         if y.ndim != 2 or y.shape[1] != pred.shape[1]:
             raise ValueError(f"labels must have shape (batch_size, {pred.shape[1]}), got {tuple(y.shape)}")
-        return self.log_prob(pred, y)
+        return self.log_prob(pred, y.to(pred.device))
 
 
 class CalibratedRegressor(nn.Module):
@@ -462,10 +462,18 @@ class ContinuousWeightedPool:
         with torch.no_grad():
             self.pred = reward.predict(x0)
 
+    def _tilted_log_likelihood(self, y: Tensor) -> Tensor:
+        """tilt * sum_k log N(y_k; f_k(x0_i), sigma_k^2) up to a constant in i, (B, N); NaN y_k adds 0.
+
+        The normalising constants cancel in the weights, so this is one fused pass over (B, N, K) in the pool's
+        dtype (the score-matching loop calls it every update).
+        """
+        z = (y.to(self.pred)[:, None, :] - self.pred[None]) / self.reward.sigma.to(self.pred)
+        return (-0.5 * self.tilt) * torch.nan_to_num(z, nan=0.0).square().sum(-1)
+
     def log_weights(self, y: Tensor) -> Tensor:
-        """Normalised log weights of every pool sample for every row of y, (B, N)."""
-        logw = self.tilt * self.reward.log_prob(self.pred[None], y.to(self.pred)[:, None, :])
-        return torch.log_softmax(logw.double(), dim=1)
+        """Normalised log weights of every pool sample for every row of y, (B, N), float64."""
+        return torch.log_softmax(self._tilted_log_likelihood(y).double(), dim=1)
 
     def effective_sample_size(self, y: Tensor) -> Tensor:
         """Kish's effective sample size 1 / sum_i w_i(y)^2 for every row of y, (B,)."""
@@ -475,7 +483,8 @@ class ContinuousWeightedPool:
         """One pool sample per row of y from the pool tilted by N(y; f(x0), sigma^2)^tilt, (B, ...)."""
         chunks = []
         for yc in y.split(self.chunk):  # inverse-CDF draws: one cumsum, far faster than torch.multinomial per row
-            cdf = torch.cumsum(self.log_weights(yc).exp(), dim=1)
+            logw = self._tilted_log_likelihood(yc)
+            cdf = torch.cumsum(torch.exp(logw - logw.max(dim=1, keepdim=True).values), dim=1)
             u = rand((yc.shape[0], 1), generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
             chunks.append(torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1))
         return self.x0[torch.cat(chunks).to(self.x0.device)]
