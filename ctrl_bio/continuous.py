@@ -282,15 +282,14 @@ class GaussianReward:
 
     @property
     def n_labels(self) -> int:
+        """K as far as sigma tells (1 when one sigma is shared by every label)."""
         return self.sigma.numel()
 
     def predict(self, x0: Tensor) -> Tensor:
         """f(x0), (B, K)."""
         preds = [p if p.ndim == 2 else p.reshape(x0.shape[0], -1) for p in (r(x0) for r in self.regressors)]
         pred = torch.cat(preds, dim=1)
-        if self.sigma.numel() == 1 and pred.shape[1] > 1:
-            self.sigma = self.sigma.expand(pred.shape[1]).clone()
-        if pred.shape[1] != self.n_labels:
+        if self.sigma.numel() > 1 and pred.shape[1] != self.n_labels:  # one sigma broadcasts over every label
             raise ValueError(f"the regressor predicts {pred.shape[1]} labels but sigma has {self.n_labels}")
         return pred
 
@@ -432,8 +431,9 @@ class ContinuousPrior:
 
     @property
     def scale(self) -> Tensor:
-        """Standard deviation of each label, (K,) (1 where a label has a single value)."""
-        return torch.cat([c.std(0) if c.shape[0] > 1 else torch.ones(c.shape[1]) for c in self.columns])
+        """Standard deviation of each label, (K,) (1 where a label takes a single value)."""
+        std = torch.cat([c.std(0) if c.shape[0] > 1 else torch.zeros(c.shape[1]) for c in self.columns])
+        return torch.where(std > 0, std, torch.ones_like(std))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Labels of shape (n, K), float."""
