@@ -11,6 +11,10 @@ and real held-out data. :class:`RowRunner` builds each row on it (DESIGN.md's me
 - ``dps``: the reward classifier at Tweedie's x0_hat.
 - ``best_of_n``: N pre-trained samples per request, the reward classifier picks.
 - ``real_data``: held-out real samples with the requested labels; the ceiling.
+- ``ctrl_pg``, ``ddpo`` (not in the default rows): policy gradients from reward *values* only
+  (:func:`ctrl_bio.policy_gradient.finetune_policy_gradient`); the reward is the label's exact function on the decoded
+  sample (an RDKit property, a real JPEG size) queried as a black box, so they answer "what if the reward had no
+  gradient" on labels whose truth is known.
 
 Guidance scales are chosen by the reward classifier's J = gamma E[log p(y|x)] - alpha KL on requests of their own,
 CTRL's own objective with its gamma and alpha: the evaluation oracle or exact label is never consulted for a choice.
@@ -29,6 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ctrl_bio.blackbox import CallableReward
 from ctrl_bio.domain import Domain
 from ctrl_bio.finetune import finetune
 from ctrl_bio.guidance import (
@@ -41,12 +46,16 @@ from ctrl_bio.guidance import (
 from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import accuracy, macro_f1
+from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama, time_grid
 
 log = logging.getLogger(__name__)
 
 METHODS = ("pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n", "real_data")
+#: Rows a suite runs only when asked (``suite.methods``): policy gradients on the exact label as a black-box reward.
+POLICY_GRADIENT_METHODS = ("ctrl_pg", "ddpo")
+KNOWN_METHODS = METHODS + POLICY_GRADIENT_METHODS
 #: (samples, path KL to the pre-trained model or None, extra metrics) of one row.
 RowOutput = tuple[Tensor, Tensor | None, dict[str, float]]
 
@@ -207,7 +216,9 @@ class RowRunner:
             samples), and ``pool_size``.
         alpha0: settings of ``ctrl_alpha0``: ``alpha``, ``steps``, ``batch_size``, ``lr``, ``grad_last_k``.
         baselines: settings of ``cfg``, ``classifier_guidance`` (``hidden`` and other keyword arguments go to
-            ``ctx.noisy_classifier``), ``dps`` and ``best_of_n``.
+            ``ctx.noisy_classifier``), ``dps``, ``best_of_n`` and ``policy_gradient`` (``settings``: keyword arguments
+            of :func:`ctrl_bio.policy_gradient.finetune_policy_gradient` for ``ctrl_pg``; ``ddpo``: overrides for
+            ``ddpo``).
         run_dir: where ``ctrl`` writes its checkpoint.
         info: the suite's ``info`` record; rows add what they trained and chose.
     """
@@ -275,8 +286,8 @@ class RowRunner:
 
     def run(self, name: str) -> RowOutput:
         ctx = self.ctx
-        if name not in METHODS:
-            raise ValueError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
+        if name not in KNOWN_METHODS:
+            raise ValueError(f"unknown method '{name}'; known: {', '.join(KNOWN_METHODS)}")
         if name == "pretrained":
             return self.pretrained_chunk(0), torch.zeros(ctx.y_eval.shape[0]), {"score_evals": ctx.n_steps}
         if name == "real_data":
@@ -391,6 +402,46 @@ class RowRunner:
         # A forward and a backward pass through the score network per step: about three evaluations.
         return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
 
+    def exact_reward(self) -> CallableReward:
+        """gamma * sum_k log p_k(y_k | x0) of the labels' exact functions, as values only (a counted black box)."""
+        ctx, gamma = self.ctx, float(self.method.get("gamma", 1.0))
+        exact = [exact_log_prob(spec, ctx.domain) for spec in ctx.specs]
+        missing = [spec["name"] for spec, f in zip(ctx.specs, exact) if f is None]
+        if missing:
+            raise ValueError(f"ctrl_pg and ddpo query the label's exact function as their reward; label(s) {missing} "
+                             "have none (a reward from the evaluation oracle would grade its own homework)")
+
+        def values(x0: Tensor, y: Tensor) -> Tensor:
+            return gamma * sum(f(x0).gather(1, y[:, k:k + 1]).squeeze(1) for k, f in enumerate(exact))
+
+        return CallableReward(values, decode=lambda x0: x0.detach())
+
+    def policy_gradient_row(self, variant: str) -> RowOutput:
+        """``ctrl_pg`` or ``ddpo``: the label pathway trained from reward values only (no reward gradient)."""
+        ctx, cfg = self.ctx, dict(self.baselines.get("policy_gradient") or {})
+        settings = dict(cfg.get("settings") or {}) | {"alpha": float(self.method.get("alpha", 1.0))}
+        if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
+            settings |= dict(cfg.get("ddpo") or {}) | {"reference_pool": 0, "reference_updates": 0}
+        for key in ("variant", "seed", "progress", "checkpoint_path", "t_end"):
+            settings.pop(key, None)
+        model = self.new_model()
+        result = finetune_policy_gradient(model, ctx.domain.sde, self.exact_reward(), self.label_prior(),
+                                          ctx.domain.x_shape, variant=variant, t_end=ctx.t_end, seed=ctx.seed,
+                                          progress=self.progress,
+                                          checkpoint_path=self.run_dir / "checkpoints" / f"{variant}.safetensors",
+                                          **settings)
+        self.histories[variant] = result.history
+        self.info[variant] = {"settings": settings, "train_seconds": result.seconds}
+        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "failed_rewards": result.failed_rewards,
+                       "reward_queries": result.history[-1]["reward_queries"] if result.history else 0}
+
+    def row_ctrl_pg(self) -> RowOutput:
+        return self.policy_gradient_row("ctrl_pg")
+
+    def row_ddpo(self) -> RowOutput:
+        return self.policy_gradient_row("ddpo")
+
     def row_best_of_n(self) -> RowOutput:
         """N pre-trained samples per request, the one the reward classifier likes best; selection has no path KL.
 
@@ -425,9 +476,9 @@ def run_rows(runner: RowRunner, methods: Sequence[str], label: str,
     Returns:
         The rows, and each method's details (per-class numbers for plots).
     """
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in KNOWN_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(KNOWN_METHODS)}")
     rows, details = [], {}
     y = runner.ctx.y_eval
     for name in methods:

@@ -193,3 +193,28 @@ def test_suite_end_to_end_on_the_slice(tmp_path):
     for name in ("ctrl.sdf", "ctrl.png", "real_data.sdf"):
         assert (run_dir / "samples" / name).is_file()
     assert (run_dir / "per_class_accuracy_qed.png").is_file()
+
+
+@pytest.mark.slow
+def test_policy_gradient_rows_query_the_exact_label_as_a_black_box(tmp_path):
+    """ctrl_pg and ddpo run in suite=molecules with the RDKit label as their reward (values only), counted queries."""
+    import json
+
+    from ctrl_bio.cli import main
+    from ctrl_bio.training.runs import export_network
+
+    domain = MoleculeDomain(data="slice")
+    torch.manual_seed(0)
+    export_network(GraphScoreNet(domain.sde, hidden=16, edge_hidden=8, n_layers=1, emb_dim=16),
+                   tmp_path / "score.safetensors")
+    pg = "suite.baselines.policy_gradient"
+    main(["benchmark", "suite=molecules", "label=qed", "domain.data=slice",
+          f"domain.checkpoint={tmp_path / 'score.safetensors'}", "data.n_pairs=60", "label.qed.training.epochs=1",
+          "suite.n_eval=6", "suite.n_select=6", "suite.n_steps=3", "suite.batch_size=6",
+          "suite.methods=[ctrl_pg,ddpo]", f"{pg}.settings.iterations=2", f"{pg}.settings.batch_size=4",
+          f"{pg}.settings.n_steps=3", f"{pg}.settings.reference_pool=8", f"{pg}.settings.reference_updates=2",
+          f"{pg}.ddpo.iterations=3", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])
+    rows = {r["method"]: r["metrics"] for r in json.loads((tmp_path / "run" / "results.json").read_text())["rows"]}
+    # ctrl_pg: 2 batches of 4 paths plus the 8 scored reference paths; ddpo: 3 batches of 4, no reference pool.
+    assert rows["ctrl_pg"]["reward_queries"] == 16 and rows["ddpo"]["reward_queries"] == 12
+    assert rows["ctrl_pg"]["failed_rewards"] == 0

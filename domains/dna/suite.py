@@ -135,9 +135,6 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
         baselines: settings of ``cfg``, ``classifier_guidance``, ``dps`` and ``best_of_n``.
         motifs: JASPAR ids that ``motif_correlation`` counts (None: the domain's default list).
     """
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)} for suite dna; known: {', '.join(METHODS)}")
     run_dir = Path(run_dir)
     method, baselines = dict(method or {}), dict(baselines or {})
     specs, pairs, eval_fns, info = load_task(labels, domain, seed)
