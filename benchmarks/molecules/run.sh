@@ -26,6 +26,6 @@ case "${1:-all}" in
     run qed ;;&
   gap|all)
     run gap label=gap ;;&
-  qed_gap|all)
-    run qed_gap 'label=[qed,gap]' ;;
+  gap_qed|all)
+    run gap_qed 'label=[gap,qed]' ;;
 esac

@@ -5,7 +5,7 @@ diffused jointly, decoded with no valency correction). A label is added by the r
 (``pretrained``, ``ctrl``, ``ctrl_alpha0``, ``cfg``, ``classifier_guidance``, ``dps``, ``best_of_n``,
 ``real_data``), all with the same Euler-Maruyama sampler. Default task: ``label=qed`` (QED bins, exact by RDKit);
 ``label=gap`` / ``mu`` / ``alpha`` are DFT-property bins judged by the evaluation oracle (a GNN trained on molecules
-disjoint from every pair, :mod:`domains.molecules.oracle`), ``label=[qed,gap]`` the two-label task from separate
+disjoint from every pair, :mod:`domains.molecules.oracle`), ``label=[gap,qed]`` the two-label task from separate
 pair sets.
 
 Metrics of every row: ``accuracy`` and ``macro_f1`` of the requested bins (an invalid molecule is wrong for every
