@@ -103,8 +103,9 @@ def test_classifier_is_permutation_invariant():
     assert torch.allclose(clf(_permute(x, perm), t), clf(x, t), atol=1e-5)
 
 
-def test_zero_initialised_label_embedding_reproduces_the_pretrained_score():
-    domain = MoleculeDomain(data="slice")
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_zero_initialised_pathway_reproduces_the_pretrained_score(lora_rank):
+    domain = MoleculeDomain(data="slice", lora_rank=lora_rank)
     torch.manual_seed(0)
     net = GraphScoreNet(domain.sde, hidden=32, edge_hidden=16, n_layers=2, emb_dim=32).requires_grad_(False)
     model = domain.augment(net, [3])
@@ -112,6 +113,15 @@ def test_zero_initialised_label_embedding_reproduces_the_pretrained_score():
     y = torch.tensor([[0], [1], [2], [NULL_LABEL]])
     s, u = model.score_and_control(x, t, y)
     assert torch.equal(s, net(x, t)) and torch.equal(u, torch.zeros_like(u))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("embedding" in n or "lora_" in n for n in trainable)
+    if lora_rank:  # after training steps the adapters act on labelled requests only; the caller's net is untouched
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data.normal_()
+        s, u = model.score_and_control(x, t, y)
+        assert not torch.equal(s[:3], net(x, t)[:3]) and torch.equal(s[3], net(x, t)[3])
+        assert not any("lora_" in n for n, _ in net.named_parameters())
 
 
 def test_domain_protocol_and_samples_written(table, tmp_path):

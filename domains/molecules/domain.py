@@ -2,9 +2,10 @@
 
 ``ctrl-bio pretrain domain=molecules`` trains :class:`domains.molecules.nets.GraphScoreNet` unconditionally on
 the QM9 training split (nodes and bonds diffused jointly under one VP-SDE); the network ships as
-``domains/molecules/checkpoints/pretrained.safetensors`` (+ ``.json``). The label pathway is CTRL's
-zero-initialised :class:`ctrl_bio.model.LabelEmbedding` added to the frozen network's time embedding
-(:class:`ctrl_bio.model.EmbeddingAugmentedScore`), so fine-tuning starts from the pre-trained sampler bit for bit.
+``domains/molecules/checkpoints/pretrained.safetensors`` (+ ``.json``). The label pathway
+(:class:`domains.molecules.pathway.GraphAugmentedScore`) is CTRL's zero-initialised label embedding added to the
+frozen network's time embedding plus rank-4 LoRA adapters on its node and edge MLPs (``lora_rank: 0`` for the
+embedding alone), so fine-tuning starts from the pre-trained sampler bit for bit.
 Samples are written as SMILES (CSV, with the requested labels and validity) and SDF (RDKit 3-D embedding).
 """
 
@@ -20,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from ctrl_bio.domain import ScoreModel
-from ctrl_bio.model import NULL_LABEL, EmbeddingAugmentedScore
+from ctrl_bio.model import NULL_LABEL
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.sde import VPSDE
 from domains.molecules.data import X_DIM, MoleculeTable, decode, encode, load_qm9, smiles_to_graphs, to_smiles
 from domains.molecules.metrics import generation_metrics
 from domains.molecules.nets import GraphScoreNet
+from domains.molecules.pathway import LORA_TARGETS, GraphAugmentedScore
 
 #: The pre-trained network that ships with the package.
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "pretrained.safetensors"
@@ -41,12 +43,16 @@ class MoleculeDomain:
         score_net: keyword arguments of :class:`domains.molecules.nets.GraphScoreNet` for ``pretrain``.
         checkpoint: pre-trained weights (a ``.safetensors`` file or a ``pretrain`` run directory); None: the
             shipped network.
+        lora_rank: rank of the LoRA adapters beside the label embedding; 0: the embedding only.
+        lora_targets: module-name suffixes that get adapters (default: the node and edge MLPs of every layer).
         beta_min, beta_max: the VP-SDE schedule.
     """
 
     data: str = "full"
     score_net: dict[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None
+    lora_rank: int = 4
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     beta_min: float = 0.1
     beta_max: float = 20.0
     _table: MoleculeTable | None = field(default=None, init=False, repr=False)
@@ -81,10 +87,10 @@ class MoleculeDomain:
         path = Path(self.checkpoint) if self.checkpoint else SHIPPED_CHECKPOINT
         return load_network(path, self.sde)
 
-    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> EmbeddingAugmentedScore:
+    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> GraphAugmentedScore:
         if not isinstance(pretrained, GraphScoreNet):
             raise TypeError(f"the molecule label pathway needs a GraphScoreNet, got {type(pretrained).__name__}")
-        return EmbeddingAugmentedScore(pretrained, n_classes, pretrained.emb_dim)
+        return GraphAugmentedScore(pretrained, n_classes, lora_rank=self.lora_rank, lora_targets=self.lora_targets)
 
     def encode_x(self, smiles: list[str]) -> tuple[Tensor, list[int]]:
         """SMILES of a label's CSV as graphs; rows RDKit cannot parse or that do not fit QM9 graphs are bad indices."""
