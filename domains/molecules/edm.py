@@ -19,7 +19,8 @@ requested value c is the score. For each property P:
   to its held-out RMSE, the Gaussian likelihood reward, the empirical prior of the pairs' values, the
   zero-initialised :class:`ContinuousAugmentedScore` on the frozen pre-trained network, and
   :func:`finetune_continuous` (``hybrid`` by default) with the pre-trained model's unlabelled training molecules as
-  the score-matching pool; sampled with the requested c;
+  the score-matching pool; sampled with the requested c. The pathway is the label embedding alone: the categorical
+  suite's LoRA adapters (:mod:`domains.molecules.pathway`) have no continuous counterpart yet;
 - ``cfg``: the same zero-initialised pathway trained by plain denoising score matching on the labelled pairs
   (label dropout to NaN), sampled with classifier-free guidance s_pre + w (s_cond - s_pre); w is chosen on requests
   of its own (drawn from the pairs' values) by the reward regressor's J = gamma E log N(c; f(x), s^2) - alpha KL,
