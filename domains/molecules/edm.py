@@ -17,10 +17,10 @@ requested value c is the score. For each property P:
 - ``ctrl``: CTRL with a continuous label (:mod:`ctrl_bio.continuous`): a regressor (GraphClassifier(n_out=1))
   trained on ``n_pairs`` pairs of the labelled-pairs pool (their DFT values; never the oracle pool) and calibrated
   to its held-out RMSE, the Gaussian likelihood reward, the empirical prior of the pairs' values, the
-  zero-initialised :class:`ContinuousAugmentedScore` on the frozen pre-trained network, and
+  zero-initialised molecule pathway (:class:`domains.molecules.pathway.GraphAugmentedScore`: a real-valued label
+  embedding in the time embedding plus the domain's LoRA adapters) on the frozen pre-trained network, and
   :func:`finetune_continuous` (``hybrid`` by default) with the pre-trained model's unlabelled training molecules as
-  the score-matching pool; sampled with the requested c. The pathway is the label embedding alone: the categorical
-  suite's LoRA adapters (:mod:`domains.molecules.pathway`) have no continuous counterpart yet;
+  the score-matching pool; sampled with the requested c;
 - ``cfg``: the same zero-initialised pathway trained by plain denoising score matching on the labelled pairs
   (label dropout to NaN), sampled with classifier-free guidance s_pre + w (s_cond - s_pre); w is chosen on requests
   of its own (drawn from the pairs' values) by the reward regressor's J = gamma E log N(c; f(x), s^2) - alpha KL,
@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.continuous import (
-    ContinuousAugmentedScore,
+    ContinuousLabelEmbedding,
     ContinuousPrior,
     GaussianReward,
     finetune_continuous,
@@ -68,6 +68,7 @@ from domains.molecules.domain import MoleculeDomain
 from domains.molecules.metrics import generation_metrics
 from domains.molecules.nets import GraphClassifier
 from domains.molecules.oracle import predict_properties
+from domains.molecules.pathway import GraphAugmentedScore
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def fit_property_regressor(x: Tensor, y: Tensor, settings: dict[str, Any], seed:
                          seed=seed)
 
 
-def train_cfg_pathway(model: ContinuousAugmentedScore, sde, x: Tensor, y: Tensor, *, steps: int, batch_size: int,
+def train_cfg_pathway(model: GraphAugmentedScore, sde, x: Tensor, y: Tensor, *, steps: int, batch_size: int,
                       lr: float, label_dropout: float, t_end: float, generator: torch.Generator, progress: bool):
     """Denoising score matching of the label pathway on the pairs (x0, y), a label dropped to NaN (no request) with
     probability ``label_dropout``: :func:`ctrl_bio.guidance.train_conditional_pathway` for real labels."""
@@ -288,9 +289,12 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
     def charge() -> float:
         return lazy.pop("charge", 0.0)
 
-    def new_model(prior: ContinuousPrior) -> ContinuousAugmentedScore:
+    def new_model(prior: ContinuousPrior) -> GraphAugmentedScore:
+        # The molecule pathway (label embedding + LoRA, domains/molecules/pathway.py) with a real-valued embedding.
         torch.manual_seed(seed)
-        return ContinuousAugmentedScore(ctx.pretrained, ctx.pretrained.emb_dim, 1, loc=prior.loc, scale=prior.scale)
+        embedding = ContinuousLabelEmbedding(ctx.pretrained.emb_dim, 1, loc=prior.loc, scale=prior.scale)
+        return GraphAugmentedScore(ctx.pretrained, lora_rank=domain.lora_rank, lora_targets=domain.lora_targets,
+                                   embedding=embedding)
 
     gamma, alpha = float(method.get("gamma", 1.0)), float(method.get("alpha", 1.0))
     for name in methods:

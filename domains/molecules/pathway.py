@@ -37,20 +37,24 @@ class GraphAugmentedScore(nn.Module):
     Args:
         net: a score network ``net(x, t, extra_emb=None) -> s`` with an ``emb_dim``; it is deep-copied before adapters
             go in, so the caller's network stays the pre-trained one (other rows sample from it).
-        n_classes: classes per label.
+        n_classes: classes per label (categorical labels: a :class:`ctrl_bio.model.LabelEmbedding`, -1 = no request).
         lora_rank: rank of the adapters; 0: the label embedding only.
         lora_alpha: LoRA scaling numerator (updates are scaled by lora_alpha / lora_rank); None: the rank.
         lora_targets: suffixes of the module names that get adapters.
+        embedding: a zero-initialised embedding of real-valued labels instead (e.g.
+            :class:`ctrl_bio.continuous.ContinuousLabelEmbedding`; NaN = no request); ``n_classes`` is then ignored.
     """
 
-    def __init__(self, net: nn.Module, n_classes: Sequence[int], *, lora_rank: int = 4, lora_alpha: float | None = None,
-                 lora_targets: Sequence[str] = LORA_TARGETS):
+    def __init__(self, net: nn.Module, n_classes: Sequence[int] = (), *, lora_rank: int = 4,
+                 lora_alpha: float | None = None, lora_targets: Sequence[str] = LORA_TARGETS,
+                 embedding: nn.Module | None = None):
         super().__init__()
         self.lora_rank = int(lora_rank)
         self.net = copy.deepcopy(net) if self.lora_rank > 0 else net
         self.net.requires_grad_(False)
-        self.embedding = LabelEmbedding(n_classes, int(net.emb_dim))
-        self.n_classes = self.embedding.n_classes
+        self.continuous = embedding is not None
+        self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim))
+        self.n_classes = None if self.continuous else self.embedding.n_classes
         if self.lora_rank > 0:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -73,16 +77,21 @@ class GraphAugmentedScore(nn.Module):
         """(s_theta, u = s_theta - s_pre); s_pre is the copy with its adapters off and no label, i.e. the pre-trained
         network exactly."""
         s, s_pre = self.net(x, t, self.embedding(y)), self._pretrained(x, t)
-        active = (y != NULL_LABEL).any(dim=1).view(x.shape[0], *([1] * (x.ndim - 1)))
+        active = self._active(y).view(x.shape[0], *([1] * (x.ndim - 1)))
         s = torch.where(active, s, s_pre)  # the adapters act whatever the label: a null request must not see them
         return s, s - s_pre
 
+    def _active(self, y: Tensor) -> Tensor:
+        """Requests with at least one label asked for, (B,)."""
+        return (~torch.isnan(y)).any(dim=1) if self.continuous else (y != NULL_LABEL).any(dim=1)
+
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """s_theta alone: one network call unless a request is null."""
-        if bool((y != NULL_LABEL).any(dim=1).all()):
+        if bool(self._active(y).all()):
             return self.net(x, t, self.embedding(y))
         return self.score_and_control(x, t, y)[0]
 
     def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        check_labels(y, self.n_classes)
+        if not self.continuous:
+            check_labels(y, self.n_classes)
         return lambda x, t: self.score_and_control(x, t, y)
