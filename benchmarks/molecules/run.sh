@@ -21,11 +21,16 @@ case "${1:-all}" in
     mkdir -p $out/pretrain && cp runs/pretrain_molecules/{metrics.csv,quality.json} $out/pretrain/
     python benchmarks/plot_pretrain_loss.py $out/pretrain/metrics.csv "GraphScoreNet on QM9 graphs" ;;
   oracle)    # not in `all`: ~8 min on one core
-    OMP_NUM_THREADS=1 python -m domains.molecules.oracle --epochs 16 ;;
+    OMP_NUM_THREADS=1 python -m domains.molecules.oracle --epochs 12 ;;
+  logp|all)
+    run logp ;;&
   qed|all)
-    run qed ;;&
+    run qed label=qed ;;&
   gap|all)
     run gap label=gap ;;&
-  gap_qed|all)
-    run gap_qed 'label=[gap,qed]' ;;
+  gap_logp|all)
+    run gap_logp 'label=[gap,logp]' ;;&
+  edm|all)   # the EDM protocol on continuous gap / mu / alpha targets
+    /usr/bin/time -f "edm: %e s wall" ctrl-bio benchmark suite=molecules_edm progress=false "hydra.run.dir=$out/edm"
+    rm -rf "$out/edm/checkpoints" ;;
 esac

@@ -3,9 +3,9 @@
 The pre-trained model is the unconditional graph diffusion of :mod:`domains.molecules.domain` (nodes and bonds
 diffused jointly, decoded with no valency correction). A label is added by the rows of :mod:`ctrl_bio.rows`
 (``pretrained``, ``ctrl``, ``ctrl_alpha0``, ``cfg``, ``classifier_guidance``, ``dps``, ``best_of_n``,
-``real_data``), all with the same Euler-Maruyama sampler. Default task: ``label=qed`` (QED bins, exact by RDKit);
+``real_data``), all with the same Euler-Maruyama sampler. Default task: ``label=logp`` (logP bins, exact by RDKit);
 ``label=gap`` / ``mu`` / ``alpha`` are DFT-property bins judged by the evaluation oracle (a GNN trained on molecules
-disjoint from every pair, :mod:`domains.molecules.oracle`), ``label=[gap,qed]`` the two-label task from separate
+disjoint from every pair, :mod:`domains.molecules.oracle`), ``label=[gap,logp]`` the two-label task from separate
 pair sets.
 
 Metrics of every row: ``accuracy`` and ``macro_f1`` of the requested bins (an invalid molecule is wrong for every
