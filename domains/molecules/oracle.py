@@ -147,7 +147,8 @@ def train_oracle(table: MoleculeTable, *, hidden: int = 64, edge_hidden: int = 3
 
 def _bin_accuracy(pred: Tensor, true: Tensor, edges: Sequence[float]) -> float:
     e = torch.tensor(list(edges), dtype=pred.dtype)
-    return float((torch.bucketize(pred, e, right=True) == torch.bucketize(true, e, right=True)).float().mean())
+    bins_pred = torch.bucketize(pred.contiguous(), e, right=True)
+    return float((bins_pred == torch.bucketize(true.contiguous(), e, right=True)).float().mean())
 
 
 def save_oracle(model: PropertyOracle, report: dict, path: str | Path = SHIPPED_ORACLE) -> Path:
