@@ -19,7 +19,7 @@ case "${1:-all}" in
     cp runs/pretrain_molecules/score.safetensors domains/molecules/checkpoints/pretrained.safetensors
     cp runs/pretrain_molecules/score.json domains/molecules/checkpoints/pretrained.json
     mkdir -p $out/pretrain && cp runs/pretrain_molecules/{metrics.csv,quality.json} $out/pretrain/
-    python benchmarks/plot_pretrain_loss.py $out/pretrain/metrics.csv "GraphScoreNet on QM9 graphs" ;;
+    python benchmarks/plot_pretrain_loss.py $out/pretrain/metrics.csv "GraphScoreNet on QM9 graphs" 256 ;;
   oracle)    # not in `all`: ~8 min on one core
     OMP_NUM_THREADS=1 python -m domains.molecules.oracle --epochs 12 ;;
   logp|all)
