@@ -1,8 +1,8 @@
 """Plot a pre-training loss curve from a ``ctrl-bio pretrain`` run's Lightning metrics.csv.
 
-    python benchmarks/plot_pretrain_loss.py benchmarks/images/pretrain/metrics.csv "UNet2DModel on photograph patches" 128
+    python benchmarks/plot_pretrain_loss.py benchmarks/images/pretrain/metrics.csv "UNet2DModel on patches" 128
 
-writes loss.png beside the CSV and prints the final running mean.
+writes loss.png beside the CSV and prints the final running mean; the last argument is the batch size (default 128).
 """
 import csv
 import sys
