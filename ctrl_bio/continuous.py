@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, _save_checkpoint, finetune
+from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune, save_pathway_checkpoint
 from ctrl_bio.model import fourier_features
 from ctrl_bio.objective import MemoryMode, denoising_score_matching_loss, pathwise_loss
 from ctrl_bio.progress import progress_bar
@@ -590,7 +590,7 @@ def _score_matching_phase(model, sde: SDE, reward: GaussianReward, label_prior: 
                                "kl": float(est.kl), "objective": float(est.objective)})
         last_good = {n: p.detach().clone() for n, p in named.items()}
         if path is not None:
-            _save_checkpoint(last_good, path)
+            save_pathway_checkpoint(last_good, path)
 
     evaluate(0, "init", float("nan"))
     x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(

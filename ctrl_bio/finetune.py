@@ -67,7 +67,7 @@ def sample_pretrained_pool(model: ConditionalScore, sde: SDE, x_shape: tuple[int
     return torch.cat(chunks)
 
 
-def _save_checkpoint(params: dict[str, Tensor], path: Path) -> None:
+def save_pathway_checkpoint(params: dict[str, Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                                "kl": float(est.kl), "objective": float(est.objective)})
         last_good = {n: p.detach().clone() for n, p in named.items()}
         if path is not None:
-            _save_checkpoint(last_good, path)
+            save_pathway_checkpoint(last_good, path)
 
     step = 0
     evaluate(step, "init", float("nan"))

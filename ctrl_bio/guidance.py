@@ -132,8 +132,8 @@ class TrainingRecord:
     seconds: float = 0.0
 
 
-def _fit(params: list[Tensor], loss_fn: Callable[[int], Tensor], steps: int, lr: float, desc: str,
-         progress: bool) -> TrainingRecord:
+def fit_adam(params: list[Tensor], loss_fn: Callable[[int], Tensor], steps: int, lr: float, desc: str,
+             progress: bool) -> TrainingRecord:
     """Adam with a cosine schedule over ``steps`` updates of ``loss_fn(step)``."""
     start = time.perf_counter()
     record = TrainingRecord()
@@ -167,7 +167,7 @@ def train_noisy_classifier(net: nn.Module, sde: SDE, x: Tensor, y: Tensor, *, st
         return F.cross_entropy(net(x_t, t), y[idx])
 
     net.train()
-    record = _fit(list(net.parameters()), loss_fn, steps, lr, "noisy classifier", progress)
+    record = fit_adam(list(net.parameters()), loss_fn, steps, lr, "noisy classifier", progress)
     net.eval().requires_grad_(False)
     return record
 
@@ -193,4 +193,4 @@ def train_conditional_pathway(model: ConditionalScore, sde: SDE, x: Tensor, y: T
         return denoising_score_matching_loss(model, sde, x[idx], y_b, t_end=t_end, generator=generator)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return _fit(params, loss_fn, steps, lr, "cfg pathway", progress)
+    return fit_adam(params, loss_fn, steps, lr, "cfg pathway", progress)

@@ -58,7 +58,7 @@ from ctrl_bio.continuous import (
     finetune_continuous,
     fit_regressor,
 )
-from ctrl_bio.guidance import _fit, classifier_free_guidance
+from ctrl_bio.guidance import classifier_free_guidance, fit_adam
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.objective import denoising_score_matching_loss
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
@@ -189,7 +189,7 @@ def train_cfg_pathway(model: GraphAugmentedScore, sde, x: Tensor, y: Tensor, *, 
         return denoising_score_matching_loss(model, sde, x[idx], y_b, t_end=t_end, generator=generator)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    return _fit(params, loss_fn, steps, lr, "cfg pathway (continuous)", progress)
+    return fit_adam(params, loss_fn, steps, lr, "cfg pathway (continuous)", progress)
 
 
 def write_rows_csv(path: Path, prop: str, smiles: Sequence[str | None], requested: Tensor, predicted: Tensor,
