@@ -30,7 +30,12 @@ case "${1:-all}" in
     run gap label=gap ;;&
   gap_logp|all)
     run gap_logp 'label=[gap,logp]' ;;&
-  edm|all)   # the EDM protocol on continuous gap / mu / alpha targets
-    /usr/bin/time -f "edm: %e s wall" ctrl-bio benchmark suite=molecules_edm progress=false "hydra.run.dir=$out/edm"
-    rm -rf "$out/edm/checkpoints" ;;
+  edm|all)   # the EDM protocol on continuous gap / mu / alpha targets; recorded as two processes, one per core
+    for props in gap,mu alpha; do
+      name=${props/,/_}
+      OMP_NUM_THREADS=1 /usr/bin/time -f "edm $name: %e s wall" ctrl-bio benchmark suite=molecules_edm \
+        "suite.properties=[$props]" progress=false "hydra.run.dir=$out/edm/$name" &
+    done
+    wait
+    rm -rf "$out"/edm/*/checkpoints ;;
 esac
