@@ -19,8 +19,8 @@ requested value c is the score. For each property P:
   to its held-out RMSE, the Gaussian likelihood reward, the empirical prior of the pairs' values, the
   zero-initialised molecule pathway (:class:`domains.molecules.pathway.GraphAugmentedScore`: a real-valued label
   embedding in the time embedding plus the domain's LoRA adapters) on the frozen pre-trained network, and
-  :func:`finetune_continuous` (``hybrid`` by default) with the pre-trained model's unlabelled training molecules as
-  the score-matching pool; sampled with the requested c;
+  :func:`finetune_continuous` (``score_matching`` in the suite config) with the pre-trained model's unlabelled
+  training molecules as the score-matching pool; sampled with the requested c;
 - ``cfg``: the same zero-initialised pathway trained by plain denoising score matching on the labelled pairs
   (label dropout to NaN), sampled with classifier-free guidance s_pre + w (s_cond - s_pre); w is chosen on requests
   of its own (drawn from the pairs' values) by the reward regressor's J = gamma E log N(c; f(x), s^2) - alpha KL,
