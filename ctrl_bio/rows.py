@@ -48,7 +48,7 @@ from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, 
 from ctrl_bio.metrics import accuracy, macro_f1
 from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
-from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama, time_grid
+from ctrl_bio.sampling import ScoreFn, Spacing, sample_in_batches, time_grid
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,7 @@ class BaseSuiteContext:
                ) -> tuple[Tensor, Tensor]:
         """Samples and path KLs for requests y, in batches (the same noise for every row at one offset)."""
         g = torch.Generator().manual_seed(self.seed + seed_offset)
-        xs, kls = [], []
-        for start in range(0, y.shape[0], self.batch_size):
-            yb = y[start:start + self.batch_size]
-            x_init = self.domain.sde.prior_sampling((yb.shape[0], *self.domain.x_shape), generator=g)
-            with torch.no_grad():
-                out = euler_maruyama(self.domain.sde, score_fn_for(yb), x_init, self.times, generator=g,
-                                     keep_trajectory=False)
-            xs.append(out.x)
-            kls.append(out.kl)
-        return torch.cat(xs), torch.cat(kls)
+        return sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size, g)
 
     def real_requests(self, y: Tensor, seed: int) -> Tensor:
         """Held-out real samples with the requested labels, drawn per request (with replacement)."""

@@ -152,3 +152,22 @@ def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_init: Tensor, times: Tensor, *
         x=x, times=times, kl_steps=torch.stack(kls), stds=torch.stack(stds),
         states=torch.stack(states) if keep_trajectory else None,
         means=torch.stack(means) if keep_trajectory else None)
+
+
+@torch.no_grad()
+def sample_in_batches(sde: SDE, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, x_shape: tuple[int, ...],
+                      times: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Samples and path KLs for requests y, ``batch_size`` at a time, every batch from the same ``generator``.
+
+    Args:
+        score_fn_for: requests of one batch -> the score callable to sample that batch with.
+        y: requests, (N, ...); only their count and batching matter here.
+    """
+    xs, kls = [], []
+    for start in range(0, y.shape[0], batch_size):
+        yb = y[start:start + batch_size]
+        x_init = sde.prior_sampling((yb.shape[0], *x_shape), generator=generator)
+        out = euler_maruyama(sde, score_fn_for(yb), x_init, times, generator=generator, keep_trajectory=False)
+        xs.append(out.x)
+        kls.append(out.kl)
+    return torch.cat(xs), torch.cat(kls)

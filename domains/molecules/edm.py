@@ -61,7 +61,7 @@ from ctrl_bio.continuous import (
 from ctrl_bio.guidance import classifier_free_guidance, fit_adam
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.objective import denoising_score_matching_loss
-from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
+from ctrl_bio.sampling import ScoreFn, sample_in_batches, time_grid
 from ctrl_bio.utils import rand
 from domains.molecules.data import PROPERTIES, UNITS, decode, encode, graph_types, to_smiles
 from domains.molecules.domain import MoleculeDomain
@@ -132,16 +132,7 @@ class EDMContext:
                ) -> tuple[Tensor, Tensor]:
         """Samples and path KLs for requests y (B, 1), in batches; the same noise for every row at one offset."""
         g = torch.Generator().manual_seed(self.seed + seed_offset)
-        xs, kls = [], []
-        for start in range(0, y.shape[0], self.batch_size):
-            yb = y[start:start + self.batch_size]
-            x_init = self.domain.sde.prior_sampling((yb.shape[0], *self.domain.x_shape), generator=g)
-            with torch.no_grad():
-                out = euler_maruyama(self.domain.sde, score_fn_for(yb), x_init, self.times, generator=g,
-                                     keep_trajectory=False)
-            xs.append(out.x)
-            kls.append(out.kl)
-        return torch.cat(xs), torch.cat(kls)
+        return sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size, g)
 
     def decoded(self, x: Tensor) -> tuple[Tensor, list, dict[str, Tensor], dict[str, float]]:
         """(valid mask, molecules, oracle predictions per property, generation metrics) of samples x."""
