@@ -46,6 +46,7 @@ from ctrl_bio.guidance import (
 from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import accuracy, macro_f1
+from ctrl_bio.plots import plot_reward_vs_queries, plot_training_curves
 from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, sample_in_batches, time_grid
@@ -484,3 +485,25 @@ def run_rows(runner: RowRunner, methods: Sequence[str], label: str,
         if write is not None:
             write(name, x)
     return rows, details
+
+
+def plot_histories(runner: RowRunner, rows: Sequence[Row], run_dir: Path) -> None:
+    """``training.png`` (the pathwise and score-matching rows' training curves) and, when ``ctrl_pg`` or ``ddpo``
+    ran, ``reward_vs_queries.png``: their on-policy reward and path KL against the number of black-box reward
+    queries, with ``ctrl`` as one point at the number of labelled pairs it learned from (every query made up front)
+    and at the exact reward and KL of its evaluation samples, in the same units (gamma log p(y|x), nats).
+    """
+    trained = {k: v for k, v in runner.histories.items() if k not in POLICY_GRADIENT_METHODS}
+    if trained:
+        plot_training_curves(trained, Path(run_dir) / "training.png")
+    if len(trained) == len(runner.histories):
+        return
+    queries = {k: v for k, v in runner.histories.items() if k in POLICY_GRADIENT_METHODS}
+    ctrl = next((r for r in rows if r.method == "ctrl"), None)
+    if ctrl is not None and ctrl.metrics.get("kl") is not None:
+        alpha = float(runner.method.get("alpha", 1.0))
+        n_pairs = sum(int(p.y.shape[0]) for p in runner.ctx.pairs)
+        point = {"reward_queries": n_pairs, "reward": ctrl.metrics["objective"] + alpha * ctrl.metrics["kl"],
+                 "kl": ctrl.metrics["kl"]}
+        queries = {"ctrl (labelled pairs; evaluation samples)": [point]} | queries
+    plot_reward_vs_queries(queries, Path(run_dir) / "reward_vs_queries.png")

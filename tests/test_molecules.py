@@ -228,3 +228,4 @@ def test_policy_gradient_rows_query_the_exact_label_as_a_black_box(tmp_path):
     # ctrl_pg: 2 batches of 4 paths plus the 8 scored reference paths; ddpo: 3 batches of 4, no reference pool.
     assert rows["ctrl_pg"]["reward_queries"] == 16 and rows["ddpo"]["reward_queries"] == 12
     assert rows["ctrl_pg"]["failed_rewards"] == 0
+    assert (tmp_path / "run" / "reward_vs_queries.png").is_file()

@@ -176,3 +176,25 @@ def test_short_ctrl_pg_run_improves_true_label_accuracy(small_testbed):
     assert acc > acc_pre + 0.25 and acc > 0.8, (acc_pre, acc)
     assert result.history[-1]["reward_queries"] == 512 + 30 * 64
     assert result.history[-1]["reward"] > result.history[0]["reward"] + 2.0
+
+
+def test_reward_vs_queries_puts_ctrl_at_its_labelled_pairs_in_exact_reward_units(tmp_path, monkeypatch):
+    """plot_histories: ctrl is one point at (pairs labelled, objective + alpha KL = gamma E log p(y|x), KL)."""
+    from types import SimpleNamespace
+
+    from ctrl_bio import rows as rows_module
+    from ctrl_bio.harness import Row
+
+    drawn = {}
+    monkeypatch.setattr(rows_module, "plot_reward_vs_queries", lambda h, path: drawn.update(h))
+    monkeypatch.setattr(rows_module, "plot_training_curves", lambda h, path: drawn.update(training=list(h)))
+    pairs = [SimpleNamespace(y=torch.zeros(30, dtype=torch.long)), SimpleNamespace(y=torch.zeros(20, dtype=torch.long))]
+    pg_history = [{"reward_queries": 8, "reward": -3.0, "kl": 0.1}, {"reward_queries": 16, "reward": -1.0, "kl": 0.4}]
+    runner = SimpleNamespace(ctx=SimpleNamespace(pairs=pairs), method={"alpha": 2.0},
+                             histories={"ctrl": [{"step": 1}], "ctrl_pg": pg_history})
+    results = [Row("ctrl", "task", {"objective": -5.0, "kl": 1.5}), Row("ctrl_pg", "task", {"objective": -1.0})]
+    rows_module.plot_histories(runner, results, tmp_path)
+    assert drawn["training"] == ["ctrl"]  # policy-gradient histories are not score-matching training curves
+    (point,) = drawn["ctrl (labelled pairs; evaluation samples)"]
+    assert point == {"reward_queries": 50, "reward": -5.0 + 2.0 * 1.5, "kl": 1.5}
+    assert drawn["ctrl_pg"] == pg_history

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LabelledPairs
-from ctrl_bio.plots import plot_per_class_accuracy, plot_training_curves
+from ctrl_bio.plots import plot_per_class_accuracy
 from ctrl_bio.rows import (
     METHODS,
     BaseSuiteContext,
@@ -36,6 +36,7 @@ from ctrl_bio.rows import (
     label_metrics,
     load_task,
     objective_metrics,
+    plot_histories,
     run_rows,
 )
 from domains.dna.data import CELL_TYPES, base_indices, decode, from_indices, one_hot
@@ -163,8 +164,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
                    if m in ("pretrained", "ctrl", "cfg") and "motif_frequencies" in d}
         if scatter:
             plot_motif_scatter(scatter, ctx.real_motif_freq, run_dir / "motif_scatter.png")
-    if runner.histories:
-        plot_training_curves(runner.histories, run_dir / "training.png")
+    plot_histories(runner, rows, run_dir)
     return SuiteResult("dna", rows, info)
 
 

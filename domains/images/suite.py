@@ -29,7 +29,6 @@ from torch.nn import functional as F
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LabelledPairs
 from ctrl_bio.metrics import frechet_distance
-from ctrl_bio.plots import plot_training_curves
 from ctrl_bio.rows import (
     METHODS,
     BaseSuiteContext,
@@ -37,6 +36,7 @@ from ctrl_bio.rows import (
     label_metrics,
     load_task,
     objective_metrics,
+    plot_histories,
     run_rows,
 )
 from ctrl_bio.sampling import Spacing
@@ -143,6 +143,5 @@ def run_suite(domain: ImageDomain, *, run_dir: str | Path, labels: list[dict[str
         edges = ctx.specs[ctx.names.index("compress")]["bins"]
         plot_jpeg_sizes({m: d["jpeg_bytes_by_request"] for m, d in details.items()}, edges,
                         run_dir / "jpeg_sizes.png")
-    if runner.histories:
-        plot_training_curves(runner.histories, run_dir / "training.png")
+    plot_histories(runner, rows, run_dir)
     return SuiteResult("images", rows, info)

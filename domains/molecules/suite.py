@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LOG_EPS, LabelledPairs
-from ctrl_bio.plots import plot_per_class_accuracy, plot_training_curves
+from ctrl_bio.plots import plot_per_class_accuracy
 from ctrl_bio.rows import (
     METHODS,
     BaseSuiteContext,
@@ -36,6 +36,7 @@ from ctrl_bio.rows import (
     label_metrics,
     load_task,
     objective_metrics,
+    plot_histories,
     run_rows,
 )
 from domains.molecules.data import PROPERTIES, decode, encode, graph_types, to_smiles
@@ -173,6 +174,5 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, labels: list[dict[
     for name in ctx.names:
         plot_per_class_accuracy({m: d[f"per_class_accuracy_{name}"] for m, d in details.items()}, name,
                                 run_dir / f"per_class_accuracy_{name}.png")
-    if runner.histories:
-        plot_training_curves(runner.histories, run_dir / "training.png")
+    plot_histories(runner, rows, run_dir)
     return SuiteResult("molecules", rows, info)
