@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from ctrl_bio.model import ConditionalScore, fourier_features, one_hot_labels
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, Reward
-from ctrl_bio.sampling import em_step, time_grid
+from ctrl_bio.sampling import Spacing, em_step
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, sum_except_batch
 
@@ -351,17 +351,23 @@ def _select(batch: PathBatch, idx: Tensor) -> PathBatch:
                                      "on_policy")})
 
 
-def jittered_grid(n_steps: int, t_end: float, generator: torch.Generator, *,
+def jittered_grid(n_steps: int, t_end: float, generator: torch.Generator, *, spacing: Spacing = "uniform",
                   device: torch.device | str | None = None) -> Tensor:
     """A decreasing grid from 1 to t_end whose interior points are drawn uniformly within their cells, (n + 1,).
 
     Training on random grids keeps the learnt control right at every t, not only at the points of one fixed
-    grid, so that the fine-tuned model can be sampled with any step count (step-count independence).
+    grid, so that the fine-tuned model can be sampled with any step count (step-count independence). The jitter is
+    drawn in the grid's own coordinate u in [0, 1] (:func:`ctrl_bio.sampling.time_grid`: t = t_end + (1 - t_end) u
+    for ``uniform``, u^2 for ``quadratic``), so a quadratic grid keeps its fine steps near the data.
     """
-    grid = time_grid(n_steps, t_end, device=device)
-    cell = (1.0 - t_end) / n_steps
-    shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(grid) * cell
-    return torch.cat([grid[:1], grid[1:-1] + shift, grid[-1:]])
+    u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
+    shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(torch.float64) / n_steps
+    u = torch.cat([u[:1], u[1:-1] + shift, u[-1:]])
+    if spacing == "quadratic":
+        u = u**2
+    elif spacing != "uniform":
+        raise ValueError(f"spacing must be 'uniform' or 'quadratic', got {spacing!r}")
+    return (t_end + (1.0 - t_end) * u).to(device=device, dtype=torch.float32)
 
 
 def _concat(batches: list[PathBatch]) -> PathBatch:
@@ -373,7 +379,8 @@ def _concat(batches: list[PathBatch]) -> PathBatch:
 
 def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
                     x_shape: tuple[int, ...], n_steps: int, t_end: float, size: int,
-                    generator: torch.Generator, chunk: int = 256) -> tuple[PathBatch, Tensor]:
+                    generator: torch.Generator, chunk: int = 256, spacing: Spacing = "uniform"
+                    ) -> tuple[PathBatch, Tensor]:
     """Pre-trained paths (no policy step) on random grids, with their rewards; failed ones are left out.
 
     Scored once (one query per path) and reused by every update.
@@ -383,7 +390,7 @@ def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_pri
     for start in range(0, size, chunk):
         b = min(chunk, size - start)
         y = label_prior.sample(b, generator).to(device)
-        times = jittered_grid(n_steps, t_end, generator, device=device)
+        times = jittered_grid(n_steps, t_end, generator, spacing=spacing, device=device)
         chunks.append(collect_paths(model, sde, y, x_shape, times, generator=generator,
                                     switch_step=torch.full((b,), n_steps, dtype=torch.long, device=device)))
     batch = _concat(chunks)
@@ -407,7 +414,8 @@ def apply_update(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr
 def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
                              x_shape: tuple[int, ...], *, variant: Variant = "ctrl_pg",
                              baseline: Baseline = "x0_hat", alpha: float = 1.0, n_steps: int = 50,
-                             t_end: float = 1e-3, iterations: int = 100, batch_size: int = 128,
+                             t_end: float = 1e-3, spacing: Spacing = "uniform", iterations: int = 100,
+                             batch_size: int = 128,
                              updates_per_batch: int = 4, clip: float = 0.2, lr: float = 3e-4,
                              value_lr: float = 3e-3, restart_fraction: float | None = None,
                              reference_pool: int | None = None, reference_batch: int = 8192,
@@ -428,6 +436,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             (per-step clipping, on-policy only).
         baseline: ``x0_hat`` (value network of the denoised prediction), ``learned`` (of x_t) or ``none``.
         alpha: KL weight.
+        spacing: the sampler grids' spacing (:func:`jittered_grid`); ``quadratic`` for images, as their suite samples.
         iterations: batches of paths; each batch costs ``batch_size`` reward queries and serves
             ``updates_per_batch`` updates.
         clip: eps of the clipped ratio.
@@ -474,7 +483,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
     pool, pool_weights, weight_value = None, None, None
     if pool_size > 0 and reference_weight > 0:
         pool, pool_reward = _reference_pool(model, sde, reward, label_prior, x_shape, n_steps, t_end, pool_size,
-                                            generator)
+                                            generator, spacing=spacing)
         queries += pool_size
         result.failed_rewards += int(pool_size - pool_reward.shape[0])
         pool_weights = soft_optimal_weights(pool_reward, pool.y, alpha)
@@ -511,7 +520,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             y = label_prior.sample(batch_size, generator).to(device)
             u01 = torch.rand(batch_size, generator=generator)
             switch = torch.where(u01 < restart, torch.randint(1, n_steps, (batch_size,), generator=generator), 0)
-            times = jittered_grid(n_steps, t_end, generator, device=device)
+            times = jittered_grid(n_steps, t_end, generator, spacing=spacing, device=device)
             batch = collect_paths(model, sde, y, x_shape, times, switch_step=switch.to(device), generator=generator)
             with torch.no_grad():
                 r = reward(batch.x0, y).detach().to(device=device, dtype=torch.float32).reshape(-1)

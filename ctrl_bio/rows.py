@@ -414,11 +414,12 @@ class RowRunner:
         settings = dict(cfg.get("settings") or {}) | {"alpha": float(self.method.get("alpha", 1.0))}
         if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
             settings |= dict(cfg.get("ddpo") or {}) | {"reference_pool": 0, "reference_updates": 0}
-        for key in ("variant", "seed", "progress", "checkpoint_path", "t_end"):
+        for key in ("variant", "seed", "progress", "checkpoint_path", "t_end", "spacing"):
             settings.pop(key, None)
         model = self.new_model()
         result = finetune_policy_gradient(model, ctx.domain.sde, self.exact_reward(), self.label_prior(),
-                                          ctx.domain.x_shape, variant=variant, t_end=ctx.t_end, seed=ctx.seed,
+                                          ctx.domain.x_shape, variant=variant, t_end=ctx.t_end, spacing=ctx.spacing,
+                                          seed=ctx.seed,
                                           progress=self.progress,
                                           checkpoint_path=self.run_dir / "checkpoints" / f"{variant}.safetensors",
                                           **settings)

@@ -198,3 +198,26 @@ def test_reward_vs_queries_puts_ctrl_at_its_labelled_pairs_in_exact_reward_units
     (point,) = drawn["ctrl (labelled pairs; evaluation samples)"]
     assert point == {"reward_queries": 50, "reward": -5.0 + 2.0 * 1.5, "kl": 1.5}
     assert drawn["ctrl_pg"] == pg_history
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
+def test_jittered_grid_stays_in_the_cells_of_its_spacing(spacing):
+    """Each interior point lies within half a cell of the fixed grid's point, in the grid's own coordinate u."""
+    from ctrl_bio.policy_gradient import jittered_grid
+    from ctrl_bio.sampling import time_grid
+
+    n, t_end = 10, 1e-3
+    fixed = time_grid(n, t_end, spacing=spacing).double()
+    grids = torch.stack([jittered_grid(n, t_end, torch.Generator().manual_seed(s), spacing=spacing)
+                         for s in range(200)]).double()
+    assert torch.equal(grids[:, 0], torch.ones(200, dtype=torch.float64))
+    assert torch.allclose(grids[:, -1], torch.full((200,), t_end, dtype=torch.float64))
+    assert (grids.diff(dim=1) < 0).all()
+    power = 1.0 if spacing == "uniform" else 0.5  # u = ((t - t_end) / (1 - t_end)) ** power
+
+    def to_u(t):
+        return ((t - t_end) / (1 - t_end)).clamp_min(0) ** power
+
+    offset = (to_u(grids) - to_u(fixed)) * n
+    assert offset.abs().max() <= 0.5 + 1e-5
+    assert offset[:, 1:-1].std() > 0.2  # actually jittered: uniform on [-1/2, 1/2] has std 0.29
