@@ -36,9 +36,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune, save_pathway_checkpoint
+from ctrl_bio.finetune import FinetuneResult, TrainingMonitor, finetune
 from ctrl_bio.model import fourier_features
-from ctrl_bio.objective import MemoryMode, denoising_score_matching_loss, pathwise_loss
+from ctrl_bio.objective import MemoryMode, denoising_score_matching_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
@@ -573,26 +573,10 @@ def _score_matching_phase(model, sde: SDE, reward: GaussianReward, label_prior: 
                           n_steps: int, t_end: float, spacing: Spacing) -> int:
     """The score-matching warm start of :func:`finetune_continuous`; returns the number of updates made."""
     generator = torch.Generator().manual_seed(seed)
-    eval_generator = torch.Generator().manual_seed(seed + 1)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not named:
-        raise ValueError("the model has no trainable parameters: is the label pathway attached?")
-    last_good = {n: p.detach().clone() for n, p in named.items()}
-    path = Path(checkpoint_path) if checkpoint_path is not None else None
-
-    def evaluate(step: int, phase: str, loss: float) -> None:
-        nonlocal last_good
-        with torch.no_grad():
-            y = label_prior.sample(eval_batch_size, eval_generator)
-            est = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
-                                gamma=gamma, memory="full", spacing=spacing, generator=eval_generator)
-        result.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
-                               "kl": float(est.kl), "objective": float(est.objective)})
-        last_good = {n: p.detach().clone() for n, p in named.items()}
-        if path is not None:
-            save_pathway_checkpoint(last_good, path)
-
-    evaluate(0, "init", float("nan"))
+    monitor = TrainingMonitor(model, sde, reward, label_prior, x_shape, history=result.history, alpha=alpha,
+                              gamma=gamma, n_steps=n_steps, t_end=t_end, spacing=spacing,
+                              eval_batch_size=eval_batch_size, seed=seed + 1, checkpoint_path=checkpoint_path)
+    monitor.evaluate(0, "init", float("nan"))
     x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(
         model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end, spacing=spacing, generator=generator)
     pool = ContinuousWeightedPool(x0, reward, tilt=gamma / alpha)
@@ -601,7 +585,7 @@ def _score_matching_phase(model, sde: SDE, reward: GaussianReward, label_prior: 
     result.pool_ess = float(ess.min())
     result.ess = {"min": float(ess.min()), "median": float(ess.median()), "mean": float(ess.mean()),
                   "pool_size": x0.shape[0], "batch_mean": []}
-    params = list(named.values())
+    params = monitor.params
     opt = torch.optim.Adam(params, lr=sm_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=sm_steps)
     step = 0
@@ -611,13 +595,7 @@ def _score_matching_phase(model, sde: SDE, reward: GaussianReward, label_prior: 
             loss = denoising_score_matching_loss(model, sde, pool.draw(y, generator), y, t_end=t_end,
                                                  generator=generator)
             step += 1
-            if not torch.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in params):
-                with torch.no_grad():
-                    for n, p in named.items():
-                        p.copy_(last_good[n])
-                where = f"; last good parameters kept in {path}" if path is not None else ""
-                raise NonFiniteLossError(f"score_matching loss became {loss.detach().item()} at update {step}: "
-                                         f"stopped, parameters restored to the last evaluation{where}")
+            monitor.check(loss, step, "score_matching")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
@@ -628,5 +606,5 @@ def _score_matching_phase(model, sde: SDE, reward: GaussianReward, label_prior: 
             if step % eval_every == 0 or step == sm_steps:
                 with torch.no_grad():
                     result.ess["batch_mean"].append(float(pool.effective_sample_size(y[:64]).mean()))
-                evaluate(step, "score_matching", loss.detach().item())
+                monitor.evaluate(step, "score_matching", loss.detach().item())
     return step

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 from ctrl_bio.model import NULL_LABEL, ConditionalScore
 from ctrl_bio.objective import MemoryMode, WeightedPool, pathwise_loss, weighted_score_matching_loss
 from ctrl_bio.progress import progress_bar
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
 
@@ -74,6 +74,63 @@ def save_pathway_checkpoint(params: dict[str, Tensor], path: Path) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in params.items()}, str(path))
 
 
+class TrainingMonitor:
+    """Evaluates J during fine-tuning and guards against a diverging loss.
+
+    ``evaluate`` records a no-grad estimate of J = gamma E[log p(y|x0)] - alpha KL (:func:`pathwise_loss` on
+    ``eval_batch_size`` labels) in ``history``, keeps the parameters as the last good ones and saves them to
+    ``checkpoint_path``; ``check`` restores those and raises :class:`NonFiniteLossError` when a loss or a parameter
+    is NaN or infinite, so that a diverged run leaves its last evaluated state behind rather than garbage.
+    ``label_prior`` is anything with ``sample(n, generator)``: a :class:`LabelPrior`, or a continuous prior.
+    """
+
+    def __init__(self, model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior | Any,
+                 x_shape: tuple[int, ...], *,
+                 history: list[dict], alpha: float, gamma: float, n_steps: int, t_end: float, spacing: Spacing,
+                 eval_batch_size: int, seed: int, checkpoint_path: str | Path | None):
+        self.model, self.sde, self.reward, self.label_prior, self.x_shape = model, sde, reward, label_prior, x_shape
+        self.history, self.eval_batch_size = history, eval_batch_size
+        self.sampler = dict(alpha=alpha, gamma=gamma, n_steps=n_steps, t_end=t_end, spacing=spacing)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.named:
+            raise ValueError("the model has no trainable parameters: is the label pathway attached?")
+        self.last_good = {n: p.detach().clone() for n, p in self.named.items()}
+        self.path = Path(checkpoint_path) if checkpoint_path is not None else None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.named.values())
+
+    def check(self, loss: Tensor, step: int, phase: str) -> None:
+        """Restore the last good parameters and stop if ``loss`` or any parameter is not finite."""
+        if not torch.isfinite(loss):
+            what = f"loss became {loss.detach().item()}"
+        elif not all(bool(torch.isfinite(p).all()) for p in self.named.values()):
+            what = "parameters became non-finite"
+        else:
+            return
+        with torch.no_grad():
+            for n, p in self.named.items():
+                p.copy_(self.last_good[n])
+        where = f"; last good parameters kept in {self.path}" if self.path is not None else ""
+        raise NonFiniteLossError(f"{phase} {what} at update {step}: stopped, "
+                                 f"parameters restored to the last evaluation{where}")
+
+    def evaluate(self, step: int, phase: str, loss: float) -> None:
+        """Record J, reward and KL on a fresh evaluation batch; the parameters become the last good ones."""
+        self.check(torch.tensor(0.0), step, phase)
+        with torch.no_grad():
+            y = self.label_prior.sample(self.eval_batch_size, self.generator)
+            est = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, memory="full",
+                                generator=self.generator, **self.sampler)
+        self.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
+                             "kl": float(est.kl), "objective": float(est.objective)})
+        self.last_good = {n: p.detach().clone() for n, p in self.named.items()}
+        if self.path is not None:
+            save_pathway_checkpoint(self.last_good, self.path)
+
+
 def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
              x_shape: tuple[int, ...], *, estimator: Estimator = "score_matching", alpha: float = 1.0,
              gamma: float = 1.0,
@@ -109,45 +166,19 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         raise ValueError(f"alpha must be positive, got {alpha}")
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    eval_generator = torch.Generator().manual_seed(seed + 1)
     result = FinetuneResult()
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not named:
-        raise ValueError("the model has no trainable parameters: is the label pathway attached?")
-    last_good = {n: p.detach().clone() for n, p in named.items()}
-    path = Path(checkpoint_path) if checkpoint_path is not None else None
-
-    def restore_and_stop(what: str, step: int, phase: str) -> None:
-        with torch.no_grad():
-            for n, p in named.items():
-                p.copy_(last_good[n])
-        where = f"; last good parameters kept in {path}" if path is not None else ""
-        raise NonFiniteLossError(f"{phase} {what} at update {step}: stopped, "
-                                 f"parameters restored to the last evaluation{where}")
-
-    def evaluate(step: int, phase: str, loss: float) -> None:
-        nonlocal last_good
-        if not all(bool(torch.isfinite(p).all()) for p in named.values()):
-            restore_and_stop("parameters became non-finite", step, phase)
-        with torch.no_grad():
-            y = label_prior.sample(eval_batch_size, eval_generator)
-            est = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
-                                gamma=gamma, memory="full", spacing=spacing, generator=eval_generator)
-        result.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
-                               "kl": float(est.kl), "objective": float(est.objective)})
-        last_good = {n: p.detach().clone() for n, p in named.items()}
-        if path is not None:
-            save_pathway_checkpoint(last_good, path)
-
+    monitor = TrainingMonitor(model, sde, reward, label_prior, x_shape, history=result.history, alpha=alpha,
+                              gamma=gamma, n_steps=n_steps, t_end=t_end, spacing=spacing,
+                              eval_batch_size=eval_batch_size, seed=seed + 1, checkpoint_path=checkpoint_path)
     step = 0
-    evaluate(step, "init", float("nan"))
+    monitor.evaluate(step, "init", float("nan"))
     phases = [] if estimator == "pathwise" else [("score_matching", sm_steps)]
     if estimator != "score_matching":
         phases.append(("pathwise", steps))
     for phase, n_updates in phases:
         if n_updates <= 0:
             continue
-        params = list(named.values())
+        params = monitor.params
         opt = torch.optim.Adam(params, lr=sm_lr if phase == "score_matching" else lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_updates)
         if phase == "score_matching":
@@ -168,8 +199,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                                          gamma=gamma, memory=memory, grad_last_k=grad_last_k, spacing=spacing,
                                          generator=generator).loss
                 step += 1
-                if not torch.isfinite(loss):
-                    restore_and_stop(f"loss became {loss.detach().item()}", step, phase)
+                monitor.check(loss, step, phase)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
@@ -178,8 +208,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                 sched.step()
                 advance(loss=loss.detach().item())
                 if step % eval_every == 0:
-                    evaluate(step, phase, loss.detach().item())
+                    monitor.evaluate(step, phase, loss.detach().item())
     if not result.history or result.history[-1]["step"] != step:
-        evaluate(step, phases[-1][0] if phases else "init", float("nan"))
+        monitor.evaluate(step, phases[-1][0] if phases else "init", float("nan"))
     result.seconds = time.perf_counter() - start
     return result
