@@ -40,6 +40,7 @@ from ctrl_bio.finetune import FinetuneResult, TrainingMonitor, finetune
 from ctrl_bio.model import fourier_features
 from ctrl_bio.objective import MemoryMode, denoising_score_matching_loss
 from ctrl_bio.progress import progress_bar
+from ctrl_bio.reward import fit_minibatches
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, rand
@@ -365,21 +366,9 @@ def fit_regressor(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: float
     calib, train = perm[:n_calib], perm[n_calib:]
     loc, scale = y2[train].mean(0), y2[train].std(0).clamp_min(1e-8)
     z = (y2 - loc) / scale
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    fit_minibatches(net, train, lambda idx: ((net(x[idx]).reshape(idx.numel(), -1) - z[idx]) ** 2).mean(),
+                    epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, generator=generator)
     n_train = train.numel()
-    steps_per_epoch = max(n_train // batch_size, 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    net.train()
-    for _ in range(epochs):
-        order = train[torch.randperm(n_train, generator=generator)]
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = ((net(x[idx]).reshape(idx.numel(), -1) - z[idx]) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
     regressor = CalibratedRegressor(net, loc, scale, torch.ones_like(loc)).requires_grad_(False)
     with torch.no_grad():
         resid = regressor(x[calib]) - y2[calib]

@@ -113,6 +113,29 @@ def calibration_split(y: Tensor, n: int, calib_fraction: float,
     return perm[:n_calib], perm[n_calib:]
 
 
+def fit_minibatches(net: nn.Module, train: Tensor, loss_of: Callable[[Tensor], Tensor], *, epochs: int,
+                    batch_size: int, lr: float, weight_decay: float, generator: torch.Generator | None) -> None:
+    """AdamW with cosine decay over shuffled minibatches of the ``train`` indices; ``loss_of(idx)`` is a batch's loss.
+
+    The loop every reward model of the toolkit is trained with (classifiers here, regressors in
+    :mod:`ctrl_bio.continuous`); leaves ``net`` in eval mode.
+    """
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    n_train = train.numel()
+    steps_per_epoch = max(n_train // batch_size, 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+    net.train()
+    for _ in range(epochs):
+        order = train[torch.randperm(n_train, generator=generator)]
+        for i in range(steps_per_epoch):
+            loss = loss_of(order[i * batch_size:(i + 1) * batch_size])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+
+
 def train_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: float = 0.2, epochs: int = 200,
                      batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 1e-4,
                      generator: torch.Generator | None = None) -> tuple[CalibratedClassifier, ClassifierReport]:
@@ -125,21 +148,9 @@ def train_classifier(net: nn.Module, x: Tensor, y: Tensor, *, calib_fraction: fl
         calib_fraction: fraction of the pairs held out for calibration (never trained on).
     """
     calib, train = calibration_split(y, x.shape[0], calib_fraction, generator)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    fit_minibatches(net, train, lambda idx: F.cross_entropy(net(x[idx]), y[idx]), epochs=epochs,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, generator=generator)
     n_train = train.numel()
-    steps_per_epoch = max(n_train // batch_size, 1)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-    net.train()
-    for _ in range(epochs):
-        order = train[torch.randperm(n_train, generator=generator)]
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    net.eval()
     with torch.no_grad():
         logits = net(x[calib])
     temperature = fit_temperature(logits, y[calib])
