@@ -138,7 +138,7 @@ def test_pairs_never_meet_the_oracle(table):
     assert pair_seqs <= {s for s, m in zip(table.sequences, pool) if m}
 
 
-@pytest.mark.parametrize("kind", ["conv", "embedding"])
+@pytest.mark.parametrize("kind", ["conv", "embedding", "lora"])
 def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, kind):
     domain = DNADomain(data="slice", checkpoint=str(tiny_assets), pathway={"kind": kind, "hidden": 16}
                        if kind == "conv" else {"kind": kind})
@@ -149,6 +149,14 @@ def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, k
     s, u = model.score_and_control(x, t, y)
     assert torch.equal(s, pre(x, t))
     assert torch.equal(u, torch.zeros_like(u))
+    if kind == "lora":  # adapters go into a copy: the pre-trained network other rows sample from has none
+        assert not any("lora_" in name for name, _ in pre.named_parameters())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_()
+        s, u = model.score_and_control(x, t, y)
+        assert torch.equal(s[4], pre(x, t)[4]) and not torch.allclose(s[:4], pre(x, t)[:4])
 
 
 def test_label_from_a_user_csv_with_no_python(table, tmp_path):

@@ -45,3 +45,25 @@ def test_label_validation():
         check_labels(torch.zeros(4, dtype=torch.long), (2,))
     with pytest.raises(ValueError, match="0..1"):
         check_labels(torch.tensor([[0], [2]]), (2,))
+
+
+def test_lora_on_a_dilated_convolution_adds_the_dilated_low_rank_branch():
+    """match_conv_dilation (peft#3697): the adapted conv is conv(x) + scale * B(A_dilated(x)), same length."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+    from torch.nn import functional as F
+
+    from ctrl_bio.lora import match_conv_dilation
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(3, 5, 3, padding=4, dilation=4))
+    base_w, base_b = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2.0, target_modules=["0"]), net, adapter_name="ctrl")
+    match_conv_dilation(net)
+    layer = net[0]
+    with torch.no_grad():
+        layer.lora_B["ctrl"].weight.normal_()
+    x = torch.randn(2, 3, 30)
+    a = F.conv1d(x, layer.lora_A["ctrl"].weight, padding=4, dilation=4)
+    expected = F.conv1d(x, base_w, base_b, padding=4, dilation=4) + F.conv1d(a, layer.lora_B["ctrl"].weight)
+    assert torch.allclose(net(x), expected, atol=1e-5)

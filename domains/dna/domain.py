@@ -5,8 +5,9 @@ training split (chromosomes other than 1 and 2); the resulting network ships as
 ``domains/dna/checkpoints/pretrained.safetensors`` (+ ``.json``) and is what ``pretrained_model`` loads
 unless a ``checkpoint`` path is given. The label pathway is zero-initialised, so fine-tuning starts from the
 pre-trained sampler bit for bit: by default a small CNN :class:`ctrl_bio.nets.SequencePathway` beside the frozen
-network, or CTRL's :class:`ctrl_bio.model.LabelEmbedding` added to the network's time embedding in its last
-``label_blocks`` blocks (:class:`ctrl_bio.model.EmbeddingAugmentedScore`; 320 parameters for 4 classes).
+network, CTRL's :class:`ctrl_bio.model.LabelEmbedding` added to the network's time embedding in its last
+``label_blocks`` blocks (:class:`ctrl_bio.model.EmbeddingAugmentedScore`; 320 parameters for 4 classes), or that
+embedding in every block plus LoRA adapters on the blocks' convolutions (:class:`ctrl_bio.lora.LoRAAugmentedScore`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from ctrl_bio.domain import ScoreModel
+from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore
 from ctrl_bio.nets import ConvScoreNet, SequencePathway
 from ctrl_bio.sde import VPSDE
 from domains.dna.data import SEQ_LEN, DHSTable, decode, load_dhs, one_hot, write_fasta
+
+#: Convolutions of every residual block (:class:`ctrl_bio.nets.ResidualConvBlock`): LoRA targets of ``kind: lora``.
+CONV_LORA_TARGETS = ("conv1", "conv2")
 
 #: The pre-trained network that ships with the package.
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "pretrained.safetensors"
@@ -39,8 +44,10 @@ class DNADomain:
         checkpoint: pre-trained weights (a ``.safetensors`` file or a ``pretrain`` run directory); None: the
             shipped network.
         pathway: the label pathway: ``{"kind": "conv", ...}`` a :class:`ctrl_bio.nets.SequencePathway` (its keyword
-            arguments follow ``kind``), or ``{"kind": "embedding"}`` a label embedding added to the frozen network's
-            time embedding in its last ``label_blocks`` blocks.
+            arguments follow ``kind``), ``{"kind": "embedding"}`` a label embedding added to the frozen network's
+            time embedding in its last ``label_blocks`` blocks, or ``{"kind": "lora", "lora_rank": 4,
+            "lora_targets": ["conv1", "conv2"]}`` that embedding in every block plus LoRA adapters on the residual
+            blocks' convolutions.
         label_blocks: how many of the network's last blocks receive the label embedding (``kind: embedding``).
         beta_min, beta_max: the VP-SDE schedule.
     """
@@ -84,15 +91,21 @@ class DNADomain:
         path = Path(self.checkpoint) if self.checkpoint else SHIPPED_CHECKPOINT
         return load_network(path, self.sde)
 
-    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]) -> AugmentedScore | EmbeddingAugmentedScore:
+    def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]
+                ) -> AugmentedScore | EmbeddingAugmentedScore | LoRAAugmentedScore:
         settings = dict(self.pathway)
         kind = settings.pop("kind", "conv")
         if kind == "conv":
             return AugmentedScore(pretrained, SequencePathway(4, n_classes, **settings), self.sde)
-        if kind != "embedding":
-            raise ValueError(f"domain.pathway.kind must be 'conv' or 'embedding', got {kind!r}")
+        if kind not in ("embedding", "lora"):
+            raise ValueError(f"domain.pathway.kind must be 'conv', 'embedding' or 'lora', got {kind!r}")
         if not isinstance(pretrained, ConvScoreNet):
-            raise TypeError(f"an embedding pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
+            raise TypeError(f"an {kind} pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
+        if kind == "lora":  # the adapted copy gets the label in every block; the caller's network is left as it is
+            model = LoRAAugmentedScore(pretrained, n_classes, lora_rank=int(settings.get("lora_rank", 4)),
+                                       lora_targets=list(settings.get("lora_targets", CONV_LORA_TARGETS)))
+            model.net.label_blocks = None
+            return model
         pretrained.label_blocks = self.label_blocks
         return EmbeddingAugmentedScore(pretrained, n_classes, pretrained.emb_dim)
 

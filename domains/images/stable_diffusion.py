@@ -37,10 +37,11 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ctrl_bio.lora import set_lora_enabled
 from ctrl_bio.model import NULL_LABEL, check_labels
 from ctrl_bio.reward import CalibratedClassifier, LogLikelihoodReward
 from ctrl_bio.sde import DiscreteVPSDE
-from domains.images.unet import LORA_TARGETS, UNetAugmentedScore, set_lora_enabled
+from domains.images.unet import LORA_TARGETS, UNetAugmentedScore
 
 #: Pipeline components CTRL needs; each must be a sub-folder of a diffusers pipeline folder.
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

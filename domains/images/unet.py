@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ctrl_bio.lora import set_lora_enabled
 from ctrl_bio.model import NULL_LABEL, LabelEmbedding, check_labels
 from ctrl_bio.sde import DiscreteVPSDE
 
@@ -33,15 +34,6 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def time_embedding_dim(unet: nn.Module) -> int:
     """Width of a diffusers UNet's time embedding, which the class embedding is added to."""
     return int(unet.time_embedding.linear_2.out_features)
-
-
-def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every peft adapter layer inside ``module`` on or off (off: each layer is its frozen base layer)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for layer in module.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.enable_adapters(enabled)
 
 
 class UNetScore(nn.Module):

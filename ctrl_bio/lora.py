@@ -1,0 +1,112 @@
+"""CTRL's label pathway inside a frozen network: a label embedding in its time embedding plus LoRA adapters.
+
+A label embedding alone (:class:`ctrl_bio.model.EmbeddingAugmentedScore`) can only shift the conditioning every
+layer already receives; low-rank adapters (Hu et al. 2022, "LoRA") on chosen layers give the pathway a say in what
+those layers compute. Both start at zero (peft's LoRA B matrices are zero-initialised), so step 0 of fine-tuning
+reproduces the pre-trained sampler bit for bit; the image and molecule suites measured what the adapters add
+(benchmarks/images/README.md, probes D and E; domains/molecules/pathway.py). peft is imported only when adapters are
+asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.model import NULL_LABEL, LabelEmbedding, check_labels
+
+
+def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
+    """Switch every peft adapter layer inside ``module`` on or off (off: each layer is its frozen base layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.enable_adapters(enabled)
+
+
+def match_conv_dilation(module: nn.Module) -> None:
+    """Give every convolutional adapter the dilation of the convolution it adapts.
+
+    peft (up to at least 0.21) builds a conv adapter's ``lora_A`` with the base layer's kernel, stride and padding but
+    not its dilation (huggingface/peft#3697), so on a dilated convolution the two branches disagree in length and the
+    forward pass fails. The fix is geometry only (``lora_A``'s weight does not depend on dilation); a peft that already
+    copies it is left unchanged.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in module.modules():
+        base = getattr(layer, "base_layer", None)
+        if isinstance(layer, BaseTunerLayer) and isinstance(base, nn.modules.conv._ConvNd):
+            for lora_a in layer.lora_A.values():
+                lora_a.dilation = base.dilation
+
+
+class LoRAAugmentedScore(nn.Module):
+    """s_theta(x, t, y) = the frozen ``net(x, t, extra_emb)`` with a label embedding and LoRA adapters.
+
+    Args:
+        net: a score network ``net(x, t, extra_emb=None) -> s`` with an ``emb_dim``; it is deep-copied before adapters
+            go in, so the caller's network stays the pre-trained one (other rows sample from it).
+        n_classes: classes per label (categorical labels: a :class:`ctrl_bio.model.LabelEmbedding`, -1 = no request).
+        lora_rank: rank of the adapters; 0: the label embedding only.
+        lora_alpha: LoRA scaling numerator (updates are scaled by lora_alpha / lora_rank); None: the rank.
+        lora_targets: suffixes of the module names that get adapters.
+        embedding: a zero-initialised embedding of real-valued labels instead (e.g.
+            :class:`ctrl_bio.continuous.ContinuousLabelEmbedding`; NaN = no request); ``n_classes`` is then ignored.
+    """
+
+    def __init__(self, net: nn.Module, n_classes: Sequence[int] = (), *, lora_rank: int = 4,
+                 lora_alpha: float | None = None, lora_targets: Sequence[str],
+                 embedding: nn.Module | None = None):
+        super().__init__()
+        self.lora_rank = int(lora_rank)
+        self.net = copy.deepcopy(net) if self.lora_rank > 0 else net
+        self.net.requires_grad_(False)
+        self.continuous = embedding is not None
+        self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim))
+        self.n_classes = None if self.continuous else self.embedding.n_classes
+        if self.lora_rank > 0:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=float(lora_alpha or self.lora_rank),
+                                               target_modules=list(lora_targets), init_lora_weights=True),
+                                    self.net, adapter_name="ctrl")
+            for name, p in self.net.named_parameters():
+                p.requires_grad_("lora_" in name)
+            match_conv_dilation(self.net)
+
+    def _pretrained(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.lora_rank == 0:
+            return self.net(x, t)
+        set_lora_enabled(self.net, False)
+        try:
+            return self.net(x, t)
+        finally:
+            set_lora_enabled(self.net, True)
+
+    def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_theta, u = s_theta - s_pre); s_pre is the copy with its adapters off and no label, i.e. the pre-trained
+        network exactly."""
+        s, s_pre = self.net(x, t, self.embedding(y)), self._pretrained(x, t)
+        active = self._active(y).view(x.shape[0], *([1] * (x.ndim - 1)))
+        s = torch.where(active, s, s_pre)  # the adapters act whatever the label: a null request must not see them
+        return s, s - s_pre
+
+    def _active(self, y: Tensor) -> Tensor:
+        """Requests with at least one label asked for, (B,)."""
+        return (~torch.isnan(y)).any(dim=1) if self.continuous else (y != NULL_LABEL).any(dim=1)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """s_theta alone: one network call unless a request is null."""
+        if bool(self._active(y).all()):
+            return self.net(x, t, self.embedding(y))
+        return self.score_and_control(x, t, y)[0]
+
+    def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        if not self.continuous:
+            check_labels(y, self.n_classes)
+        return lambda x, t: self.score_and_control(x, t, y)
