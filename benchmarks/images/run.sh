@@ -23,4 +23,6 @@ case "${1:-all}" in
     run compress ;;&
   compress_brightness|all)
     run compress_brightness 'label=[compress,brightness]' ;;
+  policy_gradient)  # not in `all`: ctrl_pg and ddpo with the real JPEG-size class as a black-box reward
+    OMP_NUM_THREADS=1 run policy_gradient 'suite.methods=[pretrained,ctrl,ctrl_pg,ddpo,real_data]' ;;
 esac

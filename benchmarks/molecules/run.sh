@@ -30,6 +30,8 @@ case "${1:-all}" in
     run gap label=gap ;;&
   gap_logp|all)
     run gap_logp 'label=[gap,logp]' ;;&
+  policy_gradient)  # not in `all` (~1 h on one core): ctrl_pg and ddpo on logp, the exact RDKit label as a black box
+    OMP_NUM_THREADS=1 run policy_gradient label=logp 'suite.methods=[pretrained,ctrl,ctrl_pg,ddpo,real_data]' ;;
   edm|all)   # the EDM protocol on continuous gap / mu / alpha targets; recorded as two processes, one per core
     for props in gap,mu alpha; do
       name=${props/,/_}
