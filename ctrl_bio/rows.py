@@ -506,5 +506,5 @@ def plot_histories(runner: RowRunner, rows: Sequence[Row], run_dir: Path) -> Non
         n_pairs = sum(int(p.y.shape[0]) for p in runner.ctx.pairs)
         point = {"reward_queries": n_pairs, "reward": ctrl.metrics["objective"] + alpha * ctrl.metrics["kl"],
                  "kl": ctrl.metrics["kl"]}
-        queries = {"ctrl (labelled pairs; evaluation samples)": [point]} | queries
+        queries = {"ctrl (at its labelled pairs)": [point]} | queries
     plot_reward_vs_queries(queries, Path(run_dir) / "reward_vs_queries.png")

@@ -195,7 +195,7 @@ def test_reward_vs_queries_puts_ctrl_at_its_labelled_pairs_in_exact_reward_units
     results = [Row("ctrl", "task", {"objective": -5.0, "kl": 1.5}), Row("ctrl_pg", "task", {"objective": -1.0})]
     rows_module.plot_histories(runner, results, tmp_path)
     assert drawn["training"] == ["ctrl"]  # policy-gradient histories are not score-matching training curves
-    (point,) = drawn["ctrl (labelled pairs; evaluation samples)"]
+    (point,) = drawn["ctrl (at its labelled pairs)"]
     assert point == {"reward_queries": 50, "reward": -5.0 + 2.0 * 1.5, "kl": 1.5}
     assert drawn["ctrl_pg"] == pg_history
 
