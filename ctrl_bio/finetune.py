@@ -79,8 +79,9 @@ class TrainingMonitor:
 
     ``evaluate`` records a no-grad estimate of J = gamma E[log p(y|x0)] - alpha KL (:func:`pathwise_loss` on
     ``eval_batch_size`` labels) in ``history``, keeps the parameters as the last good ones and saves them to
-    ``checkpoint_path``; ``check`` restores those and raises :class:`NonFiniteLossError` when a loss or a parameter
-    is NaN or infinite, so that a diverged run leaves its last evaluated state behind rather than garbage.
+    ``checkpoint_path``; ``check`` (a loss) and ``evaluate`` (the parameters) restore those and raise
+    :class:`NonFiniteLossError` when a loss or a parameter is NaN or infinite, so that a diverged run leaves its last
+    evaluated state behind rather than garbage.
     ``label_prior`` is anything with ``sample(n, generator)``: a :class:`LabelPrior`, or a continuous prior.
     """
 
@@ -103,13 +104,15 @@ class TrainingMonitor:
         return list(self.named.values())
 
     def check(self, loss: Tensor, step: int, phase: str) -> None:
-        """Restore the last good parameters and stop if ``loss`` or any parameter is not finite."""
+        """Restore the last good parameters and stop if ``loss`` is not finite (one host sync per update).
+
+        Parameters that an update made non-finite give a non-finite loss at the next update; :meth:`evaluate`
+        checks them too, so the last update of a phase cannot slip through either.
+        """
         if not torch.isfinite(loss):
-            what = f"loss became {loss.detach().item()}"
-        elif not all(bool(torch.isfinite(p).all()) for p in self.named.values()):
-            what = "parameters became non-finite"
-        else:
-            return
+            self._restore_and_stop(f"loss became {loss.detach().item()}", step, phase)
+
+    def _restore_and_stop(self, what: str, step: int, phase: str) -> None:
         with torch.no_grad():
             for n, p in self.named.items():
                 p.copy_(self.last_good[n])
@@ -119,7 +122,8 @@ class TrainingMonitor:
 
     def evaluate(self, step: int, phase: str, loss: float) -> None:
         """Record J, reward and KL on a fresh evaluation batch; the parameters become the last good ones."""
-        self.check(torch.tensor(0.0), step, phase)
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.named.values()]).all()):
+            self._restore_and_stop("parameters became non-finite", step, phase)
         with torch.no_grad():
             y = self.label_prior.sample(self.eval_batch_size, self.generator)
             est = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, memory="full",
