@@ -9,6 +9,7 @@ only; domains live in the top-level ``domains`` namespace package.
 from ctrl_bio.blackbox import CallableReward, CommandReward, label_likelihood_black_box
 from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
 from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
+from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore, LabelEmbedding, VectorPathway
 from ctrl_bio.objective import ObjectiveEstimate, WeightedPool, pathwise_loss, weighted_score_matching_loss
 from ctrl_bio.policy_gradient import PolicyGradientResult, finetune_policy_gradient
@@ -31,7 +32,7 @@ __all__ = [
     "SDE", "VPSDE", "append_dims",
     "SamplerOutput", "euler_maruyama", "time_grid",
     "girsanov_kl", "transition_kl", "gaussian_kl",
-    "NULL_LABEL", "AugmentedScore", "VectorPathway", "EmbeddingAugmentedScore", "LabelEmbedding",
+    "NULL_LABEL", "AugmentedScore", "VectorPathway", "EmbeddingAugmentedScore", "LoRAAugmentedScore", "LabelEmbedding",
     "CalibratedClassifier", "ClassifierReport", "LabelPrior", "LogLikelihoodReward", "expected_calibration_error",
     "mlp_classifier", "train_classifier",
     "ObjectiveEstimate", "WeightedPool", "pathwise_loss", "weighted_score_matching_loss",
