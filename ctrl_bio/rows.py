@@ -219,7 +219,8 @@ class RowRunner:
                  info: dict):
         self.ctx, self.method, self.alpha0, self.baselines = ctx, method, alpha0, baselines
         self.run_dir, self.progress, self.info = Path(run_dir), progress, info
-        self.histories: dict[str, list[dict]] = {}
+        # Kept in ``info`` too, so that results.json holds the curves behind training.png and reward_vs_queries.png.
+        self.histories: dict[str, list[dict]] = info.setdefault("histories", {})
         self._reward: LogLikelihoodReward | None = None
         self._reward_seconds, self._charged = 0.0, False
         self._chunks: dict[int, Tensor] = {}

@@ -224,7 +224,9 @@ def test_policy_gradient_rows_query_the_exact_label_as_a_black_box(tmp_path):
           "suite.methods=[ctrl_pg,ddpo]", f"{pg}.settings.iterations=2", f"{pg}.settings.batch_size=4",
           f"{pg}.settings.n_steps=3", f"{pg}.settings.reference_pool=8", f"{pg}.settings.reference_updates=2",
           f"{pg}.ddpo.iterations=3", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])
-    rows = {r["method"]: r["metrics"] for r in json.loads((tmp_path / "run" / "results.json").read_text())["rows"]}
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = {r["method"]: r["metrics"] for r in results["rows"]}
+    assert [h["reward_queries"] for h in results["info"]["histories"]["ctrl_pg"]] == [12, 16]  # the curves are kept
     # ctrl_pg: 2 batches of 4 paths plus the 8 scored reference paths; ddpo: 3 batches of 4, no reference pool.
     assert rows["ctrl_pg"]["reward_queries"] == 16 and rows["ddpo"]["reward_queries"] == 12
     assert rows["ctrl_pg"]["failed_rewards"] == 0
