@@ -34,7 +34,8 @@ def plot_training_curves(histories: dict[str, list[dict]], path: str | Path, opt
 
 
 def plot_reward_vs_queries(histories: dict[str, list[dict]], path: str | Path) -> Path:
-    """Reward and path KL against the number of reward queries, one line per method.
+    """Reward and path KL against the number of reward queries, one line per method (each batch faint, the running
+    mean over 10 batches bold).
 
     For black-box rewards the query count, not the update count, is the cost (``PolicyGradientResult.history``).
     """
@@ -45,7 +46,12 @@ def plot_reward_vs_queries(histories: dict[str, list[dict]], path: str | Path) -
             if len(set(queries)) == 1:  # every query made up front (score matching on a scored pool): its end point
                 ax.plot(queries[-1:], [history[-1][key]], marker="*", ms=12, ls="none", label=f"{name} (final)")
             else:
-                ax.plot(queries, [h[key] for h in history], lw=1.2, label=name)
+                values = np.array([h[key] for h in history], dtype=float)
+                line, = ax.plot(queries, values, lw=0.8, alpha=0.35)
+                # Batch estimates are noisy (tens of paths each): the running mean over 10 batches is the trend.
+                k = min(10, len(values))
+                trend = np.convolve(values, np.ones(k) / k, mode="valid")
+                ax.plot(queries[k - 1:], trend, lw=1.8, color=line.get_color(), label=f"{name} ({k}-batch mean)")
     for ax, title in zip(axes, ("reward of on-policy samples", "path KL to pre-trained")):
         ax.set_title(title)
         ax.set_xlabel("reward queries")
