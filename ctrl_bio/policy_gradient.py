@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from ctrl_bio.model import ConditionalScore, fourier_features, one_hot_labels
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, Reward
-from ctrl_bio.sampling import Spacing, em_step
+from ctrl_bio.sampling import Spacing, em_step, time_grid
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, sum_except_batch
 
@@ -360,14 +360,17 @@ def jittered_grid(n_steps: int, t_end: float, generator: torch.Generator, *, spa
     drawn in the grid's own coordinate u in [0, 1] (:func:`ctrl_bio.sampling.time_grid`: t = t_end + (1 - t_end) u
     for ``uniform``, u^2 for ``quadratic``), so a quadratic grid keeps its fine steps near the data.
     """
+    if spacing == "uniform":
+        # Jittered in t directly, in float32: the arithmetic every recorded uniform-grid run was made with.
+        grid = time_grid(n_steps, t_end, device=device)
+        shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(grid) * ((1.0 - t_end) / n_steps)
+        return torch.cat([grid[:1], grid[1:-1] + shift, grid[-1:]])
+    if spacing != "quadratic":
+        raise ValueError(f"spacing must be 'uniform' or 'quadratic', got {spacing!r}")
     u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
     shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(torch.float64) / n_steps
     u = torch.cat([u[:1], u[1:-1] + shift, u[-1:]])
-    if spacing == "quadratic":
-        u = u**2
-    elif spacing != "uniform":
-        raise ValueError(f"spacing must be 'uniform' or 'quadratic', got {spacing!r}")
-    return (t_end + (1.0 - t_end) * u).to(device=device, dtype=torch.float32)
+    return (t_end + (1.0 - t_end) * u**2).to(device=device, dtype=torch.float32)
 
 
 def _concat(batches: list[PathBatch]) -> PathBatch:
