@@ -11,7 +11,8 @@ asked for.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,31 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
     for layer in module.modules():
         if isinstance(layer, BaseTunerLayer):
             layer.enable_adapters(enabled)
+
+
+@contextmanager
+def lora_disabled(module: nn.Module) -> Iterator[None]:
+    """Inside the block every adapter in ``module`` is off, i.e. ``module`` is its frozen pre-trained self."""
+    set_lora_enabled(module, False)
+    try:
+        yield
+    finally:
+        set_lora_enabled(module, True)
+
+
+def inject_lora(module: nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> None:
+    """Put rank-``rank`` peft LoRA adapters (named ``ctrl``) on the ``targets`` of ``module``, in place.
+
+    Their B matrices start at zero, so ``module`` computes what it did before; afterwards only adapter weights
+    require gradients, and conv adapters get their base layer's dilation (:func:`match_conv_dilation`).
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True),
+                            module, adapter_name="ctrl")
+    for name, p in module.named_parameters():
+        p.requires_grad_("lora_" in name)
+    match_conv_dilation(module)
 
 
 def match_conv_dilation(module: nn.Module) -> None:
@@ -70,23 +96,13 @@ class LoRAAugmentedScore(nn.Module):
         self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim))
         self.n_classes = None if self.continuous else self.embedding.n_classes
         if self.lora_rank > 0:
-            from peft import LoraConfig, inject_adapter_in_model
-
-            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=float(lora_alpha or self.lora_rank),
-                                               target_modules=list(lora_targets), init_lora_weights=True),
-                                    self.net, adapter_name="ctrl")
-            for name, p in self.net.named_parameters():
-                p.requires_grad_("lora_" in name)
-            match_conv_dilation(self.net)
+            inject_lora(self.net, self.lora_rank, float(lora_alpha or self.lora_rank), lora_targets)
 
     def _pretrained(self, x: Tensor, t: Tensor) -> Tensor:
         if self.lora_rank == 0:
             return self.net(x, t)
-        set_lora_enabled(self.net, False)
-        try:
+        with lora_disabled(self.net):
             return self.net(x, t)
-        finally:
-            set_lora_enabled(self.net, True)
 
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(s_theta, u = s_theta - s_pre); s_pre is the copy with its adapters off and no label, i.e. the pre-trained

@@ -37,7 +37,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ctrl_bio.lora import set_lora_enabled
+from ctrl_bio.lora import lora_disabled
 from ctrl_bio.model import NULL_LABEL, check_labels
 from ctrl_bio.reward import CalibratedClassifier, LogLikelihoodReward
 from ctrl_bio.sde import DiscreteVPSDE
@@ -651,15 +651,11 @@ def requested_labels(model: UNetAugmentedScore, labels: Tensor | Sequence[Sequen
 
     null = bool((y == NULL_LABEL).all()) and model.lora_rank > 0
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
-    if null:
-        set_lora_enabled(unet, False)
     try:
-        with model.labels_installed():
+        with lora_disabled(unet) if null else nullcontext(), model.labels_installed():
             yield
     finally:
         handle.remove()
-        if null:
-            set_lora_enabled(unet, True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

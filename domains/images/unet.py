@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.lora import set_lora_enabled
+from ctrl_bio.lora import inject_lora, lora_disabled
 from ctrl_bio.model import NULL_LABEL, LabelEmbedding, check_labels
 from ctrl_bio.sde import DiscreteVPSDE
 
@@ -88,15 +88,9 @@ class UNetAugmentedScore(nn.Module):
         self.lora_alpha = float(lora_alpha or self.lora_rank)
         self.lora_targets = tuple(lora_targets)
         if self.lora_rank > 0:
-            from peft import LoraConfig, inject_adapter_in_model
-
             # LoRA layers are injected into the UNet itself (peft; diffusers' UNet2DModel has no add_adapter); with
             # the adapters disabled they are the identity, which is how the pre-trained score is computed.
-            inject_adapter_in_model(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha,
-                                               target_modules=list(self.lora_targets), init_lora_weights=True),
-                                    unet, adapter_name="ctrl")
-            for name, p in unet.named_parameters():
-                p.requires_grad_("lora_" in name)
+            inject_lora(unet, self.lora_rank, self.lora_alpha, self.lora_targets)
 
     @contextmanager
     def labels_installed(self) -> Iterator[None]:
@@ -116,11 +110,8 @@ class UNetAugmentedScore(nn.Module):
         null = torch.full((x.shape[0], len(self.n_classes)), NULL_LABEL, dtype=torch.long, device=x.device)
         if self.lora_rank == 0:
             return self._call(x, t, null)
-        set_lora_enabled(self.score.unet, False)
-        try:
+        with lora_disabled(self.score.unet):
             return self._call(x, t, null)
-        finally:
-            set_lora_enabled(self.score.unet, True)
 
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(s_theta, u = s_theta - s_pre); both from the same frozen UNet."""
