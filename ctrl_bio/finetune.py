@@ -143,7 +143,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
              eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
              seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None,
-             spacing: Spacing = "uniform") -> FinetuneResult:
+             spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform") -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     Args:
@@ -161,6 +161,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
             default: ``pool_size`` fresh samples of the pre-trained sampler with ``n_steps`` steps.
         eval_every: record a no-grad estimate of J, reward and KL every this many updates.
         spacing: the sampler's time grid, ``uniform`` or ``quadratic`` (:func:`ctrl_bio.sampling.time_grid`).
+        sm_spacing: how score matching draws t (:func:`ctrl_bio.objective.denoising_score_matching_loss`);
+            ``quadratic`` concentrates the fit near the data, as a quadratic sampler grid concentrates its steps.
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
     """
@@ -197,7 +199,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
             for _ in range(n_updates):
                 y = label_prior.sample(sm_batch_size if phase == "score_matching" else batch_size, generator)
                 if phase == "score_matching":
-                    loss = weighted_score_matching_loss(model, sde, pool, y, t_end=t_end, generator=generator)
+                    loss = weighted_score_matching_loss(model, sde, pool, y, t_end=t_end, spacing=sm_spacing,
+                                                        generator=generator)
                 else:
                     loss = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
                                          gamma=gamma, memory=memory, grad_last_k=grad_last_k, spacing=spacing,

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from ctrl_bio.model import NULL_LABEL, ConditionalScore, fourier_features
 from ctrl_bio.objective import denoising_score_matching_loss
 from ctrl_bio.progress import progress_bar
-from ctrl_bio.sampling import ScoreFn, euler_maruyama, split_score
+from ctrl_bio.sampling import ScoreFn, Spacing, euler_maruyama, split_score
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import rand, randn
 
@@ -174,8 +174,8 @@ def train_noisy_classifier(net: nn.Module, sde: SDE, x: Tensor, y: Tensor, *, st
 
 def train_conditional_pathway(model: ConditionalScore, sde: SDE, x: Tensor, y: Tensor, *, steps: int = 4000,
                               batch_size: int = 512, lr: float = 2e-3, label_dropout: float = 0.1,
-                              t_end: float = 1e-3, generator: torch.Generator | None = None,
-                              progress: bool = True) -> TrainingRecord:
+                              t_end: float = 1e-3, spacing: Spacing = "uniform",
+                              generator: torch.Generator | None = None, progress: bool = True) -> TrainingRecord:
     """Classifier-free guidance's training: denoising score matching of the label pathway on the pairs.
 
     Args:
@@ -184,13 +184,15 @@ def train_conditional_pathway(model: ConditionalScore, sde: SDE, x: Tensor, y: T
         label_dropout: probability that a label is replaced by the null label (Ho & Salimans 2022). The
             augmented model's null label is the frozen pre-trained score, so dropped rows only teach nothing;
             kept for fidelity to CFG's recipe and for pairs that carry only some of several labels.
+        spacing: how t is drawn (:func:`ctrl_bio.objective.denoising_score_matching_loss`).
     """
 
     def loss_fn(_: int) -> Tensor:
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=generator).to(x.device)
         y_b = y[idx].clone()
         y_b[rand(y_b.shape, generator, device=y.device) < label_dropout] = NULL_LABEL
-        return denoising_score_matching_loss(model, sde, x[idx], y_b, t_end=t_end, generator=generator)
+        return denoising_score_matching_loss(model, sde, x[idx], y_b, t_end=t_end, spacing=spacing,
+                                             generator=generator)
 
     params = [p for p in model.parameters() if p.requires_grad]
     return fit_adam(params, loss_fn, steps, lr, "cfg pathway", progress)

@@ -116,25 +116,35 @@ class WeightedPool:
 
 
 def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, *,
-                                 t_end: float = 1e-3, generator: torch.Generator | None = None) -> Tensor:
+                                 t_end: float = 1e-3, spacing: Spacing = "uniform",
+                                 generator: torch.Generator | None = None) -> Tensor:
     """Denoising score matching of s_theta(., ., y) on the reward-tilted pre-trained samples.
 
     Loss: E || sigma_t s_theta(x_t, t, y) + eps ||^2 with x_t = alpha_t x_0 + sigma_t eps, x_0 drawn from the
     pool tilted by p(y|x_0)^(gamma/alpha) (the sigma_t^2 weighting of Song et al. 2021, i.e. noise units).
     Its minimiser is the score of the tilted distribution at every t: the optimum of J.
     """
-    return denoising_score_matching_loss(model, sde, pool.draw(y, generator), y, t_end=t_end, generator=generator)
+    return denoising_score_matching_loss(model, sde, pool.draw(y, generator), y, t_end=t_end, spacing=spacing,
+                                         generator=generator)
 
 
 def denoising_score_matching_loss(model: AugmentedScore, sde: SDE, x0: Tensor, y: Tensor, *, t_end: float = 1e-3,
-                                  generator: torch.Generator | None = None) -> Tensor:
+                                  spacing: Spacing = "uniform", generator: torch.Generator | None = None) -> Tensor:
     """E_t,eps || sigma_t s_theta(x_t, t, y) + eps ||^2 for clean samples x0 with labels y (Vincent 2011).
 
     On pairs (x0, y) from the data this trains a conditional model p(x | y) directly, as classifier-free
     guidance does (Ho & Salimans 2022); on reward-tilted pre-trained samples it is CTRL's score-matching
     estimator (:func:`weighted_score_matching_loss`).
+
+    ``spacing`` is how t is drawn: ``uniform`` on [t_end, 1], or ``quadratic``, t = t_end + (1 - t_end) u^2 with u
+    uniform, the density of the sampler's quadratic grid (:func:`ctrl_bio.sampling.time_grid`). The minimiser at each
+    t is the same; the spacing decides where a small pathway spends its capacity, and a sampler that takes most of its
+    steps near the data (images, where the last steps set the fine texture) is best served by a fit that does too.
     """
-    t = t_end + (1.0 - t_end) * rand((y.shape[0],), generator, device=x0.device, dtype=x0.dtype)
+    if spacing not in ("uniform", "quadratic"):
+        raise ValueError(f"spacing must be 'uniform' or 'quadratic', got {spacing!r}")
+    u = rand((y.shape[0],), generator, device=x0.device, dtype=x0.dtype)
+    t = t_end + (1.0 - t_end) * (u if spacing == "uniform" else u**2)
     eps = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     x_t = sde.perturb(x0, t, eps)
     s_theta = model(x_t, t, y)

@@ -57,6 +57,17 @@ draws a pool of pre-trained paths once (one reward query each), warm-starts the 
 states at a random switch step (``restart_fraction``; Kakade & Langford 2002) is available too but did not
 keep the modes on its own (docs/policy_gradient.md). Training grids are jittered (interior points uniform in
 their cells) so that the control is learnt at every t and the model can be sampled with any step count.
+
+The same term as a regression (``reference_estimator="score_matching"``). KL(P* || P_theta) is, up to a
+constant, the likelihood-weighted score-matching loss of P*'s marginals (Song et al. 2021, "Maximum Likelihood
+Training of Score-Based Diffusion Models"), and the x_0-marginal of P* is the weighted end points of the pool. So
+the term can also be estimated by denoising score matching (Vincent 2011) on pool end points drawn in proportion
+to w, at fresh noise levels: a regression whose target eps / sigma_t has variance 1 / sigma_t^2, where the path
+form's per-step target z_k / sqrt(beta_k h) has 1 / (beta_k h). It needs end points and weights only, so with
+``reference_replay`` every scored on-policy path joins the pool as well, weighted by
+dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre) (:meth:`PathBatch.log_density_ratio`, exact for the
+recorded chain; self-normalised within each label combination). These weights tend to one as the policy nears P*,
+so each reward query the policy gradient spends also sharpens the regression (benchmarks/gmm/README.md).
 """
 
 from __future__ import annotations
@@ -71,6 +82,7 @@ import torch
 from torch import Tensor, nn
 
 from ctrl_bio.model import ConditionalScore, fourier_features, one_hot_labels
+from ctrl_bio.objective import denoising_score_matching_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, Reward
 from ctrl_bio.sampling import Spacing, em_step, time_grid
@@ -79,6 +91,7 @@ from ctrl_bio.utils import append_dims, sum_except_batch
 
 Variant = Literal["ctrl_pg", "ddpo"]
 Baseline = Literal["x0_hat", "learned", "none"]
+ReferenceEstimator = Literal["path", "score_matching"]
 
 
 def transition_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -158,6 +171,17 @@ class PathBatch:
     @property
     def x0(self) -> Tensor:
         return self.states[-1]
+
+    def log_density_ratio(self) -> Tensor:
+        """log dP_behaviour/dP_pre of each path, (B,): the Girsanov density of the Euler-Maruyama chain.
+
+        A step x_{k+1} = mean_pre + std^2 u + std z has, under the pre-trained chain, the noise z + std u, so its
+        log-ratio is (||z + std u||^2 - ||z||^2) / 2 = std z . u + std^2 ||u||^2 / 2; steps the pre-trained score
+        took (before the switch step) contribute zero. Exact for the recorded chain, with no discretisation error.
+        """
+        std = append_dims(self.stds, self.controls.ndim)
+        per_step = (std * self.noises * self.controls).flatten(2).sum(2) + 0.5 * ((std * self.controls) ** 2).flatten(2).sum(2)
+        return (per_step * self.active).sum(0)
 
     @property
     def kl_steps(self) -> Tensor:
@@ -270,17 +294,22 @@ def surrogate_loss(model: ConditionalScore, batch: PathBatch, advantages: Tensor
                          else float(rho.detach().abs().max()))
 
 
-def soft_optimal_weights(reward: Tensor, y: Tensor, alpha: float) -> Tensor:
-    """Self-normalised weights exp(r / alpha) of pre-trained paths within each label combination, (B,).
+def soft_optimal_weights(reward: Tensor, y: Tensor, alpha: float, log_density_ratio: Tensor | None = None) -> Tensor:
+    """Self-normalised weights dP*/dP_behaviour of scored paths within each label combination, (B,).
 
     dP*/dP_pre = exp(r / alpha) / Z(y) (the soft-optimal path measure of KL-regularised RL); normalising within
-    each requested y removes Z(y). The weights average to one over the batch, each label group keeping its share.
+    each requested y removes Z(y). Paths of another behaviour process (the policy being trained) are weighted by
+    dP*/dP_beh = exp(r / alpha - log dP_beh/dP_pre) / Z(y) (``log_density_ratio``, :meth:`PathBatch.log_density_ratio`;
+    zero for pre-trained paths). The weights average to one over the batch, each label group keeping its share.
     """
+    log_w = reward.double() / alpha
+    if log_density_ratio is not None:
+        log_w = log_w - log_density_ratio.double()
     weights = torch.zeros_like(reward)
     _, group = torch.unique(y, dim=0, return_inverse=True)
     for g in group.unique():
         rows = group == g
-        weights[rows] = torch.softmax(reward[rows].double() / alpha, dim=0).to(reward.dtype) * rows.sum()
+        weights[rows] = torch.softmax(log_w[rows], dim=0).to(reward.dtype) * rows.sum()
     return weights
 
 
@@ -422,8 +451,9 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
                              updates_per_batch: int = 4, clip: float = 0.2, lr: float = 3e-4,
                              value_lr: float = 3e-3, restart_fraction: float | None = None,
                              reference_pool: int | None = None, reference_batch: int = 8192,
-                             reference_weight: float = 1.0, reference_updates: int | None = None,
-                             reference_lr: float = 2e-3,
+                             reference_weight: float = 4.0, reference_updates: int | None = None,
+                             reference_lr: float = 2e-3, reference_estimator: ReferenceEstimator = "score_matching",
+                             reference_replay: bool | None = None,
                              grad_clip: float | None = 1.0, seed: int = 0, progress: bool = True,
                              checkpoint_path: str | Path | None = None) -> PolicyGradientResult:
     """Fine-tune the label pathway by a clipped policy gradient on J from reward values only.
@@ -451,10 +481,27 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             in units of alpha.
         reference_updates: updates on the soft-optimal term alone before the policy gradient (a warm start,
             at ``reference_lr``; no reward query beyond the pool); default 1000 for ``ctrl_pg``, 0 for ``ddpo``.
+        reference_estimator: how the soft-optimal term is estimated on the pool. ``path``: the cross-entropy of
+            the path measures (:func:`reference_loss`, an Ito integral over the pool's paths). ``score_matching``:
+            denoising score matching on the pool's end points drawn with probability proportional to their weights
+            (:func:`ctrl_bio.objective.denoising_score_matching_loss`). Both have the optimum P*; the second
+            regresses on fresh forward-noised states instead of the recorded path increments, whose per-step
+            target sqrt(beta h) z / (beta h) has variance 1 / (beta h).
+        reference_replay: (default: on with ``score_matching``, which it needs) every scored on-policy path also joins the pool, weighted by
+            dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre) (:func:`soft_optimal_weights`), so that
+            each reward query informs the low-variance regression too, not only the policy gradient. Near the optimum
+            these weights are nearly uniform (dP*/dP_theta -> 1), so the replayed paths are the well-spent ones.
         checkpoint_path: trainable parameters (and the value network) are saved there after every batch.
     """
     if variant not in ("ctrl_pg", "ddpo"):
         raise ValueError(f"variant must be 'ctrl_pg' or 'ddpo', got {variant!r}")
+    if reference_estimator not in ("path", "score_matching"):
+        raise ValueError(f"reference_estimator must be 'path' or 'score_matching', got {reference_estimator!r}")
+    if reference_replay is None:
+        reference_replay = reference_estimator == "score_matching"
+    if reference_replay and reference_estimator != "score_matching":
+        raise ValueError("reference_replay needs reference_estimator='score_matching' (replayed paths are scored "
+                         "by their end points only)")
     if baseline not in ("x0_hat", "learned", "none"):
         raise ValueError(f"baseline must be 'x0_hat', 'learned' or 'none', got {baseline!r}")
     if alpha <= 0 or not 0 < clip < 1:
@@ -490,13 +537,22 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
         queries += pool_size
         result.failed_rewards += int(pool_size - pool_reward.shape[0])
         pool_weights = soft_optimal_weights(pool_reward, pool.y, alpha)
-        if baseline != "none":
+        # End points the score-matching term regresses on: the pool's, then (replay) every scored on-policy path's.
+        ends = {"x0": pool.x0, "y": pool.y, "reward": pool_reward, "log_ratio": torch.zeros_like(pool_reward),
+                "weights": pool_weights}
+        if baseline != "none" and reference_estimator == "path":
             # E_pre[w | x_t]: the baseline of the cross-entropy term's noise (see reference_loss).
             weight_value = ValueNetwork(math.prod(x_shape), label_prior.n_classes).to(device)
             weight_opt = torch.optim.Adam(weight_value.parameters(), lr=value_lr)
 
     def reference_term() -> Tensor:
         """The soft-optimal cross-entropy on a random subset of pool (step, path) pairs; fits its baseline first."""
+        if reference_estimator == "score_matching":
+            # Weights average one within each label group, so drawing in proportion to them keeps each group's share.
+            p_idx = torch.multinomial(ends["weights"].double().cpu(), reference_batch, replacement=True,
+                                      generator=generator).to(device)
+            return denoising_score_matching_loss(model, sde, ends["x0"][p_idx], ends["y"][p_idx], t_end=t_end,
+                                                 generator=generator)
         p_idx = torch.randint(0, pool_weights.shape[0], (reference_batch,), generator=generator).to(device)
         k_idx = torch.randint(0, n_steps, (reference_batch,), generator=generator).to(device)
         b = None
@@ -533,6 +589,12 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             valid = torch.isfinite(r)
             dropped = int((~valid).sum())
             result.failed_rewards += dropped
+            if reference_replay and pool is not None and valid.any():
+                keep = valid & batch.on_policy
+                for name, new_rows in (("x0", batch.x0[keep]), ("y", y[keep]), ("reward", r[keep]),
+                                       ("log_ratio", batch.log_density_ratio()[keep])):
+                    ends[name] = torch.cat([ends[name], new_rows])
+                ends["weights"] = soft_optimal_weights(ends["reward"], ends["y"], alpha, ends["log_ratio"])
             returns = rewards_to_go(torch.where(valid, r, 0.0), batch.kl_steps, alpha)
             mask = batch.active & valid[None]
             clip_fraction = 0.0
@@ -561,7 +623,9 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             kl_on = float(kl[on].mean()) if on.any() else float("nan")
             result.history.append({"step": step, "reward_queries": queries, "reward": r_on, "kl": kl_on,
                                    "objective": r_on - alpha * kl_on, "dropped": dropped,
-                                   "clip_fraction": clip_fraction})
+                                   "clip_fraction": clip_fraction}
+                                  | ({"reference_ess": float(ends["weights"].sum() ** 2 / (ends["weights"] ** 2).sum())}
+                                     if pool is not None else {}))
             if path is not None:
                 _save(model, value, path)
             advance(reward=r_on, kl=kl_on)

@@ -5,7 +5,7 @@ import torch
 
 from ctrl_bio.finetune import NonFiniteLossError, finetune
 from ctrl_bio.model import AugmentedScore, VectorPathway
-from ctrl_bio.objective import WeightedPool, pathwise_loss
+from ctrl_bio.objective import WeightedPool, denoising_score_matching_loss, pathwise_loss
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import euler_maruyama, time_grid
 
@@ -54,6 +54,26 @@ def test_weighted_pool_draws_from_the_tilted_pool():
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.5, 0.9, 0.5]) / 2.0, atol=0.01, rtol=0)
     weights = torch.tensor([0.1, 0.5, 0.9, 0.5]) / 2.0
     assert pool.effective_sample_size(torch.tensor([0])) == pytest.approx(float(1 / (weights**2).sum()))
+
+
+@pytest.mark.parametrize("spacing,mean_t", [("uniform", 0.5), ("quadratic", 1.0 / 3.0)])
+def test_score_matching_draws_t_with_the_density_of_its_spacing(small_testbed, spacing, mean_t):
+    """t = t_end + (1 - t_end) u (uniform) or u^2 (quadratic, the sampler grid's density): E[u] = 1/2, E[u^2] = 1/3;
+    the quadratic draws put half of their mass below t = 1/4."""
+    seen = []
+
+    def model(x, t, y):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    x0 = torch.zeros(50_000, small_testbed.dim)
+    loss = denoising_score_matching_loss(model, small_testbed.sde, x0, torch.zeros(50_000, 1, dtype=torch.long),
+                                         t_end=0.0, spacing=spacing, generator=torch.Generator().manual_seed(0))
+    t = seen[0]
+    assert float(t.mean()) == pytest.approx(mean_t, abs=0.01)
+    if spacing == "quadratic":
+        assert float((t < 0.25).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert float(loss) == pytest.approx(small_testbed.dim, rel=0.02)  # zero score: the loss is E||eps||^2 = d
 
 
 def evaluate(tb, score_fn, y, n_steps=50):

@@ -55,6 +55,29 @@ def test_step_log_ratio_is_the_difference_of_gaussian_log_densities():
     torch.testing.assert_close(step_log_ratio(noise, std, du), expected)
 
 
+def test_log_density_ratio_is_the_sum_of_transition_log_ratios(small_testbed):
+    """log dP_theta/dP_pre of a recorded chain: the policy's transition densities minus the pre-trained ones;
+    steps the pre-trained score took (before the switch step) contribute nothing."""
+    tb = small_testbed
+    model = make_model(tb, std=0.5)
+    y = torch.randint(0, 2, (16, 1), generator=torch.Generator().manual_seed(4))
+    times = time_grid(6)
+    switch = torch.tensor([0] * 8 + [3] * 8)
+    batch = collect_paths(model, tb.sde, y, (2,), times, switch_step=switch, generator=torch.Generator().manual_seed(5))
+    expected = torch.zeros(16)
+    with torch.no_grad():
+        for k in range(6):
+            t, h = times[k].expand(16), times[k] - times[k + 1]
+            s, u = model.conditioned(y)(batch.states[k], t)
+            mean_theta = batch.states[k] - h * tb.sde.reverse_drift(batch.states[k], t, s)
+            mean_pre = batch.states[k] - h * tb.sde.reverse_drift(batch.states[k], t, s - u)
+            step = (transition_log_prob(batch.states[k + 1], mean_theta, batch.stds[k])
+                    - transition_log_prob(batch.states[k + 1], mean_pre, batch.stds[k]))
+            expected += step * batch.active[k]
+    torch.testing.assert_close(batch.log_density_ratio(), expected, atol=1e-4, rtol=1e-4)
+    assert batch.log_density_ratio().abs().min() > 0  # a non-zero control: every path is reweighted
+
+
 @pytest.mark.parametrize("variant", ["ctrl_pg", "ddpo"])
 def test_first_update_has_unit_ratio_and_the_plain_policy_gradient(small_testbed, variant):
     tb = small_testbed

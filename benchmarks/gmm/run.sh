@@ -30,6 +30,8 @@ case "${1:-all}" in
     run multilabel_logistic 'label=[logistic_a,logistic_b]' ;;&
   learned|all)     # an imperfect pre-trained model: a score network trained on mixture samples
     run learned_pretrained pretrained=learned ;;&
+  pg|all)         # issue 8: the policy-gradient rows (true likelihood as a black box) on four mixtures
+    for s in 0 1 2 3; do run gmm_pg_d4_k8_c4_seed$s suite=gmm_pg seed=$s; done ;;&
   sweeps|all)
     run sweep_n_pairs sweep=n_pairs
     run sweep_gamma sweep=gamma ;;

@@ -263,6 +263,7 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
         plot_training_curves(ctrl_histories, Path(run_dir) / "training.png", optimum=info["optimum_objective"])
     if len(ctrl_histories) < len(histories):
         plot_reward_vs_queries(histories, Path(run_dir) / "reward_vs_queries.png")
+    info["histories"] = histories  # the curves behind the plots, to replot or compare runs
     return SuiteResult("gmm", rows, info)
 
 
