@@ -180,7 +180,8 @@ class PathBatch:
         took (before the switch step) contribute zero. Exact for the recorded chain, with no discretisation error.
         """
         std = append_dims(self.stds, self.controls.ndim)
-        per_step = (std * self.noises * self.controls).flatten(2).sum(2) + 0.5 * ((std * self.controls) ** 2).flatten(2).sum(2)
+        drift = std * self.controls
+        per_step = (self.noises * drift).flatten(2).sum(2) + 0.5 * (drift**2).flatten(2).sum(2)
         return (per_step * self.active).sum(0)
 
     @property
@@ -487,10 +488,10 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             (:func:`ctrl_bio.objective.denoising_score_matching_loss`). Both have the optimum P*; the second
             regresses on fresh forward-noised states instead of the recorded path increments, whose per-step
             target sqrt(beta h) z / (beta h) has variance 1 / (beta h).
-        reference_replay: (default: on with ``score_matching``, which it needs) every scored on-policy path also joins the pool, weighted by
-            dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre) (:func:`soft_optimal_weights`), so that
-            each reward query informs the low-variance regression too, not only the policy gradient. Near the optimum
-            these weights are nearly uniform (dP*/dP_theta -> 1), so the replayed paths are the well-spent ones.
+        reference_replay: (default: on with ``score_matching``, which it needs) every scored on-policy path also
+            joins the pool, weighted by dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre)
+            (:func:`soft_optimal_weights`), so that each reward query informs the low-variance regression too, not
+            only the policy gradient. Near the optimum these weights are nearly uniform (dP*/dP_theta -> 1).
         checkpoint_path: trainable parameters (and the value network) are saved there after every batch.
     """
     if variant not in ("ctrl_pg", "ddpo"):
