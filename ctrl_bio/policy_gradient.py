@@ -447,7 +447,7 @@ def apply_update(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr
 def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
                              x_shape: tuple[int, ...], *, variant: Variant = "ctrl_pg",
                              baseline: Baseline = "x0_hat", alpha: float = 1.0, n_steps: int = 50,
-                             t_end: float = 1e-3, spacing: Spacing = "uniform", iterations: int = 100,
+                             t_end: float = 1e-3, spacing: Spacing = "uniform", iterations: int = 200,
                              batch_size: int = 128,
                              updates_per_batch: int = 4, clip: float = 0.2, lr: float = 3e-4,
                              value_lr: float = 3e-3, restart_fraction: float | None = None,
