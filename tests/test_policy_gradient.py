@@ -10,6 +10,7 @@ from ctrl_bio.policy_gradient import (
     collect_paths,
     finetune_policy_gradient,
     rewards_to_go,
+    soft_optimal_weights,
     step_log_ratio,
     surrogate_loss,
     transition_log_prob,
@@ -76,6 +77,22 @@ def test_log_density_ratio_is_the_sum_of_transition_log_ratios(small_testbed):
             expected += step * batch.active[k]
     torch.testing.assert_close(batch.log_density_ratio(), expected, atol=1e-4, rtol=1e-4)
     assert batch.log_density_ratio().abs().min() > 0  # a non-zero control: every path is reweighted
+
+
+def test_replay_weights_turn_behaviour_samples_into_the_soft_optimal_target():
+    """Samples of a behaviour q = N(1, 1) weighted by exp(r / alpha - log q/p_pre), p_pre = N(0, 1), r = -x^2 / 2,
+    alpha = 1, are draws of p_pre exp(r) / Z = N(0, 1/2); the weights average one within each label."""
+    g = torch.Generator().manual_seed(6)
+    x = 1.0 + torch.randn(200_000, generator=g, dtype=torch.float64)
+    log_q_over_p = x - 0.5
+    y = torch.randint(0, 2, (200_000, 1), generator=g)
+    w = soft_optimal_weights(-0.5 * x**2, y, 1.0, log_density_ratio=log_q_over_p)
+    for label in (0, 1):
+        rows = y[:, 0] == label
+        assert float(w[rows].mean()) == pytest.approx(1.0, abs=1e-9)
+        mean = float((w[rows] * x[rows]).mean())
+        var = float((w[rows] * (x[rows] - mean) ** 2).mean())
+        assert mean == pytest.approx(0.0, abs=0.02) and var == pytest.approx(0.5, abs=0.02)
 
 
 @pytest.mark.parametrize("variant", ["ctrl_pg", "ddpo"])
@@ -199,6 +216,11 @@ def test_short_ctrl_pg_run_improves_true_label_accuracy(small_testbed):
     assert acc > acc_pre + 0.25 and acc > 0.8, (acc_pre, acc)
     assert result.history[-1]["reward_queries"] == 512 + 30 * 64
     assert result.history[-1]["reward"] > result.history[0]["reward"] + 2.0
+    # Replay (the default): every scored on-policy batch joins the score-matching pool and raises its effective size.
+    assert result.history[-1]["reference_ess"] > 2 * result.history[0]["reference_ess"]  # measured 269 -> 835
+    with pytest.raises(ValueError, match="reference_replay needs"):
+        finetune_policy_gradient(model, tb.sde, label_likelihood_black_box(tb.component_label.log_prob), prior, (2,),
+                                 reference_estimator="path", reference_replay=True, progress=False)
 
 
 def test_reward_vs_queries_puts_ctrl_at_its_labelled_pairs_in_exact_reward_units(tmp_path, monkeypatch):
