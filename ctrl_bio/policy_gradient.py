@@ -64,7 +64,7 @@ Training of Score-Based Diffusion Models"), and the x_0-marginal of P* is the we
 the term can also be estimated by denoising score matching (Vincent 2011) on pool end points drawn in proportion
 to w, at fresh noise levels: a regression whose target eps / sigma_t has variance 1 / sigma_t^2, where the path
 form's per-step target z_k / sqrt(beta_k h) has 1 / (beta_k h). It needs end points and weights only, so with
-``reference_replay`` every scored on-policy path joins the pool as well, weighted by
+``reference_replay`` every scored training path joins the pool as well, weighted by
 dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre) (:meth:`PathBatch.log_density_ratio`, exact for the
 recorded chain; self-normalised within each label combination). These weights tend to one as the policy nears P*,
 so each reward query the policy gradient spends also sharpens the regression (benchmarks/gmm/README.md).
@@ -353,7 +353,8 @@ class PolicyGradientResult:
     Attributes:
         history: one dict per batch of paths: ``step`` (updates so far), ``reward_queries`` (reward
             evaluations so far, one per sample), ``reward``, ``kl`` and ``objective`` (J) of the on-policy
-            paths of the batch, ``dropped`` (paths of the batch with a NaN reward), ``clip_fraction``.
+            paths of the batch, ``dropped`` (paths of the batch with a NaN reward), ``clip_fraction``, and with a
+            reference pool ``reference_ess`` (Kish's effective size of the pool's weights, which replay grows).
         seconds: wall-clock time of the whole call.
         failed_rewards: reward evaluations that came back NaN over the whole run.
     """
@@ -478,8 +479,10 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             switch step (a restart distribution, module docstring); default 0.
         reference_pool: pre-trained paths drawn (and scored, one query each) once at the start for the
             soft-optimal cross-entropy term (module docstring); default 4096 for ``ctrl_pg``, 0 for ``ddpo``.
-        reference_batch: (step, path) pairs of the pool per update; reference_weight: weight of that term,
-            in units of alpha.
+        reference_batch: pool draws per update (end points for ``score_matching``, (step, path) pairs for ``path``);
+        reference_weight: weight of that term against the policy-gradient surrogate, in units of alpha. The path
+            form is in nats; the score-matching loss is in noise units summed over dimensions, so there the weight is
+            a trade-off knob (4 measured best of 1 / 4 / 16 on the mixture, docs/policy_gradient.md).
         reference_updates: updates on the soft-optimal term alone before the policy gradient (a warm start,
             at ``reference_lr``; no reward query beyond the pool); default 1000 for ``ctrl_pg``, 0 for ``ddpo``.
         reference_estimator: how the soft-optimal term is estimated on the pool. ``path``: the cross-entropy of
@@ -488,7 +491,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             (:func:`ctrl_bio.objective.denoising_score_matching_loss`). Both have the optimum P*; the second
             regresses on fresh forward-noised states instead of the recorded path increments, whose per-step
             target sqrt(beta h) z / (beta h) has variance 1 / (beta h).
-        reference_replay: (default: on with ``score_matching``, which it needs) every scored on-policy path also
+        reference_replay: (default: on with ``score_matching``, which it needs) every scored training path also
             joins the pool, weighted by dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre)
             (:func:`soft_optimal_weights`), so that each reward query informs the low-variance regression too, not
             only the policy gradient. Near the optimum these weights are nearly uniform (dP*/dP_theta -> 1).
@@ -538,7 +541,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
         queries += pool_size
         result.failed_rewards += int(pool_size - pool_reward.shape[0])
         pool_weights = soft_optimal_weights(pool_reward, pool.y, alpha)
-        # End points the score-matching term regresses on: the pool's, then (replay) every scored on-policy path's.
+        # End points the score-matching term regresses on: the pool's, then (replay) every scored training path's.
         ends = {"x0": pool.x0, "y": pool.y, "reward": pool_reward, "log_ratio": torch.zeros_like(pool_reward),
                 "weights": pool_weights}
         if baseline != "none" and reference_estimator == "path":
@@ -547,7 +550,8 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             weight_opt = torch.optim.Adam(weight_value.parameters(), lr=value_lr)
 
     def reference_term() -> Tensor:
-        """The soft-optimal cross-entropy on a random subset of pool (step, path) pairs; fits its baseline first."""
+        """The soft-optimal term: score matching on weighted end points, or the path cross-entropy on a random subset
+        of pool (step, path) pairs (fitting its baseline first)."""
         if reference_estimator == "score_matching":
             # Weights average one within each label group, so drawing in proportion to them keeps each group's share.
             p_idx = torch.multinomial(ends["weights"].double().cpu(), reference_batch, replacement=True,
@@ -591,7 +595,8 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             dropped = int((~valid).sum())
             result.failed_rewards += dropped
             if reference_replay and pool is not None and valid.any():
-                keep = valid & batch.on_policy
+                # Restarted paths too: their log-density counts only the steps the policy took.
+                keep = valid
                 for name, new_rows in (("x0", batch.x0[keep]), ("y", y[keep]), ("reward", r[keep]),
                                        ("log_ratio", batch.log_density_ratio()[keep])):
                     ends[name] = torch.cat([ends[name], new_rows])
