@@ -63,8 +63,11 @@ constant, the likelihood-weighted score-matching loss of P*'s marginals (Song et
 Training of Score-Based Diffusion Models"), and the x_0-marginal of P* is the weighted end points of the pool. So
 the term can also be estimated by denoising score matching (Vincent 2011) on pool end points drawn in proportion
 to w, at fresh noise levels: a regression whose target eps / sigma_t has variance 1 / sigma_t^2, where the path
-form's per-step target z_k / sqrt(beta_k h) has 1 / (beta_k h). It needs end points and weights only, so with
-``reference_replay`` every scored training path joins the pool as well, weighted by
+form's per-step target z_k / sqrt(beta_k h) has 1 / (beta_k h). It uses the library's sigma_t^2 weighting (noise
+units) rather than the likelihood weighting beta_t / 2 that equals the KL: the minimiser, P*'s score at every t, is
+the same; the weighting only moves where residual errors count, and ``reference_weight`` sets its scale. The term
+needs end points and weights only, so with ``reference_replay`` every scored training path joins the pool as well,
+weighted by
 dP*/dP_theta_old = exp(r / alpha - log dP_theta_old/dP_pre) (:meth:`PathBatch.log_density_ratio`, exact for the
 recorded chain; self-normalised within each label combination). These weights tend to one as the policy nears P*,
 so each reward query the policy gradient spends also sharpens the regression (benchmarks/gmm/README.md).
