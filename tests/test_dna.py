@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from domains.dna.data import (
     read_sequences,
     write_fasta,
 )
-from domains.dna.domain import DNADomain
+from domains.dna.domain import DNADomain, pathway_settings
 from domains.dna.labels import celltype_pairs, gc_content, gc_log_prob, motif_log_prob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,19 @@ def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, k
                     p.normal_()
         s, u = model.score_and_control(x, t, y)
         assert torch.equal(s[4], pre(x, t)[4]) and not torch.allclose(s[:4], pre(x, t)[:4])
+
+
+def test_pathway_settings_keep_their_kinds_keys_and_refuse_typos(caplog):
+    """A command-line kind=lora merges into the default conv keys: those are dropped with a log line, typos raise."""
+    conv = {"kind": "conv", "hidden": 64, "n_blocks": 4, "emb_dim": 64}
+    assert pathway_settings(conv) == conv
+    with caplog.at_level(logging.INFO, logger="domains.dna.domain"):
+        assert pathway_settings({**conv, "kind": "lora", "lora_rank": 8}) == {"kind": "lora", "lora_rank": 8}
+    assert "emb_dim, hidden, n_blocks" in caplog.text
+    with pytest.raises(ValueError, match="hiden"):
+        pathway_settings({"kind": "conv", "hiden": 16})
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pathway_settings({"kind": "unet"})
 
 
 def test_label_from_a_user_csv_with_no_python(table, tmp_path):

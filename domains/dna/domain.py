@@ -12,6 +12,8 @@ embedding in every block plus LoRA adapters on the blocks' convolutions (:class:
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,15 @@ from domains.dna.data import SEQ_LEN, DHSTable, decode, load_dhs, one_hot, write
 
 #: Convolutions of every residual block (:class:`ctrl_bio.nets.ResidualConvBlock`): LoRA targets of ``kind: lora``.
 CONV_LORA_TARGETS = ("conv1", "conv2")
+
+#: The pathway settings each ``kind`` reads (``conv``: :class:`ctrl_bio.nets.SequencePathway`'s keyword arguments).
+PATHWAY_KEYS: dict[str, frozenset[str]] = {
+    "conv": frozenset(inspect.signature(SequencePathway).parameters) - {"channels", "n_classes"},
+    "embedding": frozenset(),
+    "lora": frozenset({"lora_rank", "lora_targets"}),
+}
+
+log = logging.getLogger(__name__)
 
 #: The pre-trained network that ships with the package.
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoints" / "pretrained.safetensors"
@@ -93,12 +104,10 @@ class DNADomain:
 
     def augment(self, pretrained: ScoreModel, n_classes: Sequence[int]
                 ) -> AugmentedScore | EmbeddingAugmentedScore | LoRAAugmentedScore:
-        settings = dict(self.pathway)
-        kind = settings.pop("kind", "conv")
+        settings = pathway_settings(self.pathway)
+        kind = settings.pop("kind")
         if kind == "conv":
             return AugmentedScore(pretrained, SequencePathway(4, n_classes, **settings), self.sde)
-        if kind not in ("embedding", "lora"):
-            raise ValueError(f"domain.pathway.kind must be 'conv', 'embedding' or 'lora', got {kind!r}")
         if not isinstance(pretrained, ConvScoreNet):
             raise TypeError(f"an {kind} pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
         if kind == "lora":  # the adapted copy gets the label in every block; the caller's network is left as it is
@@ -123,6 +132,27 @@ class DNADomain:
             tags = [f"{n}={v}" for n, v in zip(label_names, row) if v != NULL_LABEL]
             names.append(f"sample{i}|" + ("|".join(tags) if tags else "unconditional"))
         return write_fasta(Path(run_dir) / "samples.fasta", decode(x), names)
+
+
+def pathway_settings(pathway: dict[str, Any]) -> dict[str, Any]:
+    """``pathway`` reduced to the keys its ``kind`` reads, with ``kind`` kept.
+
+    Hydra merges a command-line ``domain.pathway.kind=lora`` into the default ``conv`` settings, so another kind's
+    keys are expected here: they are dropped with one log line that names them. A key that no kind reads is a typo
+    and raises.
+    """
+    settings = dict(pathway)
+    kind = settings.pop("kind", "conv")
+    if kind not in PATHWAY_KEYS:
+        raise ValueError(f"domain.pathway.kind must be one of {sorted(PATHWAY_KEYS)}, got {kind!r}")
+    unknown = set(settings) - set().union(*PATHWAY_KEYS.values())
+    if unknown:
+        raise ValueError(f"domain.pathway has keys no pathway kind reads: {sorted(unknown)}; "
+                         f"kind={kind!r} reads {sorted(PATHWAY_KEYS[kind]) or 'none'}")
+    ignored = sorted(set(settings) - PATHWAY_KEYS[kind])
+    if ignored:
+        log.info("domain.pathway.kind=%s ignores the settings of other kinds: %s", kind, ", ".join(ignored))
+    return {"kind": kind, **{k: v for k, v in settings.items() if k in PATHWAY_KEYS[kind]}}
 
 
 def make_domain(**kwargs: Any) -> DNADomain:
