@@ -416,25 +416,31 @@ def _concat(batches: list[PathBatch]) -> PathBatch:
 
 def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
                     x_shape: tuple[int, ...], n_steps: int, t_end: float, size: int,
-                    generator: torch.Generator, chunk: int = 256, spacing: Spacing = "uniform"
-                    ) -> tuple[PathBatch, Tensor]:
-    """Pre-trained paths (no policy step) on random grids, with their rewards; failed ones are left out.
+                    generator: torch.Generator, chunk: int = 256, spacing: Spacing = "uniform",
+                    keep_paths: bool = True) -> tuple[PathBatch | None, Tensor, Tensor, Tensor]:
+    """Pre-trained paths (no policy step) on random grids: ``(paths, x0, y, reward)``, failed rewards left out.
 
-    Scored once (one query per path) and reused by every update.
+    Scored once (one query per path) and reused by every update. With ``keep_paths=False`` only the end points and
+    labels are kept (``paths`` is None): the score-matching term reads nothing else, and a whole path is ``n_steps``
+    times the memory of its end point.
     """
     device = next(model.parameters()).device
-    chunks = []
+    chunks, x0, y = [], [], []
     for start in range(0, size, chunk):
         b = min(chunk, size - start)
-        y = label_prior.sample(b, generator).to(device)
+        y_chunk = label_prior.sample(b, generator).to(device)
         times = jittered_grid(n_steps, t_end, generator, spacing=spacing, device=device)
-        chunks.append(collect_paths(model, sde, y, x_shape, times, generator=generator,
-                                    switch_step=torch.full((b,), n_steps, dtype=torch.long, device=device)))
-    batch = _concat(chunks)
+        paths = collect_paths(model, sde, y_chunk, x_shape, times, generator=generator,
+                              switch_step=torch.full((b,), n_steps, dtype=torch.long, device=device))
+        x0.append(paths.x0)
+        y.append(paths.y)
+        if keep_paths:
+            chunks.append(paths)
+    x0_all, y_all = torch.cat(x0), torch.cat(y)
     with torch.no_grad():
-        r = reward(batch.x0, batch.y).detach().to(device=device, dtype=torch.float32).reshape(-1)
+        r = reward(x0_all, y_all).detach().to(device=device, dtype=torch.float32).reshape(-1)
     keep = torch.isfinite(r).nonzero().squeeze(1)
-    return _select(batch, keep), r[keep]
+    return (_select(_concat(chunks), keep) if keep_paths else None), x0_all[keep], y_all[keep], r[keep]
 
 
 def apply_update(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
@@ -538,14 +544,16 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     queries, step = 0, 0
     pool, pool_weights, weight_value = None, None, None
-    if pool_size > 0 and reference_weight > 0:
-        pool, pool_reward = _reference_pool(model, sde, reward, label_prior, x_shape, n_steps, t_end, pool_size,
-                                            generator, spacing=spacing)
+    use_reference = pool_size > 0 and reference_weight > 0
+    if use_reference:
+        pool, pool_x0, pool_y, pool_reward = _reference_pool(
+            model, sde, reward, label_prior, x_shape, n_steps, t_end, pool_size, generator, spacing=spacing,
+            keep_paths=reference_estimator == "path")
         queries += pool_size
         result.failed_rewards += int(pool_size - pool_reward.shape[0])
-        pool_weights = soft_optimal_weights(pool_reward, pool.y, alpha)
+        pool_weights = soft_optimal_weights(pool_reward, pool_y, alpha)
         # End points the score-matching term regresses on: the pool's, then (replay) every scored training path's.
-        ends = {"x0": pool.x0, "y": pool.y, "reward": pool_reward, "log_ratio": torch.zeros_like(pool_reward),
+        ends = {"x0": pool_x0, "y": pool_y, "reward": pool_reward, "log_ratio": torch.zeros_like(pool_reward),
                 "weights": pool_weights}
         if baseline != "none" and reference_estimator == "path":
             # E_pre[w | x_t]: the baseline of the cross-entropy term's noise (see reference_loss).
@@ -572,7 +580,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             b = wv.detach()
         return reference_loss(model, pool, pool_weights[p_idx], k_idx, p_idx, b)
 
-    if pool is not None and reference_updates > 0:
+    if use_reference and reference_updates > 0:
         # Warm start toward the soft-optimal policy: no reward query beyond the pool's (module docstring).
         warm_opt = torch.optim.Adam(params, lr=reference_lr)
         warm_sched = torch.optim.lr_scheduler.CosineAnnealingLR(warm_opt, T_max=reference_updates)
@@ -597,7 +605,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             valid = torch.isfinite(r)
             dropped = int((~valid).sum())
             result.failed_rewards += dropped
-            if reference_replay and pool is not None and valid.any():
+            if reference_replay and use_reference and valid.any():
                 # Restarted paths too: their log-density counts only the steps the policy took.
                 keep = valid
                 for name, new_rows in (("x0", batch.x0[keep]), ("y", y[keep]), ("reward", r[keep]),
@@ -621,7 +629,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
                     break
                 est = surrogate_loss(model, batch, advantages, valid, variant=variant, alpha=alpha, clip=clip)
                 loss = est.loss
-                if pool is not None:
+                if use_reference:
                     loss = loss + alpha * reference_weight * reference_term()
                 apply_update(loss, opt, sched, params, grad_clip)
                 step += 1
@@ -634,7 +642,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
                                    "objective": r_on - alpha * kl_on, "dropped": dropped,
                                    "clip_fraction": clip_fraction}
                                   | ({"reference_ess": float(ends["weights"].sum() ** 2 / (ends["weights"] ** 2).sum())}
-                                     if pool is not None else {}))
+                                     if use_reference else {}))
             if path is not None:
                 _save(model, value, path)
             advance(reward=r_on, kl=kl_on)

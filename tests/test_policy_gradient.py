@@ -7,6 +7,7 @@ from ctrl_bio.blackbox import label_likelihood_black_box
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.objective import pathwise_loss
 from ctrl_bio.policy_gradient import (
+    _reference_pool,
     collect_paths,
     finetune_policy_gradient,
     rewards_to_go,
@@ -199,6 +200,27 @@ def accuracy(tb, score_fn, y, n_steps=30):
         x = euler_maruyama(tb.sde, score_fn, torch.randn(y.shape[0], 2, generator=g), time_grid(n_steps),
                            generator=g, keep_trajectory=False).x
     return float((tb.component_label.bayes_label(x) == y[:, 0]).float().mean())
+
+
+def test_end_point_pool_matches_the_path_pool(small_testbed):
+    """The score-matching term's pool keeps end points only: the same draws, rewards and failures as whole paths."""
+    tb = small_testbed
+    prior = LabelPrior([tb.component_label.class_probs()])
+    model = make_model(tb, hidden=16, std=0.0)
+
+    truth = label_likelihood_black_box(tb.component_label.log_prob)
+
+    def flaky(x0, y):  # every fourth path fails, so the kept indices matter
+        r = truth(x0, y).clone()
+        r[::4] = float("nan")
+        return r
+
+    pools = [_reference_pool(model, tb.sde, flaky, prior, (2,), 6, 1e-3, 40, torch.Generator().manual_seed(1),
+                             chunk=16, keep_paths=keep) for keep in (True, False)]
+    (paths, x0, y, r), (no_paths, x0_e, y_e, r_e) = pools
+    assert no_paths is None and x0.shape == (30, 2)
+    assert torch.equal(x0, x0_e) and torch.equal(y, y_e) and torch.equal(r, r_e)
+    assert torch.equal(paths.x0, x0) and torch.equal(paths.y, y)
 
 
 def test_short_ctrl_pg_run_improves_true_label_accuracy(small_testbed):
