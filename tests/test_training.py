@@ -16,6 +16,7 @@ from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.training import CTRLModule, build_trainer, fit, step_generator, trainable_state
+from ctrl_bio.training.runs import merge_metrics_after_resume, stash_metrics_before_resume
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["domain.dim=2", "domain.n_components=4", "domain.n_classes=2", "data.n_pairs=200", "progress=false",
@@ -106,14 +107,40 @@ def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
     assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
     resumed = run_cli(["finetune", f"resume={tmp_path}/killed", "callbacks=[]"])
     assert resumed.returncode == 0, resumed.stderr
-    # The resumed process ran steps 5..9 only (the killed one flushed no metrics): it did continue, not restart.
+    # One row per step: the killed process's rows before its checkpoint (0-4) are kept, and the resumed process
+    # logged 5-9 only, so it continued rather than restarted (a restart would log 0-4 a second time).
     rows = csv.DictReader((tmp_path / "killed/metrics.csv").open())
     steps = [int(row["step"]) for row in rows if row["loss"]]
-    assert steps == [5, 6, 7, 8, 9]
+    assert steps == list(range(10))
     a, b = load_file(tmp_path / "whole/pathway.safetensors"), load_file(tmp_path / "killed/pathway.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], torch.zeros_like(a[k])) for k in a if k.endswith("out.weight"))
+
+
+def test_resumed_runs_keep_the_metrics_logged_before_their_checkpoint(tmp_path):
+    """Lightning's CSVLogger deletes metrics.csv on resume: the rows before the checkpoint are stashed and merged back;
+    rows the killed process logged after its checkpoint are dropped, since the resumed run logs those steps again."""
+    def write(rows, columns):
+        with (tmp_path / "metrics.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+
+    write([{"epoch": 0, "loss": 10 - k, "step": k} for k in range(10)], ["epoch", "loss", "step"])
+    stash_metrics_before_resume(tmp_path, resume_step=5)
+    # The resumed process is killed again after logging steps 5-7; a second resume from step 6.
+    write([{"epoch": 0, "loss": 1, "step": k} for k in range(5, 8)], ["epoch", "loss", "step"])
+    stash_metrics_before_resume(tmp_path, resume_step=6)
+    write([{"epoch": 0, "loss": 0.5, "step": k, "lr": 1e-3} for k in range(6, 9)], ["epoch", "loss", "step", "lr"])
+    merge_metrics_after_resume(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(9))
+    assert [r["loss"] for r in rows[:6]] == ["10", "9", "8", "7", "6", "1"]
+    assert rows[0]["lr"] == "" and rows[-1]["lr"] == "0.001"
+    assert not (tmp_path / "metrics.before_resume.csv").exists()
+    merge_metrics_after_resume(tmp_path)  # a run that was not resumed: nothing to merge, the file is untouched
+    assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 9
 
 
 def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):

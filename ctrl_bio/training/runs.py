@@ -7,6 +7,7 @@ trainable weights as safetensors. ``resume=<run dir or .ckpt>`` continues from t
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import logging
@@ -67,7 +68,7 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
                                    save_top_k=1, every_n_train_steps=checkpoint_every or None))
     logger = CSVLogger(save_dir=str(run_dir), name="", version="") if run_dir is not None and logs else False
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    # CSVLogger appends to an existing metrics.csv (a resumed run) although it warns that it deletes it.
+    # CSVLogger deletes an existing metrics.csv (Lightning >= 2.2); fit() keeps a resumed run's earlier rows.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # resumed runs
     # The CTRL module optimises manually; its checkpoints hold the state after the step, which is what resumes.
@@ -80,9 +81,60 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kwargs)
 
 
+METRICS_FILE = "metrics.csv"
+#: Rows of a resumed run logged before its checkpoint, kept until the resumed process finishes.
+METRICS_BEFORE_RESUME = "metrics.before_resume.csv"
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's keys, first seen first
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def stash_metrics_before_resume(log_dir: Path, resume_step: int) -> None:
+    """Keep the rows of ``metrics.csv`` logged before ``resume_step`` in ``metrics.before_resume.csv``.
+
+    Lightning's CSVLogger deletes ``metrics.csv`` when a resumed run starts logging. Rows at or after the
+    checkpoint's step came from the killed process after its last checkpoint; the resumed run logs them again.
+    A stash left by an earlier resume that was itself killed is extended, not replaced.
+    """
+    rows = _read_rows(log_dir / METRICS_BEFORE_RESUME) + _read_rows(log_dir / METRICS_FILE)
+    kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < resume_step]
+    if kept:
+        _write_rows(log_dir / METRICS_BEFORE_RESUME, kept)
+
+
+def merge_metrics_after_resume(log_dir: Path) -> None:
+    """Put the stashed rows in front of the resumed run's ``metrics.csv`` (columns united) and drop the stash."""
+    stash = log_dir / METRICS_BEFORE_RESUME
+    if stash.is_file():
+        _write_rows(log_dir / METRICS_FILE, _read_rows(stash) + _read_rows(log_dir / METRICS_FILE))
+        stash.unlink()
+
+
 def fit(trainer: L.Trainer, module: L.LightningModule, resume: str | Path | None = None) -> None:
-    """Fit ``module`` on the endless tick loader (each step draws its own data), resuming from ``resume``."""
+    """Fit ``module`` on the endless tick loader (each step draws its own data), resuming from ``resume``.
+
+    A resumed run's ``metrics.csv`` keeps the rows logged before the checkpoint it resumed from.
+    """
+    log_dir = Path(trainer.logger.log_dir) if isinstance(trainer.logger, CSVLogger) else None
+    if resume and log_dir is not None and trainer.is_global_zero:
+        step = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
+        stash_metrics_before_resume(log_dir, step)
     trainer.fit(module, train_dataloaders=tick_loader(), ckpt_path=str(resume) if resume else None)
+    if log_dir is not None and trainer.is_global_zero:
+        trainer.logger.finalize("success")  # flush the last rows before they are merged
+        merge_metrics_after_resume(log_dir)
     if trainer.default_root_dir and trainer.checkpoint_callback is not None:
         # The last step may fall between two periodic checkpoints: save it, so last.ckpt is the finished run.
         trainer.save_checkpoint(Path(trainer.default_root_dir) / CHECKPOINT_DIR / "last.ckpt")
