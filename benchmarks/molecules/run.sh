@@ -13,8 +13,8 @@ run() {
   rm -rf "$out/$name/checkpoints"
 }
 case "${1:-all}" in
-  pretrain)  # not in `all`: ~80 min on one core
-    OMP_NUM_THREADS=1 ctrl-bio pretrain domain=molecules steps=12000 batch_size=256 lr=1.0e-3 checkpoint_every=500 \
+  pretrain)  # not in `all`: ~2 h 15 min on one core
+    OMP_NUM_THREADS=1 ctrl-bio pretrain domain=molecules steps=30000 batch_size=256 lr=1.0e-3 checkpoint_every=500 \
       progress=false hydra.run.dir=runs/pretrain_molecules
     cp runs/pretrain_molecules/score.safetensors domains/molecules/checkpoints/pretrained.safetensors
     cp runs/pretrain_molecules/score.json domains/molecules/checkpoints/pretrained.json
