@@ -129,11 +129,10 @@ def fit(trainer: L.Trainer, module: L.LightningModule, resume: str | Path | None
     """
     log_dir = Path(trainer.logger.log_dir) if isinstance(trainer.logger, CSVLogger) else None
     if resume and log_dir is not None and trainer.is_global_zero:
-        step = int(torch.load(resume, map_location="cpu", weights_only=False)["global_step"])
+        step = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"])
         stash_metrics_before_resume(log_dir, step)
     trainer.fit(module, train_dataloaders=tick_loader(), ckpt_path=str(resume) if resume else None)
-    if log_dir is not None and trainer.is_global_zero:
-        trainer.logger.finalize("success")  # flush the last rows before they are merged
+    if log_dir is not None and trainer.is_global_zero:  # trainer.fit has flushed the logger (its teardown)
         merge_metrics_after_resume(log_dir)
     if trainer.default_root_dir and trainer.checkpoint_callback is not None:
         # The last step may fall between two periodic checkpoints: save it, so last.ckpt is the finished run.
