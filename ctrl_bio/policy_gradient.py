@@ -432,7 +432,7 @@ def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_pri
         times = jittered_grid(n_steps, t_end, generator, spacing=spacing, device=device)
         paths = collect_paths(model, sde, y_chunk, x_shape, times, generator=generator,
                               switch_step=torch.full((b,), n_steps, dtype=torch.long, device=device))
-        x0.append(paths.x0)
+        x0.append(paths.x0.clone())  # a copy: the view paths.x0 would keep the chunk's whole states tensor alive
         y.append(paths.y)
         if keep_paths:
             chunks.append(paths)
