@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.model import NULL_LABEL, ConditionalScore
-from ctrl_bio.objective import MemoryMode, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.objective import MemoryMode, ScoreTarget, WeightedPool, pathwise_loss, weighted_score_matching_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
@@ -143,7 +143,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
              eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
              seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None,
-             spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform") -> FinetuneResult:
+             spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform",
+             sm_target: ScoreTarget = "denoising") -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     Args:
@@ -163,6 +164,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         spacing: the sampler's time grid, ``uniform`` or ``quadratic`` (:func:`ctrl_bio.sampling.time_grid`).
         sm_spacing: how score matching draws t (:func:`ctrl_bio.objective.denoising_score_matching_loss`);
             ``quadratic`` concentrates the fit near the data, as a quadratic sampler grid concentrates its steps.
+        sm_target: the score-matching regression target, ``denoising`` (the drawn noise) or ``posterior`` (its
+            exact expectation over the pool: same optimum, lower variance; :func:`weighted_score_matching_loss`).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
     """
@@ -200,7 +203,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                 y = label_prior.sample(sm_batch_size if phase == "score_matching" else batch_size, generator)
                 if phase == "score_matching":
                     loss = weighted_score_matching_loss(model, sde, pool, y, t_end=t_end, spacing=sm_spacing,
-                                                        generator=generator)
+                                                        target=sm_target, generator=generator)
                 else:
                     loss = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
                                          gamma=gamma, memory=memory, grad_last_k=grad_last_k, spacing=spacing,
