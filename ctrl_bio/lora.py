@@ -83,17 +83,20 @@ class LoRAAugmentedScore(nn.Module):
         lora_targets: suffixes of the module names that get adapters.
         embedding: a zero-initialised embedding of real-valued labels instead (e.g.
             :class:`ctrl_bio.continuous.ContinuousLabelEmbedding`; NaN = no request); ``n_classes`` is then ignored.
+        label_time_features: sine/cosine features of t in the categorical label embedding (0: constant in t; see
+            :class:`ctrl_bio.model.LabelEmbedding`).
     """
 
     def __init__(self, net: nn.Module, n_classes: Sequence[int] = (), *, lora_rank: int = 4,
                  lora_alpha: float | None = None, lora_targets: Sequence[str],
-                 embedding: nn.Module | None = None):
+                 embedding: nn.Module | None = None, label_time_features: int = 0):
         super().__init__()
         self.lora_rank = int(lora_rank)
         self.net = copy.deepcopy(net) if self.lora_rank > 0 else net
         self.net.requires_grad_(False)
         self.continuous = embedding is not None
-        self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim))
+        self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim),
+                                                                          n_time_features=label_time_features)
         self.n_classes = None if self.continuous else self.embedding.n_classes
         if self.lora_rank > 0:
             inject_lora(self.net, self.lora_rank, float(lora_alpha or self.lora_rank), lora_targets)
@@ -107,7 +110,7 @@ class LoRAAugmentedScore(nn.Module):
     def score_and_control(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(s_theta, u = s_theta - s_pre); s_pre is the copy with its adapters off and no label, i.e. the pre-trained
         network exactly."""
-        s, s_pre = self.net(x, t, self.embedding(y)), self._pretrained(x, t)
+        s, s_pre = self.net(x, t, self._embed(y, t)), self._pretrained(x, t)
         active = self._active(y).view(x.shape[0], *([1] * (x.ndim - 1)))
         s = torch.where(active, s, s_pre)  # the adapters act whatever the label: a null request must not see them
         return s, s - s_pre
@@ -119,8 +122,11 @@ class LoRAAugmentedScore(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """s_theta alone: one network call unless a request is null."""
         if bool(self._active(y).all()):
-            return self.net(x, t, self.embedding(y))
+            return self.net(x, t, self._embed(y, t))
         return self.score_and_control(x, t, y)[0]
+
+    def _embed(self, y: Tensor, t: Tensor) -> Tensor:
+        return self.embedding(y, t) if getattr(self.embedding, "time_dependent", False) else self.embedding(y)
 
     def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         if not self.continuous:

@@ -144,21 +144,51 @@ class LabelEmbedding(nn.Module):
 
     The sum over labels is added to a frozen network's time embedding (CTRL Sec. 4.2; the same place
     classifier-free guidance puts its class embedding).
+
+    With ``n_time_features`` > 0 each class also gets a row per sine/cosine feature of t (:func:`fourier_features`),
+    so its embedding is e_y + sum_f phi_f(t) e_{y,f}: a label that should act at middle noise levels but not near
+    the data can. A constant e_y enters every noise level alike, and the score near the data is sharp, so a
+    regression onto the tilted score keeps a constant e_y small everywhere. Still zero at initialisation.
+
+    Args:
+        n_classes: classes per label.
+        emb_dim: width of the network's time embedding.
+        n_time_features: sine/cosine features of t per class (even); 0: e_y does not depend on t.
     """
 
-    def __init__(self, n_classes: Sequence[int], emb_dim: int):
+    def __init__(self, n_classes: Sequence[int], emb_dim: int, n_time_features: int = 0):
         super().__init__()
+        if n_time_features < 0 or n_time_features % 2:
+            raise ValueError(f"n_time_features must be even and >= 0, got {n_time_features}")
         self.n_classes = tuple(int(n) for n in n_classes)
+        self.emb_dim, self.n_time_features = int(emb_dim), int(n_time_features)
         self.tables = nn.ModuleList(nn.Embedding(n + 1, emb_dim) for n in self.n_classes)
-        for table in self.tables:
-            nn.init.zeros_(table.weight)
+        self.time_tables = nn.ModuleList(nn.Embedding(n + 1, n_time_features * emb_dim)
+                                         for n in self.n_classes) if n_time_features else None
+        for weight in self.parameters():
+            nn.init.zeros_(weight)
 
-    def forward(self, y: Tensor) -> Tensor:
+    @property
+    def time_dependent(self) -> bool:
+        return self.time_tables is not None
+
+    def forward(self, y: Tensor, t: Tensor | None = None) -> Tensor:
+        """(B, K) labels (and t, a scalar or (B,), when time-dependent) -> (B, emb_dim)."""
+        if self.time_dependent:
+            if t is None:
+                raise ValueError("this label embedding depends on t: call it as embedding(y, t)")
+            phi = fourier_features(torch.as_tensor(t, dtype=self.tables[0].weight.dtype,
+                                                   device=y.device).reshape(-1).expand(y.shape[0]),
+                                   self.n_time_features)
         # Row n of each table is the null row; index -1 maps onto it, and it is masked so it stays zero.
         out = 0.0
         for k, (n, table) in enumerate(zip(self.n_classes, self.tables)):
             idx = torch.where(y[:, k] == NULL_LABEL, torch.full_like(y[:, k], n), y[:, k])
-            out = out + table(idx) * (y[:, k] != NULL_LABEL).unsqueeze(1).to(table.weight.dtype)
+            e = table(idx)
+            if self.time_dependent:
+                rows = self.time_tables[k](idx).view(y.shape[0], self.n_time_features, self.emb_dim)
+                e = e + torch.einsum("bf,bfe->be", phi, rows)
+            out = out + e * (y[:, k] != NULL_LABEL).unsqueeze(1).to(table.weight.dtype)
         return out
 
 

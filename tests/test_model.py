@@ -40,6 +40,21 @@ def test_label_embedding_null_row_stays_zero():
     assert not torch.equal(emb(torch.tensor([[1, 0]])), torch.zeros(1, 5))
 
 
+def test_time_dependent_label_embedding_starts_at_zero_and_varies_with_t():
+    emb = LabelEmbedding((3,), emb_dim=5, n_time_features=4)
+    y = torch.tensor([[0], [2], [-1]])
+    assert torch.equal(emb(y, torch.tensor(0.3)), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="depends on t"):
+        emb(y)
+    for p in emb.parameters():
+        torch.nn.init.normal_(p)
+    early, late = emb(y, torch.full((3,), 0.1)), emb(y, torch.tensor(0.9))  # (B,) or scalar t
+    assert not torch.allclose(early[:2], late[:2]) and torch.equal(early[2], torch.zeros(5))
+    # at t = 0 the sines vanish and the cosines are 1: e_y(0) = e_y + the sum of its cosine rows
+    rows = emb.time_tables[0].weight.view(4, 4, 5)
+    torch.testing.assert_close(emb(y[:2], torch.tensor(0.0)), emb.tables[0].weight[[0, 2]] + rows[[0, 2], 2:].sum(1))
+
+
 def test_label_validation():
     with pytest.raises(ValueError, match="shape"):
         check_labels(torch.zeros(4, dtype=torch.long), (2,))

@@ -103,9 +103,9 @@ def test_classifier_is_permutation_invariant():
     assert torch.allclose(clf(_permute(x, perm), t), clf(x, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_zero_initialised_pathway_reproduces_the_pretrained_score(lora_rank):
-    domain = MoleculeDomain(data="slice", lora_rank=lora_rank)
+@pytest.mark.parametrize("lora_rank,label_time_features", [(0, 0), (4, 0), (4, 8)])
+def test_zero_initialised_pathway_reproduces_the_pretrained_score(lora_rank, label_time_features):
+    domain = MoleculeDomain(data="slice", lora_rank=lora_rank, label_time_features=label_time_features)
     torch.manual_seed(0)
     net = GraphScoreNet(domain.sde, hidden=32, edge_hidden=16, n_layers=2, emb_dim=32).requires_grad_(False)
     model = domain.augment(net, [3])
