@@ -11,7 +11,9 @@ the optimum with the actual p_pre, the most any estimator can reach from this pr
 
 Recorded (2026-11-30, one thread): 2,000 pairs: classifier 0.425, accuracy 0.33 / 0.38 / 0.45 / 0.53 at
 gamma 1 / 2 / 4 / 8; 7,877 pairs (the whole pool): classifier 0.641, accuracy 0.52 / 0.69 / 0.82 / 0.90
-(effective sample size per class at gamma 4: 546 of 4,565).
+(effective sample size per class at gamma 4: 546 of 4,565). With --pretrained 8192 (7,877 pairs): accuracy
+0.250 / 0.381 / 0.474 / 0.583 / 0.689 / 0.779 at gamma 0 / 1 / 2 / 4 / 8 / 16, effective sample size per class
+8,192 / 4,579 / 2,143 / 776 / 267 / 94 (about 30 min wall beside three other runs).
 """
 import argparse
 

@@ -28,6 +28,12 @@ case "${1:-all}" in
     run qed label=qed ;;&
   gap|all)
     run gap label=gap ;;&
+  rings|all)
+    run rings label=rings ;;&
+  mu|all)
+    run mu label=mu ;;&
+  alpha|all)
+    run alpha label=alpha ;;&
   gap_logp|all)
     run gap_logp 'label=[gap,logp]' ;;&
   policy_gradient)  # not in `all` (~1 h on one core): ctrl_pg and ddpo on logp, the exact RDKit label as a black box

@@ -6,6 +6,10 @@ its exact accuracy (each molecule's real RDKit bin) is what a perfect estimator 
 reach with this classifier. The gap between it and a row's accuracy is the estimator's and the pre-trained model's.
 
     python benchmarks/molecules/tilted_target.py qed 5000 20000    # label, then numbers of pairs to try
+
+Recorded (2026-11-30, one thread, 5,000 pairs as in the suite): qed: classifier 0.792, accuracy 0.717 / 0.808 /
+0.870 / 0.911 / 0.935 at gamma 1 / 2 / 4 / 8 / 16 (effective sample size per class at gamma 4: 3,109 of 12,963 test molecules);
+logp: classifier 0.944, accuracy 0.906 / 0.950 / 0.973 / 0.985 / 0.992.
 """
 import sys
 
