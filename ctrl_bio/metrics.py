@@ -56,3 +56,18 @@ def frechet_distance(x: Tensor, y: Tensor) -> float:
     covmean = linalg.sqrtm(cov_a @ cov_b)
     covmean = covmean.real if np.iscomplexobj(covmean) else covmean  # imaginary parts are round-off
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2.0 * covmean))
+
+
+def tilted_accuracy(log_p: Tensor, true: Tensor, gamma: float) -> tuple[float, float]:
+    """Accuracy of CTRL's optimum p(x | y) ∝ p(x) p(y | x)^gamma, estimated on samples of p(x), and the smallest
+    per-class effective sample size of the weights (Kish).
+
+    With samples x_i of p(x) (real held-out data, or the pre-trained model's samples), the requests y uniform over
+    classes, the reward classifier's log p(y | x_i) (N, C) and each sample's true class (N,), the optimum draws x_i
+    for request y with probability w_i(y) = softmax_i(gamma log p(y | x_i)); its accuracy is the mean over y of
+    sum_i w_i(y) [true_i = y]. What a perfect estimator would reach with this classifier, without any training.
+    """
+    n_classes = log_p.shape[1]
+    weights = [(gamma * log_p[:, y].double()).softmax(0) for y in range(n_classes)]
+    acc = float(np.mean([float((w * (true == y).double()).sum()) for y, w in enumerate(weights)]))
+    return acc, min(float(1.0 / (w**2).sum()) for w in weights)

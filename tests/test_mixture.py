@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ctrl_bio.metrics import energy_distance
+from ctrl_bio.metrics import energy_distance, tilted_accuracy
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from domains.gmm import exact_guidance, make_testbed
 
@@ -72,3 +72,14 @@ def test_logistic_labels_multi_label_target():
     pool, _ = tb.mixture.sample(3000, g)
     # the resampled target has a higher likelihood of the requested labels than the prior
     assert lab.log_likelihood(x, y).exp().mean() > lab.log_likelihood(pool, y).exp().mean() + 0.1
+
+
+def test_tilted_accuracy_matches_the_closed_form():
+    """Two samples per class, classifier probabilities 0.8 / 0.2: at gamma = 1 each request picks its own class with
+    weight 0.8 (accuracy 0.8, effective sample size 1 / (2 (0.4^2 + 0.1^2)) = 2.94); gamma = 0 is the data itself."""
+    log_p = torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.2, 0.8], [0.2, 0.8]]).log()
+    true = torch.tensor([0, 0, 1, 1])
+    acc, ess = tilted_accuracy(log_p, true, 1.0)
+    assert acc == pytest.approx(0.8) and ess == pytest.approx(1 / (2 * (0.4**2 + 0.1**2)))
+    assert tilted_accuracy(log_p, true, 0.0) == pytest.approx((0.5, 4.0))
+    assert tilted_accuracy(log_p, true, 8.0)[0] == pytest.approx(0.8**8 / (0.8**8 + 0.2**8))

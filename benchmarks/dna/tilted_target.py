@@ -17,12 +17,12 @@ gamma 1 / 2 / 4 / 8; 7,877 pairs (the whole pool): classifier 0.641, accuracy 0.
 """
 import argparse
 
-import numpy as np
 import torch
 import yaml
 
 from ctrl_bio.finetune import sample_pretrained_pool
 from ctrl_bio.labels import fit_reward_classifier, load_label
+from ctrl_bio.metrics import tilted_accuracy
 from domains.dna.data import base_indices, from_indices, one_hot
 from domains.dna.domain import DNADomain
 from domains.dna.oracle import load_oracle
@@ -52,9 +52,7 @@ for n in args.pairs:
         log_p = torch.cat([classifier(x[i:i + 1024]) for i in range(0, len(x), 1024)])
     cells = []
     for gamma in (0, 1, 2, 4, 8, 16):
-        w = [(gamma * log_p[:, y]).softmax(0) for y in range(4)]
-        acc = np.mean([float((w[y] * (oracle_pred == y).float()).sum()) for y in range(4)])
-        ess = min(float(1 / (w[y] ** 2).sum()) for y in range(4))
+        acc, ess = tilted_accuracy(log_p, oracle_pred, gamma)
         cells.append(f"gamma {gamma}: accuracy {acc:.3f} (ESS {ess:.0f})")
     print(f"{source}, {n} pairs, classifier held-out accuracy {report.accuracy:.3f} | " + " | ".join(cells),
           flush=True)

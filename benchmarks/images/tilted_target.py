@@ -9,11 +9,11 @@ with this classifier. The gap between it and a row's accuracy is the estimator's
 """
 import sys
 
-import numpy as np
 import torch
 import yaml
 
 from ctrl_bio.labels import exact_log_prob, fit_reward_classifier, load_label
+from ctrl_bio.metrics import tilted_accuracy
 from domains.images.data import load_patches
 from domains.images.domain import ImageDomain
 
@@ -30,8 +30,6 @@ for n in [int(a) for a in sys.argv[1:]] or [4000]:
         log_p = classifier(x)
     cells = []
     for gamma in (1, 2, 4, 8):
-        w = [(gamma * log_p[:, y]).softmax(0) for y in range(4)]
-        acc = np.mean([float((w[y] * (true == y).float()).sum()) for y in range(4)])
-        ess = min(float(1 / (w[y] ** 2).sum()) for y in range(4))
+        acc, ess = tilted_accuracy(log_p, true, gamma)
         cells.append(f"gamma {gamma}: accuracy {acc:.3f} (ESS {ess:.0f})")
     print(f"{n} pairs, classifier held-out accuracy {report.accuracy:.3f} | " + " | ".join(cells))
