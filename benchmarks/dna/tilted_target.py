@@ -16,6 +16,7 @@ gamma 1 / 2 / 4 / 8; 7,877 pairs (the whole pool): classifier 0.641, accuracy 0.
 8,192 / 4,579 / 2,143 / 776 / 267 / 94 (about 30 min wall beside three other runs).
 """
 import argparse
+from pathlib import Path
 
 import torch
 import yaml
@@ -31,6 +32,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("pairs", type=int, nargs="*", default=[7877])
 parser.add_argument("--pretrained", type=int, default=0, help="weight this many pre-trained samples, not test data")
 args = parser.parse_args()
+ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
 domain = DNADomain()
 if args.pretrained:
@@ -41,9 +43,10 @@ if args.pretrained:
     x, source = from_indices(base_indices(x)), f"{args.pretrained} pre-trained samples"
 else:
     x, source = one_hot(domain.table.of_split("test").sequences), "real test sequences"
+oracle = load_oracle()
 with torch.no_grad():
-    oracle_pred = torch.cat([load_oracle()(x[i:i + 1024]) for i in range(0, len(x), 1024)]).argmax(1)
-spec = yaml.safe_load(open("configs/label/celltype.yaml"))
+    oracle_pred = torch.cat([oracle(x[i:i + 1024]) for i in range(0, len(x), 1024)]).argmax(1)
+spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
 for n in args.pairs:
     spec["pairs"]["n"] = n
     pairs = load_label(spec, domain=domain, seed=7919)  # the suite's seed for its first label

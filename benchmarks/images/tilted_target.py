@@ -8,6 +8,7 @@ with this classifier. The gap between it and a row's accuracy is the estimator's
     python benchmarks/images/tilted_target.py 4000       # numbers of pairs to try
 """
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -17,10 +18,11 @@ from ctrl_bio.metrics import tilted_accuracy
 from domains.images.data import load_patches
 from domains.images.domain import ImageDomain
 
+ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
 domain = ImageDomain()
 x = load_patches("test").x
-spec = yaml.safe_load(open("configs/label/compress.yaml"))
+spec = yaml.safe_load(open(ROOT / "configs/label/compress.yaml"))
 true = exact_log_prob(spec, domain)(x).argmax(1)
 for n in [int(a) for a in sys.argv[1:]] or [4000]:
     spec["pairs"]["n"] = n

@@ -12,6 +12,7 @@ Recorded (2026-11-30, one thread, 5,000 pairs as in the suite): qed: classifier 
 test molecules); logp: classifier 0.944, accuracy 0.906 / 0.950 / 0.973 / 0.985 / 0.992.
 """
 import sys
+from pathlib import Path
 
 import torch
 import yaml
@@ -20,11 +21,12 @@ from ctrl_bio.labels import exact_log_prob, fit_reward_classifier, load_label
 from ctrl_bio.metrics import tilted_accuracy
 from domains.molecules.domain import MoleculeDomain
 
+ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
 name, sizes = sys.argv[1], [int(a) for a in sys.argv[2:]] or [5000]
 domain = MoleculeDomain()
 x = domain.table.of_split("test").x()
-spec = yaml.safe_load(open(f"configs/label/{name}.yaml"))
+spec = yaml.safe_load(open(ROOT / f"configs/label/{name}.yaml"))
 true = exact_log_prob(spec, domain)(x).argmax(1)
 for n in sizes:
     spec["pairs"]["n"] = n
