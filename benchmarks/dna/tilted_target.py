@@ -8,6 +8,7 @@ the optimum with the actual p_pre, the most any estimator can reach from this pr
 
     python benchmarks/dna/tilted_target.py 2000 7877              # numbers of pairs to try
     python benchmarks/dna/tilted_target.py --pretrained 8192 7877
+    python benchmarks/dna/tilted_target.py --pretrained 8192 --checkpoint runs/pretrain_dna_30k 7877
 
 Recorded (2026-11-30, one thread): 2,000 pairs: classifier 0.425, accuracy 0.33 / 0.38 / 0.45 / 0.53 at
 gamma 1 / 2 / 4 / 8; 7,877 pairs (the whole pool): classifier 0.641, accuracy 0.52 / 0.69 / 0.82 / 0.90
@@ -31,10 +32,11 @@ from domains.dna.oracle import load_oracle
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("pairs", type=int, nargs="*", default=[7877])
 parser.add_argument("--pretrained", type=int, default=0, help="weight this many pre-trained samples, not test data")
+parser.add_argument("--checkpoint", default=None, help="a pretrain run directory or .safetensors (default: shipped)")
 args = parser.parse_args()
 ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
-domain = DNADomain()
+domain = DNADomain(checkpoint=args.checkpoint)
 if args.pretrained:
     net = domain.augment(domain.pretrained_model(), [4]).eval()
     with torch.no_grad():
