@@ -85,15 +85,23 @@ class LoRAAugmentedScore(nn.Module):
             :class:`ctrl_bio.continuous.ContinuousLabelEmbedding`; NaN = no request); ``n_classes`` is then ignored.
         label_time_features: sine/cosine features of t in the categorical label embedding (0: constant in t; see
             :class:`ctrl_bio.model.LabelEmbedding`).
+        train_copy: train every weight of a copy of ``net`` instead of adapters (``lora_rank`` must be 0). The copy
+            starts equal to ``net`` and the label embedding at zero, so u = 0 at step 0 as with adapters; s_pre stays
+            the caller's frozen network. The pathway then has the pre-trained network's whole capacity (and size).
     """
 
     def __init__(self, net: nn.Module, n_classes: Sequence[int] = (), *, lora_rank: int = 4,
                  lora_alpha: float | None = None, lora_targets: Sequence[str],
-                 embedding: nn.Module | None = None, label_time_features: int = 0):
+                 embedding: nn.Module | None = None, label_time_features: int = 0, train_copy: bool = False):
         super().__init__()
         self.lora_rank = int(lora_rank)
-        self.net = copy.deepcopy(net) if self.lora_rank > 0 else net
-        self.net.requires_grad_(False)
+        if train_copy and self.lora_rank > 0:
+            raise ValueError(f"train_copy trains every weight of the copy: lora_rank must be 0, got {lora_rank}")
+        self.train_copy = bool(train_copy)
+        self.net = copy.deepcopy(net) if self.lora_rank > 0 or self.train_copy else net
+        self.net.requires_grad_(self.train_copy)
+        # The frozen pre-trained network beside a trained copy (a submodule, so that .to() moves it too).
+        self.frozen = net.requires_grad_(False) if self.train_copy else None
         self.continuous = embedding is not None
         self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim),
                                                                           n_time_features=label_time_features)
@@ -102,6 +110,8 @@ class LoRAAugmentedScore(nn.Module):
             inject_lora(self.net, self.lora_rank, float(lora_alpha or self.lora_rank), lora_targets)
 
     def _pretrained(self, x: Tensor, t: Tensor) -> Tensor:
+        if self.frozen is not None:
+            return self.frozen(x, t)
         if self.lora_rank == 0:
             return self.net(x, t)
         with lora_disabled(self.net):

@@ -139,7 +139,7 @@ def test_pairs_never_meet_the_oracle(table):
     assert pair_seqs <= {s for s, m in zip(table.sequences, pool) if m}
 
 
-@pytest.mark.parametrize("kind", ["conv", "embedding", "lora"])
+@pytest.mark.parametrize("kind", ["conv", "embedding", "lora", "copy"])
 def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, kind):
     domain = DNADomain(data="slice", checkpoint=str(tiny_assets), pathway={"kind": kind, "hidden": 16}
                        if kind == "conv" else {"kind": kind})
@@ -158,6 +158,17 @@ def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, k
                     p.normal_()
         s, u = model.score_and_control(x, t, y)
         assert torch.equal(s[4], pre(x, t)[4]) and not torch.allclose(s[:4], pre(x, t)[:4])
+    if kind == "copy":  # every weight of the copy trains; the network other rows sample from does not change
+        before = {n: p.clone() for n, p in pre.state_dict().items()}
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert all(n.startswith(("net.", "embedding.")) for n in trainable) and len(trainable) > 10
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        s, u = model.score_and_control(x, t, y)
+        assert torch.equal(s[4], pre(x, t)[4]) and not torch.allclose(s[:4], pre(x, t)[:4])
+        assert all(torch.equal(before[n], p) for n, p in pre.state_dict().items())
 
 
 def test_pathway_settings_keep_their_kinds_keys_and_refuse_typos(caplog):

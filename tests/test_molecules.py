@@ -103,25 +103,39 @@ def test_classifier_is_permutation_invariant():
     assert torch.allclose(clf(_permute(x, perm), t), clf(x, t), atol=1e-5)
 
 
-@pytest.mark.parametrize("lora_rank,label_time_features", [(0, 0), (4, 0), (4, 8)])
-def test_zero_initialised_pathway_reproduces_the_pretrained_score(lora_rank, label_time_features):
-    domain = MoleculeDomain(data="slice", lora_rank=lora_rank, label_time_features=label_time_features)
+@pytest.mark.parametrize("lora_rank,label_time_features,train_copy", [(0, 0, False), (4, 0, False), (4, 8, False),
+                                                                     (0, 0, True)])
+def test_zero_initialised_pathway_reproduces_the_pretrained_score(lora_rank, label_time_features, train_copy):
+    domain = MoleculeDomain(data="slice", lora_rank=lora_rank, label_time_features=label_time_features,
+                            train_copy=train_copy)
     torch.manual_seed(0)
     net = GraphScoreNet(domain.sde, hidden=32, edge_hidden=16, n_layers=2, emb_dim=32).requires_grad_(False)
+    before = {n: p.clone() for n, p in net.state_dict().items()}
     model = domain.augment(net, [3])
     x, t = torch.randn(4, X_DIM), torch.rand(4)
     y = torch.tensor([[0], [1], [2], [NULL_LABEL]])
     s, u = model.score_and_control(x, t, y)
     assert torch.equal(s, net(x, t)) and torch.equal(u, torch.zeros_like(u))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("embedding" in n or "lora_" in n for n in trainable)
-    if lora_rank:  # after training steps the adapters act on labelled requests only; the caller's net is untouched
+    # a trained copy: every weight of the copy (net.*) but none of the frozen network beside it (frozen.*)
+    expected = ("embedding", "net.") if train_copy else ("embedding", "lora_")
+    assert trainable and all(any(k in n for k in expected) for n in trainable)
+    assert not any(n.startswith("frozen.") for n in trainable)
+    if lora_rank or train_copy:  # after training steps the pathway acts on labelled requests only
         for p in model.parameters():
             if p.requires_grad:
-                p.data.normal_()
+                p.data.normal_(std=0.1)
         s, u = model.score_and_control(x, t, y)
         assert not torch.equal(s[:3], net(x, t)[:3]) and torch.equal(s[3], net(x, t)[3])
         assert not any("lora_" in n for n, _ in net.named_parameters())
+        # the caller's network, which the other rows sample from, is untouched
+        assert all(torch.equal(before[n], p) for n, p in net.state_dict().items())
+
+
+def test_train_copy_needs_no_adapters():
+    with pytest.raises(ValueError, match="lora_rank must be 0"):
+        MoleculeDomain(data="slice", lora_rank=4, train_copy=True).augment(
+            GraphScoreNet(VPSDE(), hidden=32, edge_hidden=16, n_layers=2, emb_dim=32), [3])
 
 
 def test_domain_protocol_and_samples_written(table, tmp_path):

@@ -7,7 +7,8 @@ unless a ``checkpoint`` path is given. The label pathway is zero-initialised, so
 pre-trained sampler bit for bit: by default a small CNN :class:`ctrl_bio.nets.SequencePathway` beside the frozen
 network, CTRL's :class:`ctrl_bio.model.LabelEmbedding` added to the network's time embedding in its last
 ``label_blocks`` blocks (:class:`ctrl_bio.model.EmbeddingAugmentedScore`; 320 parameters for 4 classes), or that
-embedding in every block plus LoRA adapters on the blocks' convolutions (:class:`ctrl_bio.lora.LoRAAugmentedScore`).
+embedding in every block plus LoRA adapters on the blocks' convolutions (:class:`ctrl_bio.lora.LoRAAugmentedScore`)
+or in every block of a trained copy of the network (``kind: copy``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ PATHWAY_KEYS: dict[str, frozenset[str]] = {
     "conv": frozenset(inspect.signature(SequencePathway).parameters) - {"channels", "n_classes"},
     "embedding": frozenset(),
     "lora": frozenset({"lora_rank", "lora_targets"}),
+    "copy": frozenset(),
 }
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ class DNADomain:
             arguments follow ``kind``), ``{"kind": "embedding"}`` a label embedding added to the frozen network's
             time embedding in its last ``label_blocks`` blocks, or ``{"kind": "lora", "lora_rank": 4,
             "lora_targets": ["conv1", "conv2"]}`` that embedding in every block plus LoRA adapters on the residual
-            blocks' convolutions.
+            blocks' convolutions, or ``{"kind": "copy"}`` that embedding in every block of a copy of the network whose
+            every weight is trained (the frozen network stays beside it as s_pre).
         label_blocks: how many of the network's last blocks receive the label embedding (``kind: embedding``).
         beta_min, beta_max: the VP-SDE schedule.
     """
@@ -110,9 +113,11 @@ class DNADomain:
             return AugmentedScore(pretrained, SequencePathway(4, n_classes, **settings), self.sde)
         if not isinstance(pretrained, ConvScoreNet):
             raise TypeError(f"an {kind} pathway needs a ConvScoreNet, got {type(pretrained).__name__}")
-        if kind == "lora":  # the adapted copy gets the label in every block; the caller's network is left as it is
-            model = LoRAAugmentedScore(pretrained, n_classes, lora_rank=int(settings.get("lora_rank", 4)),
-                                       lora_targets=list(settings.get("lora_targets", CONV_LORA_TARGETS)))
+        if kind in ("lora", "copy"):  # the copy gets the label in every block; the caller's network stays as it is
+            rank = int(settings.get("lora_rank", 4)) if kind == "lora" else 0
+            model = LoRAAugmentedScore(pretrained, n_classes, lora_rank=rank,
+                                       lora_targets=list(settings.get("lora_targets", CONV_LORA_TARGETS)),
+                                       train_copy=kind == "copy")
             model.net.label_blocks = None
             return model
         pretrained.label_blocks = self.label_blocks

@@ -47,6 +47,8 @@ class MoleculeDomain:
         lora_targets: module-name suffixes that get adapters (default: the node and edge MLPs of every layer).
         label_time_features: sine/cosine features of t in the label embedding (0: one vector per class for every t;
             :class:`ctrl_bio.model.LabelEmbedding`).
+        train_copy: train every weight of a copy of the network beside the label embedding (``lora_rank`` must
+            be 0; :class:`ctrl_bio.lora.LoRAAugmentedScore`).
         beta_min, beta_max: the VP-SDE schedule.
     """
 
@@ -56,6 +58,7 @@ class MoleculeDomain:
     lora_rank: int = 4
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     label_time_features: int = 0
+    train_copy: bool = False
     beta_min: float = 0.1
     beta_max: float = 20.0
     _table: MoleculeTable | None = field(default=None, init=False, repr=False)
@@ -94,7 +97,7 @@ class MoleculeDomain:
         if not isinstance(pretrained, GraphScoreNet):
             raise TypeError(f"the molecule label pathway needs a GraphScoreNet, got {type(pretrained).__name__}")
         return GraphAugmentedScore(pretrained, n_classes, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
-                                   label_time_features=self.label_time_features)
+                                   label_time_features=self.label_time_features, train_copy=self.train_copy)
 
     def encode_x(self, smiles: list[str]) -> tuple[Tensor, list[int]]:
         """SMILES of a label's CSV as graphs; rows RDKit cannot parse or that do not fit QM9 graphs are bad indices."""

@@ -285,6 +285,7 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
         torch.manual_seed(seed)
         embedding = ContinuousLabelEmbedding(ctx.pretrained.emb_dim, 1, loc=prior.loc, scale=prior.scale)
         return GraphAugmentedScore(ctx.pretrained, lora_rank=domain.lora_rank, lora_targets=domain.lora_targets,
+                                   train_copy=domain.train_copy,
                                    embedding=embedding)
 
     gamma, alpha = float(method.get("gamma", 1.0)), float(method.get("alpha", 1.0))

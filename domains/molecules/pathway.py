@@ -25,6 +25,6 @@ class GraphAugmentedScore(LoRAAugmentedScore):
 
     def __init__(self, net: nn.Module, n_classes: Sequence[int] = (), *, lora_rank: int = 4,
                  lora_alpha: float | None = None, lora_targets: Sequence[str] = LORA_TARGETS,
-                 embedding: nn.Module | None = None, label_time_features: int = 0):
+                 embedding: nn.Module | None = None, label_time_features: int = 0, train_copy: bool = False):
         super().__init__(net, n_classes, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                         embedding=embedding, label_time_features=label_time_features)
+                         embedding=embedding, label_time_features=label_time_features, train_copy=train_copy)
