@@ -71,3 +71,15 @@ def tilted_accuracy(log_p: Tensor, true: Tensor, gamma: float) -> tuple[float, f
     weights = [(gamma * log_p[:, y].double()).softmax(0) for y in range(n_classes)]
     acc = float(np.mean([float((w * (true == y).double()).sum()) for y, w in enumerate(weights)]))
     return acc, min(float(1.0 / (w**2).sum()) for w in weights)
+
+
+def tilted_objective(log_p: Tensor, gamma: float) -> float:
+    """CTRL's optimal J = gamma E[log p(y|x)] - KL (alpha = 1) for requests y uniform over classes, estimated on
+    samples of p(x): J* = mean_y log mean_i p(y | x_i)^gamma, the log normaliser of p(x) p(y | x)^gamma.
+
+    With log p (N, C) of the reward classifier on samples x_i of p(x). The value a suite row's J (objective) approaches
+    as its estimator reaches the optimum (up to the sampler's discretisation of the KL).
+    """
+    n = torch.tensor(float(log_p.shape[0]), dtype=torch.float64)
+    per_class = torch.logsumexp(gamma * log_p.double(), dim=0) - n.log()
+    return float(per_class.mean())

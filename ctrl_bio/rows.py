@@ -292,6 +292,7 @@ class RowRunner:
         reward = self.reward()
         source = settings.pop("pool", "training")
         pool_size = int(settings.pop("pool_size", 8192))
+        scales = [float(w) for w in settings.pop("control_scales", [1.0])]
         g = torch.Generator().manual_seed(ctx.seed + 7100)
         if source == "training":
             pool = ctx.x_train[torch.randperm(ctx.x_train.shape[0], generator=g)[:pool_size]]
@@ -308,8 +309,15 @@ class RowRunner:
         self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
                              "train_seconds": result.seconds}
         self._ctrl = model
-        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps} | self.shared_seconds()
+        if scales == [1.0]:
+            x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+            return x, kl, {"score_evals": ctx.n_steps} | self.shared_seconds()
+        # A line search of J along the learned control: s_pre + w u. w = 1 is the fitted optimum; a fit that
+        # under-reaches it (a shrunk u) is what w > 1 can correct. Chosen by the same rule as the baselines' scales.
+        best, per_scale = self.select_scale(lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
+        self.info["ctrl"] |= {"per_scale_reward_J": per_scale}
+        x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
+        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
 
     def row_ctrl_alpha0(self) -> RowOutput:
         """CTRL's pathway, then pathwise updates of J with alpha ~ 0: the reward alone, no KL to hold it."""

@@ -163,7 +163,7 @@ def test_zero_initialised_pathway_reproduces_the_pretrained_score(tiny_assets, k
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert all(n.startswith(("net.", "embedding.")) for n in trainable) and len(trainable) > 10
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.requires_grad:
                     p.add_(0.1 * torch.randn_like(p))
         s, u = model.score_and_control(x, t, y)
@@ -217,6 +217,8 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
     ]
     if label == "celltype":
         overrides.append(f"+label.celltype.oracle.kwargs.path={tiny_assets / 'oracle.safetensors'}")
+    else:  # the line search of J along ctrl's learned control
+        overrides.append("suite.method.control_scales=[1.0,2.0]")
     proc = subprocess.run([sys.executable, "-m", "ctrl_bio.cli", "benchmark", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -232,6 +234,9 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
             assert np.isfinite(m[key]), (row["method"], key)
     if label == "gc":  # an exact label: real test sequences meet every request
         assert next(r for r in result["rows"] if r["method"] == "real_data")["metrics"]["accuracy"] == 1.0
+        ctrl = next(r for r in result["rows"] if r["method"] == "ctrl")["metrics"]
+        per_scale = result["info"]["ctrl"]["per_scale_reward_J"]
+        assert set(per_scale) == {"1.0", "2.0"} and per_scale[str(ctrl["guidance_scale"])] == max(per_scale.values())
     fasta = read_sequences(run_dir / "samples" / "ctrl.fasta")
     assert len(fasta.sequences) == 8
     assert fasta.ids[0].split("|")[1] == (f"celltype={CELL_TYPES[0]}" if label == "celltype" else "gc=0")

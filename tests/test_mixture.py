@@ -1,9 +1,11 @@
 """The mixture testbed: analytic score and exact labels against autograd and sampling."""
 
+import math
+
 import pytest
 import torch
 
-from ctrl_bio.metrics import energy_distance, tilted_accuracy
+from ctrl_bio.metrics import energy_distance, tilted_accuracy, tilted_objective
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from domains.gmm import exact_guidance, make_testbed
 
@@ -83,3 +85,13 @@ def test_tilted_accuracy_matches_the_closed_form():
     assert acc == pytest.approx(0.8) and ess == pytest.approx(1 / (2 * (0.4**2 + 0.1**2)))
     assert tilted_accuracy(log_p, true, 0.0) == pytest.approx((0.5, 4.0))
     assert tilted_accuracy(log_p, true, 8.0)[0] == pytest.approx(0.8**8 / (0.8**8 + 0.2**8))
+
+
+def test_tilted_objective_is_the_log_normaliser():
+    """J* = mean_y log mean_i p(y|x_i)^gamma: log((0.8^gamma + 0.2^gamma) / 2) for both classes of the table above.
+    It bounds gamma E log p(y|x) - KL for every P(x|y); sampling p(x) itself (KL 0) must score no more."""
+    log_p = torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.2, 0.8], [0.2, 0.8]]).log()
+    for gamma in (1.0, 4.0):
+        assert tilted_objective(log_p, gamma) == pytest.approx(math.log((0.8**gamma + 0.2**gamma) / 2))
+        # sampling p(x) itself for every request: KL 0 and gamma E log p(y|x) = gamma (log 0.8 + log 0.2) / 2
+        assert tilted_objective(log_p, gamma) >= gamma * (math.log(0.8) + math.log(0.2)) / 2
