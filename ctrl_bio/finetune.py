@@ -13,6 +13,7 @@ Estimators (see :mod:`ctrl_bio.objective`):
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,14 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.model import NULL_LABEL, ConditionalScore
-from ctrl_bio.objective import MemoryMode, ScoreTarget, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.objective import (
+    MemoryMode,
+    ScoreTarget,
+    WeightedPool,
+    control_fit,
+    pathwise_loss,
+    weighted_score_matching_loss,
+)
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
@@ -43,11 +51,15 @@ class FinetuneResult:
             ``reward``, ``kl`` and ``objective`` (J) on an evaluation batch.
         seconds: wall-clock time of the whole call, pool generation included.
         pool_ess: smallest effective sample size of the tilted pool over label combinations (score matching).
+        control_fit: per noise level asked for (``control_fit_times``), the trained control against the optimum's on
+            the pool: ``t``, ``signal`` (mean sigma_t^2 ||u*||^2), ``error`` (mean sigma_t^2 ||u_theta - u*||^2) and
+            ``explained`` = 1 - error / signal (:func:`ctrl_bio.objective.control_fit`).
     """
 
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     pool_ess: float | None = None
+    control_fit: list[dict] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -144,7 +156,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
              seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None,
              spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform",
-             sm_target: ScoreTarget = "denoising") -> FinetuneResult:
+             sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = ()) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     Args:
@@ -166,6 +178,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
             ``quadratic`` concentrates the fit near the data, as a quadratic sampler grid concentrates its steps.
         sm_target: the score-matching regression target, ``denoising`` (the drawn noise) or ``posterior`` (its
             exact expectation over the pool: same optimum, lower variance; :func:`weighted_score_matching_loss`).
+        control_fit_times: noise levels t at which the trained control is compared with the optimum's on the pool
+            after training (``FinetuneResult.control_fit``; score matching and hybrid only, one batch of
+            ``sm_batch_size`` per t); empty: not measured.
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
     """
@@ -180,6 +195,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                               gamma=gamma, n_steps=n_steps, t_end=t_end, spacing=spacing,
                               eval_batch_size=eval_batch_size, seed=seed + 1, checkpoint_path=checkpoint_path)
     step = 0
+    pool: WeightedPool | None = None
     monitor.evaluate(step, "init", float("nan"))
     phases = [] if estimator == "pathwise" else [("score_matching", sm_steps)]
     if estimator != "score_matching":
@@ -221,5 +237,21 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                     monitor.evaluate(step, phase, loss.detach().item())
     if not result.history or result.history[-1]["step"] != step:
         monitor.evaluate(step, phases[-1][0] if phases else "init", float("nan"))
+    if control_fit_times and pool is not None:
+        result.control_fit = measure_control_fit(model, sde, pool, label_prior, control_fit_times, sm_batch_size,
+                                                 generator)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def measure_control_fit(model: ConditionalScore, sde: SDE, pool: WeightedPool, label_prior: LabelPrior,
+                        times: Sequence[float], batch_size: int, generator: torch.Generator | None = None
+                        ) -> list[dict]:
+    """:func:`ctrl_bio.objective.control_fit` at each t on ``batch_size`` requests from the label prior, as means."""
+    out = []
+    for t in times:
+        y = label_prior.sample(batch_size, generator)
+        signal, error = control_fit(model, sde, pool, y, torch.full((batch_size,), float(t)), generator)
+        s, e = float(signal.mean()), float(error.mean())
+        out.append({"t": float(t), "signal": s, "error": e, "explained": 1.0 - e / s if s > 0 else float("nan")})
+    return out

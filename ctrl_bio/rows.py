@@ -308,6 +308,8 @@ class RowRunner:
         self.histories["ctrl"] = result.history
         self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
                              "train_seconds": result.seconds}
+        if result.control_fit:
+            self.info["ctrl"]["control_fit"] = result.control_fit
         self._ctrl = model
         if scales == [1.0]:
             x, kl = ctx.sample(model.conditioned, ctx.y_eval)

@@ -5,9 +5,16 @@ import torch
 
 from ctrl_bio.finetune import NonFiniteLossError, finetune
 from ctrl_bio.model import AugmentedScore, VectorPathway
-from ctrl_bio.objective import WeightedPool, denoising_score_matching_loss, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.objective import (
+    WeightedPool,
+    control_fit,
+    denoising_score_matching_loss,
+    pathwise_loss,
+    weighted_score_matching_loss,
+)
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sde import VPSDE
 
 
 def make_model(tb, hidden=32):
@@ -72,6 +79,47 @@ def test_pool_posterior_mean_is_the_score_of_the_noised_tilted_pool():
     torch.testing.assert_close((a[:, None] * mean - x_t.detach()) / s[:, None] ** 2, score, atol=1e-4, rtol=1e-4)
 
 
+class _PoolOptimum:
+    """s_pre = the noised untilted pool's score, s_theta = the tilted pool's, both by autograd of their densities."""
+
+    def __init__(self, pool: WeightedPool, sde: VPSDE):
+        self.pool, self.sde = pool, sde
+
+    def _score(self, x_t, t, w):
+        a, s = self.sde.alpha(t), self.sde.sigma(t)
+        x_t = x_t.detach().requires_grad_(True)
+        log_density = torch.logsumexp(w.log() - ((x_t[:, None] - a[:, None, None] * self.pool.x0) ** 2).sum(-1)
+                                      / (2 * s[:, None] ** 2), dim=1)
+        return torch.autograd.grad(log_density.sum(), x_t)[0]
+
+    def score_and_control(self, x_t, t, y):
+        with torch.enable_grad():
+            w = torch.stack([self.pool.weights(row) for row in y]).float()
+            s_pre = self._score(x_t, t, torch.full_like(w, 1.0 / w.shape[1]))
+            s = self._score(x_t, t, w)
+        return s, s - s_pre
+
+
+def test_control_fit_is_zero_at_the_optimum_and_the_signal_without_control():
+    """The pool's own optimum (autograd of the tilted and untilted noised pools) has error ~0; a zero control has
+    error = signal, i.e. explains nothing."""
+    g = torch.Generator().manual_seed(0)
+    pool = WeightedPool(torch.randn(9, 3, generator=g), [torch.randn(9, 2, generator=g).log_softmax(1)], tilt=2.0)
+    sde, y, t = VPSDE(), torch.tensor([[0], [1], [1], [0], [1]]), torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95])
+    optimum = _PoolOptimum(pool, sde)
+    signal, error = control_fit(optimum, sde, pool, y, t, torch.Generator().manual_seed(1))
+    assert (signal > 0).all() and (error < 1e-6 * signal + 1e-8).all()
+
+    class NoControl(_PoolOptimum):
+        def score_and_control(self, x_t, t, y):
+            s, u = super().score_and_control(x_t, t, y)
+            return s - u, torch.zeros_like(u)
+
+    signal0, error0 = control_fit(NoControl(pool, sde), sde, pool, y, t, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(error0, signal0)
+    torch.testing.assert_close(signal0, signal)
+
+
 def test_posterior_target_keeps_the_gradient_and_lowers_its_variance(small_testbed):
     """Rao-Blackwell: with the same draws (x0, t, eps), the posterior target's per-sample gradient has the denoising
     one's mean (same minimiser) and a smaller variance."""
@@ -130,7 +178,8 @@ def evaluate(tb, score_fn, y, n_steps=50):
 
 
 @pytest.mark.parametrize("estimator,kwargs", [
-    ("score_matching", {"sm_steps": 1000, "sm_lr": 5e-3, "sm_batch_size": 256, "pool_size": 4000}),
+    ("score_matching", {"sm_steps": 1000, "sm_lr": 5e-3, "sm_batch_size": 256, "pool_size": 4000,
+                        "control_fit_times": (0.1, 0.4, 0.8)}),
     ("score_matching", {"sm_steps": 500, "sm_lr": 1e-2, "sm_batch_size": 128, "pool_size": 2000,
                         "sm_target": "posterior"}),
     ("pathwise", {"steps": 60, "batch_size": 64, "lr": 1e-2, "n_steps": 25}),
@@ -149,6 +198,9 @@ def test_ctrl_improves_accuracy_and_objective_over_pretrained(small_testbed, est
     assert acc > acc_pre + 0.3 and acc > 0.9
     assert j > j_pre + 3.0
     assert result.history[-1]["objective"] > result.history[0]["objective"]
+    if result.control_fit:  # the trained control has found most of the optimum's, weighted by where it is large
+        signal, error = (sum(r[k] for r in result.control_fit) for k in ("signal", "error"))
+        assert 1.0 - error / signal > 0.8
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(small_testbed, tmp_path):
