@@ -53,7 +53,8 @@ class FinetuneResult:
         pool_ess: smallest effective sample size of the tilted pool over label combinations (score matching).
         control_fit: per noise level asked for (``control_fit_times``), the trained control against the optimum's on
             the pool: ``t``, ``signal`` (mean sigma_t^2 ||u*||^2), ``error`` (mean sigma_t^2 ||u_theta - u*||^2) and
-            ``explained`` = 1 - error / signal (:func:`ctrl_bio.objective.control_fit`).
+            ``explained`` = 1 - error / signal, ``pretrained_error`` (mean sigma_t^2 ||s_pre - s_pool||^2;
+            :func:`ctrl_bio.objective.control_fit`).
     """
 
     history: list[dict] = field(default_factory=list)
@@ -251,7 +252,8 @@ def measure_control_fit(model: ConditionalScore, sde: SDE, pool: WeightedPool, l
     out = []
     for t in times:
         y = label_prior.sample(batch_size, generator)
-        signal, error = control_fit(model, sde, pool, y, torch.full((batch_size,), float(t)), generator)
+        signal, error, base = control_fit(model, sde, pool, y, torch.full((batch_size,), float(t)), generator)
         s, e = float(signal.mean()), float(error.mean())
-        out.append({"t": float(t), "signal": s, "error": e, "explained": 1.0 - e / s if s > 0 else float("nan")})
+        out.append({"t": float(t), "signal": s, "error": e, "explained": 1.0 - e / s if s > 0 else float("nan"),
+                    "pretrained_error": float(base.mean())})
     return out

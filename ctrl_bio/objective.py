@@ -172,25 +172,32 @@ def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: Weighted
 
 @torch.no_grad()
 def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, t: Tensor,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """How far the learned control is from the optimum's on the pool at noise levels t: per request, sigma_t^2 ||u*||^2
-    (the signal) and sigma_t^2 ||u_theta - u*||^2 (the error), in noise units as the score-matching loss.
+    (the signal), sigma_t^2 ||u_theta - u*||^2 (the error) and sigma_t^2 ||s_pre - s_pool||^2 (the pre-trained
+    network's own distance from the untilted pool's score), in noise units as the score-matching loss.
 
     x_0 is drawn from the pool tilted for y and x_t = alpha_t x_0 + sigma_t eps, where the optimum acts. The optimal
     control is the difference between the noised scores of the tilted and the untilted pool,
     u*(x_t) = alpha_t (E_w[x_0 | x_t, y] - E[x_0 | x_t]) / sigma_t^2 (:meth:`WeightedPool.posterior_mean`, exact for
     the pool's empirical law), and u_theta = s_theta - s_pre is the model's. 1 - error / signal is the share of the
     optimum's control the fit has found at that noise level (1: all of it; 0: no better than no control).
+    Score matching fits s_theta to the tilted pool's score, so where the third number is comparable to the signal, the
+    fit spends the pathway on repairing s_pre as much as on the label. Near t = 0 the pool's empirical score is that of
+    its individual points, which a network that generalises does not follow: read all three at moderate t.
     """
     x0 = pool.draw(y, generator)
     x_t = sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype))
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     untilted = WeightedPool(pool.x0, pool.class_log_probs, tilt=0.0)
-    shift = pool.posterior_mean(x_t, alpha_t, sigma_t, y) - untilted.posterior_mean(x_t, alpha_t, sigma_t, y)
-    u_star = append_dims(alpha_t / sigma_t**2, x0.ndim) * shift
-    u_theta = model.score_and_control(x_t, t, y)[1]
-    sigma2 = append_dims(sigma_t**2, x0.ndim)
-    return sum_except_batch(sigma2 * u_star**2), sum_except_batch(sigma2 * (u_theta - u_star) ** 2)
+    mean_tilted = pool.posterior_mean(x_t, alpha_t, sigma_t, y)
+    mean_untilted = untilted.posterior_mean(x_t, alpha_t, sigma_t, y)
+    a, sigma2 = append_dims(alpha_t, x0.ndim), append_dims(sigma_t**2, x0.ndim)
+    u_star = a * (mean_tilted - mean_untilted) / sigma2
+    s_theta, u_theta = model.score_and_control(x_t, t, y)
+    s_pool = (a * mean_untilted - x_t) / sigma2
+    return (sum_except_batch(sigma2 * u_star**2), sum_except_batch(sigma2 * (u_theta - u_star) ** 2),
+            sum_except_batch(sigma2 * (s_theta - u_theta - s_pool) ** 2))
 
 
 def _noise_levels(x0: Tensor, batch: int, t_end: float, spacing: Spacing, generator: torch.Generator | None

@@ -101,21 +101,21 @@ class _PoolOptimum:
 
 
 def test_control_fit_is_zero_at_the_optimum_and_the_signal_without_control():
-    """The pool's own optimum (autograd of the tilted and untilted noised pools) has error ~0; a zero control has
-    error = signal, i.e. explains nothing."""
+    """The pool's own optimum (autograd of the tilted and untilted noised pools) has error ~0 and its s_pre is the
+    pool's score; a zero control has error = signal, i.e. explains nothing."""
     g = torch.Generator().manual_seed(0)
     pool = WeightedPool(torch.randn(9, 3, generator=g), [torch.randn(9, 2, generator=g).log_softmax(1)], tilt=2.0)
     sde, y, t = VPSDE(), torch.tensor([[0], [1], [1], [0], [1]]), torch.tensor([0.05, 0.2, 0.5, 0.8, 0.95])
     optimum = _PoolOptimum(pool, sde)
-    signal, error = control_fit(optimum, sde, pool, y, t, torch.Generator().manual_seed(1))
-    assert (signal > 0).all() and (error < 1e-6 * signal + 1e-8).all()
+    signal, error, base = control_fit(optimum, sde, pool, y, t, torch.Generator().manual_seed(1))
+    assert (signal > 0).all() and (error < 1e-6 * signal + 1e-8).all() and (base < 1e-8).all()
 
     class NoControl(_PoolOptimum):
         def score_and_control(self, x_t, t, y):
             s, u = super().score_and_control(x_t, t, y)
             return s - u, torch.zeros_like(u)
 
-    signal0, error0 = control_fit(NoControl(pool, sde), sde, pool, y, t, torch.Generator().manual_seed(1))
+    signal0, error0, _ = control_fit(NoControl(pool, sde), sde, pool, y, t, torch.Generator().manual_seed(1))
     torch.testing.assert_close(error0, signal0)
     torch.testing.assert_close(signal0, signal)
 
