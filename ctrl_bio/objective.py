@@ -194,7 +194,8 @@ def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, 
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     untilted = WeightedPool(pool.x0, pool.class_log_probs, tilt=0.0)
     mean_tilted = pool.posterior_mean(x_t, alpha_t, sigma_t, y)
-    mean_untilted = untilted.posterior_mean(x_t, alpha_t, sigma_t, y)
+    # Untilted weights are uniform whatever the label: one label combination, one matrix product for the batch.
+    mean_untilted = untilted.posterior_mean(x_t, alpha_t, sigma_t, torch.zeros_like(y))
     a, sigma2 = append_dims(alpha_t, x0.ndim), append_dims(sigma_t**2, x0.ndim)
     u_star = a * (mean_tilted - mean_untilted) / sigma2
     s_theta, u_theta = model.score_and_control(x_t, t, y)
