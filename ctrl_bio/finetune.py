@@ -177,8 +177,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         spacing: the sampler's time grid, ``uniform`` or ``quadratic`` (:func:`ctrl_bio.sampling.time_grid`).
         sm_spacing: how score matching draws t (:func:`ctrl_bio.objective.denoising_score_matching_loss`);
             ``quadratic`` concentrates the fit near the data, as a quadratic sampler grid concentrates its steps.
-        sm_target: the score-matching regression target, ``denoising`` (the drawn noise) or ``posterior`` (its
-            exact expectation over the pool: same optimum, lower variance; :func:`weighted_score_matching_loss`).
+        sm_target: the score-matching regression target, ``denoising`` (the drawn noise), ``posterior`` (its
+            exact expectation over the pool: same optimum, lower variance) or ``control`` (the control alone onto
+            the pool's optimal control, without the pool-versus-network gap; :func:`weighted_score_matching_loss`).
         control_fit_times: noise levels t at which the trained control is compared with the optimum's on the pool
             after training (``FinetuneResult.control_fit``; score matching and hybrid only, one batch of
             ``sm_batch_size`` per t); empty: not measured.

@@ -34,9 +34,10 @@ from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
 
 MemoryMode = Literal["full", "checkpoint", "truncate"]
-#: The regression target of weighted score matching: the drawn noise (``denoising``), or its expectation given x_t
-#: under the tilted pool (``posterior``, Rao-Blackwellised: same minimiser, less variance).
-ScoreTarget = Literal["denoising", "posterior"]
+#: The regression target of weighted score matching: the drawn noise (``denoising``), its expectation given x_t
+#: under the tilted pool (``posterior``, Rao-Blackwellised: same minimiser, less variance), or the pool's optimal
+#: control itself (``control``: the tilted minus the untilted pool score, free of the pool-versus-s_pre gap).
+ScoreTarget = Literal["denoising", "posterior", "control"]
 
 
 @dataclass
@@ -139,6 +140,21 @@ class WeightedPool:
         return out.reshape(x_t.shape)
 
 
+def pool_optimal_control(pool: WeightedPool, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor:
+    """The optimum's control on the pool, u*(x_t, t, y) = alpha_t (E_w[x_0 | x_t, y] - E[x_0 | x_t]) / sigma_t^2.
+
+    The difference between the noised scores of the pool tilted for y and of the untilted pool (Tweedie's formula
+    for each; :meth:`WeightedPool.posterior_mean`): grad log h_t of the Doob h-transform, exact for the pool's
+    empirical law. alpha_t, sigma_t: (B,). Shape of x_t.
+    """
+    untilted = WeightedPool(pool.x0, pool.class_log_probs, tilt=0.0)
+    mean_tilted = pool.posterior_mean(x_t, alpha_t, sigma_t, y)
+    # Untilted weights are uniform whatever the label: one label combination, one matrix product for the batch.
+    mean_untilted = untilted.posterior_mean(x_t, alpha_t, sigma_t, torch.zeros_like(y))
+    a, sigma2 = append_dims(alpha_t, x_t.ndim), append_dims(sigma_t**2, x_t.ndim)
+    return a * (mean_tilted - mean_untilted) / sigma2
+
+
 def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, *,
                                  t_end: float = 1e-3, spacing: Spacing = "uniform", target: ScoreTarget = "denoising",
                                  generator: torch.Generator | None = None) -> Tensor:
@@ -156,9 +172,17 @@ def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: Weighted
     per batch against the N pool items. The loss is lower than the denoising one by E Var[eps | x_t]: compare
     training curves of one target only. Measured: lower gradient variance on the mixture (a test), but no accuracy
     gain on the QED or DNA cell-type suites, where the fit and not its noise is the limit (docs/method.md).
+
+    ``target="control"`` regresses the control u_theta = s_theta - s_pre alone onto the pool's optimal control
+    (:func:`pool_optimal_control`): E sigma_t^2 || u_theta - u* ||^2. Both other targets ask s_pre + u_theta for
+    the tilted *pool's* score, so u_theta must also make up the label-free gap s_pool - s_pre between the pool's
+    empirical score and the network's, which on a finite pool of high-dimensional points is far larger than the
+    label's signal (:func:`control_fit`'s third number). Subtracting the untilted pool's score removes that gap
+    from the target exactly; what is left is the label's part alone. The price: where the pool's posterior sits on
+    one point (low noise), u* is 0, so the control learns nothing there. Cost: two (B, N) matrix products.
     """
-    if target not in ("denoising", "posterior"):
-        raise ValueError(f"target must be 'denoising' or 'posterior', got {target!r}")
+    if target not in ("denoising", "posterior", "control"):
+        raise ValueError(f"target must be 'denoising', 'posterior' or 'control', got {target!r}")
     x0 = pool.draw(y, generator)
     if target == "denoising":
         return denoising_score_matching_loss(model, sde, x0, y, t_end=t_end, spacing=spacing, generator=generator)
@@ -166,6 +190,10 @@ def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: Weighted
     x_t = sde.perturb(x0, t, eps)
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     sigma = append_dims(sigma_t, x0.ndim)
+    if target == "control":
+        u_star = pool_optimal_control(pool, x_t, alpha_t, sigma_t, y)
+        _, u_theta = model.score_and_control(x_t, t, y)
+        return sum_except_batch((sigma * (u_theta - u_star)) ** 2).mean()
     eps_mean = (x_t - append_dims(alpha_t, x0.ndim) * pool.posterior_mean(x_t, alpha_t, sigma_t, y)) / sigma
     return sum_except_batch((sigma * model(x_t, t, y) + eps_mean) ** 2).mean()
 
@@ -178,10 +206,9 @@ def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, 
     network's own distance from the untilted pool's score), in noise units as the score-matching loss.
 
     x_0 is drawn from the pool tilted for y and x_t = alpha_t x_0 + sigma_t eps, where the optimum acts. The optimal
-    control is the difference between the noised scores of the tilted and the untilted pool,
-    u*(x_t) = alpha_t (E_w[x_0 | x_t, y] - E[x_0 | x_t]) / sigma_t^2 (:meth:`WeightedPool.posterior_mean`, exact for
-    the pool's empirical law), and u_theta = s_theta - s_pre is the model's. 1 - error / signal is the share of the
-    optimum's control the fit has found at that noise level (1: all of it; 0: no better than no control).
+    control is the difference between the noised scores of the tilted and the untilted pool
+    (:func:`pool_optimal_control`), and u_theta = s_theta - s_pre is the model's. 1 - error / signal is the share of
+    the optimum's control the fit has found at that noise level (1: all of it; 0: no better than no control).
     The third number says where the comparison means something. Where the pool's empirical law is a set of separate
     points, its score (and u*) is that of those points, which a network that generalises does not follow, and the
     third number dwarfs the signal: near t = 0 always, and for high-dimensional discrete data well beyond (QM9 graphs
@@ -192,12 +219,10 @@ def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, 
     x0 = pool.draw(y, generator)
     x_t = sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype))
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
-    untilted = WeightedPool(pool.x0, pool.class_log_probs, tilt=0.0)
-    mean_tilted = pool.posterior_mean(x_t, alpha_t, sigma_t, y)
-    # Untilted weights are uniform whatever the label: one label combination, one matrix product for the batch.
-    mean_untilted = untilted.posterior_mean(x_t, alpha_t, sigma_t, torch.zeros_like(y))
+    u_star = pool_optimal_control(pool, x_t, alpha_t, sigma_t, y)
+    mean_untilted = WeightedPool(pool.x0, pool.class_log_probs, tilt=0.0).posterior_mean(
+        x_t, alpha_t, sigma_t, torch.zeros_like(y))
     a, sigma2 = append_dims(alpha_t, x0.ndim), append_dims(sigma_t**2, x0.ndim)
-    u_star = a * (mean_tilted - mean_untilted) / sigma2
     s_theta, u_theta = model.score_and_control(x_t, t, y)
     s_pool = (a * mean_untilted - x_t) / sigma2
     return (sum_except_batch(sigma2 * u_star**2), sum_except_batch(sigma2 * (u_theta - u_star) ** 2),

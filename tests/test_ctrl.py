@@ -120,6 +120,39 @@ def test_control_fit_is_zero_at_the_optimum_and_the_signal_without_control():
     torch.testing.assert_close(signal0, signal)
 
 
+def test_control_target_is_zero_at_the_pool_optimum_whatever_the_pre_trained_score():
+    """The control target compares u_theta with the pool's u* only: 0 for the pool's autograd optimum, even when
+    its s_pre is off the pool's score by a label-free field (which the denoising target would ask u to absorb),
+    and the signal for a zero control."""
+    g = torch.Generator().manual_seed(0)
+    pool = WeightedPool(torch.randn(9, 3, generator=g), [torch.randn(9, 2, generator=g).log_softmax(1)], tilt=2.0)
+    sde, y = VPSDE(), torch.tensor([[0], [1], [1], [0], [1]] * 40)
+
+    class OffsetPreTrained(_PoolOptimum):  # s_pre and s_theta both shifted by the same label-free field
+        def score_and_control(self, x_t, t, y):
+            s, u = super().score_and_control(x_t, t, y)
+            return s + 3.0 * torch.sin(x_t), u
+
+    class ScaledControl(_PoolOptimum):  # u = c u*: the loss is (1 - c)^2 E sigma^2 ||u*||^2
+        def __init__(self, pool, sde, c):
+            super().__init__(pool, sde)
+            self.c = c
+
+        def score_and_control(self, x_t, t, y):
+            s, u = super().score_and_control(x_t, t, y)
+            return s - (1 - self.c) * u, self.c * u
+
+    def loss(model):
+        return float(weighted_score_matching_loss(model, sde, pool, y, target="control",
+                                                  generator=torch.Generator().manual_seed(1)))
+
+    assert loss(_PoolOptimum(pool, sde)) < 1e-8 and loss(OffsetPreTrained(pool, sde)) < 1e-8
+    signal = loss(ScaledControl(pool, sde, 0.0))
+    assert signal > 1e-3
+    assert loss(ScaledControl(pool, sde, 0.5)) == pytest.approx(signal / 4, rel=1e-4)
+    assert loss(ScaledControl(pool, sde, 2.0)) == pytest.approx(signal, rel=1e-4)
+
+
 def test_posterior_target_keeps_the_gradient_and_lowers_its_variance(small_testbed):
     """Rao-Blackwell: with the same draws (x0, t, eps), the posterior target's per-sample gradient has the denoising
     one's mean (same minimiser) and a smaller variance."""
@@ -182,6 +215,8 @@ def evaluate(tb, score_fn, y, n_steps=50):
                         "control_fit_times": (0.1, 0.4, 0.8)}),
     ("score_matching", {"sm_steps": 500, "sm_lr": 1e-2, "sm_batch_size": 128, "pool_size": 2000,
                         "sm_target": "posterior"}),
+    ("score_matching", {"sm_steps": 500, "sm_lr": 1e-2, "sm_batch_size": 128, "pool_size": 2000,
+                        "sm_target": "control"}),
     ("pathwise", {"steps": 60, "batch_size": 64, "lr": 1e-2, "n_steps": 25}),
 ])
 def test_ctrl_improves_accuracy_and_objective_over_pretrained(small_testbed, estimator, kwargs):
