@@ -168,6 +168,21 @@ def fit_property_regressor(x: Tensor, y: Tensor, settings: dict[str, Any], seed:
                          seed=seed)
 
 
+def property_pairs(domain: MoleculeDomain, prop: str, n_pairs: int, seed: int, k: int = 0) -> tuple[Tensor, Tensor]:
+    """The (x, value) pairs the reward regressor of the k-th property of a suite is fitted on: n_pairs molecules
+    drawn from the labelled-pairs pool (never the oracle pool) by the suite's seed."""
+    g = torch.Generator().manual_seed(seed + 7919 * (k + 1))
+    table = domain.table
+    pool = np.flatnonzero(table.pairs_pool())
+    if n_pairs > pool.size:
+        raise ValueError(f"data.n_pairs={n_pairs} but the labelled-pairs pool holds {pool.size} molecules")
+    pick = np.sort(pool[torch.randperm(pool.size, generator=g)[:n_pairs].numpy()])
+    mask = np.zeros(len(table), dtype=bool)
+    mask[pick] = True
+    sub = table.select(mask)
+    return sub.x(), torch.from_numpy(sub.properties[prop]).float()
+
+
 def train_cfg_pathway(model: GraphAugmentedScore, sde, x: Tensor, y: Tensor, *, steps: int, batch_size: int,
                       lr: float, label_dropout: float, t_end: float, generator: torch.Generator, progress: bool):
     """Denoising score matching of the label pathway on the pairs (x0, y), a label dropped to NaN (no request) with
@@ -258,16 +273,7 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
     def pairs_and_reward():
         if "reward" not in lazy:
             t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(seed + 7919 * (k + 1))
-            table = domain.table
-            pool = np.flatnonzero(table.pairs_pool())
-            if n_pairs > pool.size:
-                raise ValueError(f"data.n_pairs={n_pairs} but the labelled-pairs pool holds {pool.size} molecules")
-            pick = np.sort(pool[torch.randperm(pool.size, generator=g)[:n_pairs].numpy()])
-            mask = np.zeros(len(table), dtype=bool)
-            mask[pick] = True
-            sub = table.select(mask)
-            x_pairs, y_pairs = sub.x(), torch.from_numpy(sub.properties[prop]).float()
+            x_pairs, y_pairs = property_pairs(domain, prop, n_pairs, seed, k)
             reg, report = fit_property_regressor(x_pairs, y_pairs, regressor, seed + 11 * (k + 1))
             lazy.update(x=x_pairs, y=y_pairs, reward=GaussianReward(reg), prior=ContinuousPrior(y_pairs))
             seconds = time.perf_counter() - t0
