@@ -15,7 +15,9 @@ gamma 1 / 2 / 4 / 8; 7,877 pairs (the whole pool): classifier 0.641, accuracy 0.
 (effective sample size per class at gamma 4: 546 of 4,565; the optimum's J* -1.39 / -2.06 / -2.76 / -3.48 at gamma
 1 / 2 / 4 / 8, about 3 min). With --pretrained 8192 (7,877 pairs): accuracy
 0.250 / 0.381 / 0.474 / 0.583 / 0.689 / 0.779 at gamma 0 / 1 / 2 / 4 / 8 / 16, effective sample size per class
-8,192 / 4,579 / 2,143 / 776 / 267 / 94 (about 30 min wall beside three other runs).
+8,192 / 4,579 / 2,143 / 776 / 267 / 94 (about 30 min wall beside three other runs). With --checkpoint
+runs/pretrain_dna_30k (the same network pre-trained 30,000 steps; benchmarks/dna/README.md): 0.250 / 0.388 / 0.484 /
+0.594 / 0.694 / 0.776, effective sample size 8,192 / 4,543 / 2,290 / 854 / 304 / 111.
 """
 import argparse
 from pathlib import Path
