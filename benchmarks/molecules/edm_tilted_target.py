@@ -30,8 +30,8 @@ from domains.molecules.oracle import predict_properties
 ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 GAMMAS = (1.0, 4.0, 8.0, 16.0, 64.0)
 torch.set_num_threads(1)
-suite = yaml.safe_load(open(ROOT / "configs/suite/molecules_edm.yaml"))["suite"]
-seed, n_pairs = 0, int(yaml.safe_load(open(ROOT / "configs/suite/molecules_edm.yaml"))["data"]["n_pairs"])
+config = yaml.safe_load(open(ROOT / "configs/suite/molecules_edm.yaml"))
+suite, n_pairs, seed = config["suite"], int(config["data"]["n_pairs"]), 0
 domain = MoleculeDomain()
 ctx = EDMContext(domain, n_eval=int(suite["n_eval"]), n_select=int(suite["n_select"]), n_steps=1, t_end=1e-3,
                  batch_size=256, seed=seed)
