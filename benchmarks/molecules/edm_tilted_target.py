@@ -39,7 +39,8 @@ test = domain.table.of_split("test")
 x_test = test.x()
 oracle_test = predict_properties(x_test)
 for arg in sys.argv[1:] or ["gap:0"]:
-    prop, k = arg.split(":")[0], int(arg.split(":")[1]) if ":" in arg else 0
+    prop, _, index = arg.partition(":")
+    k = int(index or 0)
     x_pairs, y_pairs = property_pairs(domain, prop, n_pairs, seed, k)
     regressor, report = fit_property_regressor(x_pairs, y_pairs, suite["regressor"], seed + 11 * (k + 1))
     with torch.no_grad():
