@@ -205,7 +205,8 @@ class RowRunner:
         ctx: the domain suite's context.
         method: keyword arguments of :func:`ctrl_bio.finetune.finetune` for ``ctrl`` plus ``pool``: ``training``
             (score matching resamples the pre-trained model's unlabelled training data) or ``pretrained`` (its
-            samples), and ``pool_size``.
+            samples, passed through the domain's ``project`` where it has one, e.g. snapped to one-hot graphs), and
+            ``pool_size``.
         alpha0: settings of ``ctrl_alpha0``: ``alpha``, ``steps``, ``batch_size``, ``lr``, ``grad_last_k``.
         baselines: settings of ``cfg``, ``classifier_guidance`` (``hidden`` and other keyword arguments go to
             ``ctx.noisy_classifier``), ``dps``, ``best_of_n`` and ``policy_gradient`` (``settings``: keyword arguments
@@ -299,6 +300,9 @@ class RowRunner:
         elif source == "pretrained":
             pool = ctx.sample(lambda _y: ctx.pretrained, torch.zeros(pool_size, len(ctx.n_classes), dtype=torch.long),
                               seed_offset=7100)[0]
+            project = getattr(ctx.domain, "project", None)
+            if project is not None:  # discrete data: the sampler's end points, snapped to the data's support
+                pool = project(pool)
         else:
             raise ValueError(f"suite.method.pool must be 'training' or 'pretrained', got {source!r}")
         model = self.new_model()

@@ -70,6 +70,13 @@ def test_one_hot_argmax_identity(table):
     assert decode(noisy) == decode(noisy.argmax(1).unsqueeze(1).eq(torch.arange(4)[None, :, None]).float())
 
 
+def test_project_snaps_samples_to_the_one_hot_they_decode_to(table):
+    domain, x = DNADomain(data="slice"), one_hot(table.sequences[:20])
+    assert torch.equal(domain.project(x), x)
+    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(domain.project(noisy), one_hot(decode(noisy)))
+
+
 def test_fasta_round_trip(table, tmp_path):
     path = write_fasta(tmp_path / "s.fasta", table.sequences[:20], [f"r{i}|celltype=K562" for i in range(20)])
     read = read_sequences(path)

@@ -138,6 +138,16 @@ def test_train_copy_needs_no_adapters():
             GraphScoreNet(VPSDE(), hidden=32, edge_hidden=16, n_layers=2, emb_dim=32), [3])
 
 
+def test_project_snaps_noisy_encodings_to_the_graph_they_decode_to(table):
+    domain = MoleculeDomain(data="slice")
+    x = table.x()[:64]
+    assert torch.equal(domain.project(x), x)  # graphs are fixed points
+    noisy = 0.8 * x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    projected = domain.project(noisy)
+    assert set(projected.unique().tolist()) == {-1.0, 1.0}
+    assert to_smiles(decode(projected)) == to_smiles(decode(noisy))
+
+
 def test_domain_protocol_and_samples_written(table, tmp_path):
     domain = check_domain(MoleculeDomain(data="slice"))
     x, bad = domain.encode_x(["CCO", "xx", "c1ccoc1"])

@@ -11,6 +11,10 @@ Recorded (2026-11-30, one thread, 5,000 pairs as in the suite): qed: classifier 
 0.870 / 0.911 / 0.935 at gamma 1 / 2 / 4 / 8 / 16 (effective sample size per class at gamma 4: 3,109 of 12,963
 test molecules; the optimum's J* -1.10 / -1.43 / -1.79 / -2.21 / -2.73, 87 s); logp: classifier 0.944,
 accuracy 0.906 / 0.950 / 0.973 / 0.985 / 0.992.
+A DFT label (gap, mu, alpha) has no exact bin: its samples are scored by the property oracle, so the optimum is
+scored by the oracle's bins too (2026-11-30, eleventh session): mu: classifier 0.638, accuracy 0.607 / 0.730 / 0.848 /
+0.934 / 0.975 at gamma 1 / 2 / 4 / 8 / 16 (ESS at gamma 4: 2,483). Above the oracle's own binned accuracy on real
+molecules (0.703): the oracle agrees with the classifier's choices, whatever the true dipole moments.
 """
 import sys
 from pathlib import Path
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ctrl_bio.labels import exact_log_prob, fit_reward_classifier, load_label
+from ctrl_bio.labels import exact_log_prob, fit_reward_classifier, load_label, resolve_callable
 from ctrl_bio.metrics import tilted_accuracy, tilted_objective
 from domains.molecules.domain import MoleculeDomain
 
@@ -28,7 +32,9 @@ name, sizes = sys.argv[1], [int(a) for a in sys.argv[2:]] or [5000]
 domain = MoleculeDomain()
 x = domain.table.of_split("test").x()
 spec = yaml.safe_load(open(ROOT / f"configs/label/{name}.yaml"))
-true = exact_log_prob(spec, domain)(x).argmax(1)
+# The label's exact bins (RDKit labels) or, for DFT labels, the oracle's: what the suite scores samples with.
+score = exact_log_prob(spec, domain) or resolve_callable(spec["oracle"]["callable"])(domain, **spec["oracle"]["kwargs"])
+true = score(x).argmax(1)
 for n in sizes:
     spec["pairs"]["n"] = n
     pairs = load_label(spec, domain=domain, seed=7919)  # the suite's seed for its first label

@@ -27,7 +27,7 @@ from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore
 from ctrl_bio.nets import ConvScoreNet, SequencePathway
 from ctrl_bio.sde import VPSDE
-from domains.dna.data import SEQ_LEN, DHSTable, decode, load_dhs, one_hot, write_fasta
+from domains.dna.data import SEQ_LEN, DHSTable, decode, from_indices, load_dhs, one_hot, write_fasta
 
 #: Convolutions of every residual block (:class:`ctrl_bio.nets.ResidualConvBlock`): LoRA targets of ``kind: lora``.
 CONV_LORA_TARGETS = ("conv1", "conv2")
@@ -130,6 +130,11 @@ class DNADomain:
             s = s.strip().upper()
             (good if len(s) == SEQ_LEN and not set(s) - set("ACGT") else bad).append(i)
         return one_hot([sequences[i].strip().upper() for i in good]), bad
+
+    def project(self, x: Tensor) -> Tensor:
+        """Samples x (B, 4, L) moved to the nearest one-hot sequence (the argmax base), in {-1, +1}: what the
+        training sequences are (``suite.method.pool=pretrained`` snaps its pool so)."""
+        return from_indices(x.argmax(dim=1)).to(x)
 
     def write_samples(self, x: Tensor, y: Tensor, label_names: Sequence[str], run_dir: Path) -> Path:
         names = []

@@ -24,7 +24,16 @@ from ctrl_bio.domain import ScoreModel
 from ctrl_bio.model import NULL_LABEL
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.sde import VPSDE
-from domains.molecules.data import X_DIM, MoleculeTable, decode, encode, load_qm9, smiles_to_graphs, to_smiles
+from domains.molecules.data import (
+    X_DIM,
+    MoleculeTable,
+    decode,
+    encode,
+    graph_types,
+    load_qm9,
+    smiles_to_graphs,
+    to_smiles,
+)
 from domains.molecules.metrics import generation_metrics
 from domains.molecules.nets import GraphScoreNet
 from domains.molecules.pathway import LORA_TARGETS, GraphAugmentedScore
@@ -104,6 +113,14 @@ class MoleculeDomain:
         nodes, edges, good, _ = smiles_to_graphs(smiles)
         bad = sorted(set(range(len(smiles))) - set(good))
         return encode(nodes, edges), bad
+
+    def project(self, x: Tensor) -> Tensor:
+        """Samples x (B, 189) moved to the nearest graph encoding: the argmax node and edge types, in {-1, +1}.
+
+        What the training molecules are: a pool of pre-trained samples projected so is the law the decoder reads
+        (``suite.method.pool=pretrained``).
+        """
+        return encode(*graph_types(x.detach().cpu())).to(x)
 
     def write_samples(self, x: Tensor, y: Tensor, label_names: Sequence[str], run_dir: Path) -> Path:
         """``samples.csv`` (SMILES, validity, requested labels) and ``samples.sdf`` (valid molecules in 3-D); returns
