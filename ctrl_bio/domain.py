@@ -31,6 +31,9 @@ class Domain(Protocol):
         name: the domain's name, checked against a label definition's ``domain`` field.
         sde: the forward SDE its pre-trained model uses.
         x_shape: the shape of one sample, e.g. ``(4,)`` or ``(4, 200)``.
+
+    Optional, outside the protocol: ``project(x) -> x``, the nearest point of the data's support for discrete data
+    (one-hot sequences, graphs). The suites snap a pool of pre-trained samples with it (``pool: pretrained``).
     """
 
     name: str
