@@ -33,7 +33,11 @@ domain = MoleculeDomain()
 x = domain.table.of_split("test").x()
 spec = yaml.safe_load(open(ROOT / f"configs/label/{name}.yaml"))
 # The label's exact bins (RDKit labels) or, for DFT labels, the oracle's: what the suite scores samples with.
-score = exact_log_prob(spec, domain) or resolve_callable(spec["oracle"]["callable"])(domain, **spec["oracle"]["kwargs"])
+score = exact_log_prob(spec, domain)
+if score is None:
+    if "oracle" not in spec:
+        sys.exit(f"tilted_target.py: label {name!r} has neither an exact nor an oracle evaluation to score with")
+    score = resolve_callable(spec["oracle"]["callable"])(domain, **spec["oracle"].get("kwargs", {}))
 true = score(x).argmax(1)
 for n in sizes:
     spec["pairs"]["n"] = n
