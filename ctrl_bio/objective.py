@@ -147,8 +147,12 @@ def pool_optimal_control(pool: WeightedPool, x_t: Tensor, alpha_t: Tensor, sigma
     for each; :meth:`WeightedPool.posterior_mean`): grad log h_t of the Doob h-transform, exact for the pool's
     empirical law. alpha_t, sigma_t: (B,). Shape of x_t.
     """
-    mean_tilted, mean_untilted = _posterior_means(pool, x_t, alpha_t, sigma_t, y)
-    a, sigma2 = append_dims(alpha_t, x_t.ndim), append_dims(sigma_t**2, x_t.ndim)
+    return _control_from_means(*_posterior_means(pool, x_t, alpha_t, sigma_t, y), alpha_t, sigma_t)
+
+
+def _control_from_means(mean_tilted: Tensor, mean_untilted: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+    """u* = alpha_t (E_w[x_0 | x_t, y] - E[x_0 | x_t]) / sigma_t^2, from the two posterior means (Tweedie)."""
+    a, sigma2 = append_dims(alpha_t, mean_tilted.ndim), append_dims(sigma_t**2, mean_tilted.ndim)
     return a * (mean_tilted - mean_untilted) / sigma2
 
 
@@ -229,8 +233,8 @@ def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, 
     x_t = sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype))
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     mean_tilted, mean_untilted = _posterior_means(pool, x_t, alpha_t, sigma_t, y)
+    u_star = _control_from_means(mean_tilted, mean_untilted, alpha_t, sigma_t)  # the untilted mean is reused below
     a, sigma2 = append_dims(alpha_t, x0.ndim), append_dims(sigma_t**2, x0.ndim)
-    u_star = a * (mean_tilted - mean_untilted) / sigma2  # pool_optimal_control, with the means reused below
     s_theta, u_theta = model.score_and_control(x_t, t, y)
     s_pool = (a * mean_untilted - x_t) / sigma2
     return (sum_except_batch(sigma2 * u_star**2), sum_except_batch(sigma2 * (u_theta - u_star) ** 2),

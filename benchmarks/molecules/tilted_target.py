@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ctrl_bio.labels import exact_log_prob, fit_reward_classifier, load_label, resolve_callable
+from ctrl_bio.labels import evaluation_log_prob, fit_reward_classifier, load_label
 from ctrl_bio.metrics import tilted_accuracy, tilted_objective
 from domains.molecules.domain import MoleculeDomain
 
@@ -33,12 +33,7 @@ domain = MoleculeDomain()
 x = domain.table.of_split("test").x()
 spec = yaml.safe_load(open(ROOT / f"configs/label/{name}.yaml"))
 # The label's exact bins (RDKit labels) or, for DFT labels, the oracle's: what the suite scores samples with.
-score = exact_log_prob(spec, domain)
-if score is None:
-    if "oracle" not in spec:
-        sys.exit(f"tilted_target.py: label {name!r} has neither an exact nor an oracle evaluation to score with")
-    score = resolve_callable(spec["oracle"]["callable"])(domain, **spec["oracle"].get("kwargs", {}))
-true = score(x).argmax(1)
+true = evaluation_log_prob(spec, domain)(x).argmax(1)
 for n in sizes:
     spec["pairs"]["n"] = n
     pairs = load_label(spec, domain=domain, seed=7919)  # the suite's seed for its first label
