@@ -8,6 +8,7 @@ only; domains live in the top-level ``domains`` namespace package.
 
 from ctrl_bio.blackbox import CallableReward, CommandReward, label_likelihood_black_box
 from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
+from ctrl_bio.interop import NetworkScore, from_diffusers, sde_from_scheduler, wrap_network
 from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
 from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore, LabelEmbedding, VectorPathway
@@ -23,13 +24,14 @@ from ctrl_bio.reward import (
                              train_classifier,
 )
 from ctrl_bio.sampling import SamplerOutput, euler_maruyama, time_grid
-from ctrl_bio.sde import SDE, VPSDE
+from ctrl_bio.sde import SDE, VPSDE, DiscreteScheduleSDE, DiscreteVPSDE
 from ctrl_bio.utils import append_dims
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SDE", "VPSDE", "append_dims",
+    "SDE", "VPSDE", "DiscreteScheduleSDE", "DiscreteVPSDE", "append_dims",
+    "NetworkScore", "wrap_network", "from_diffusers", "sde_from_scheduler",
     "SamplerOutput", "euler_maruyama", "time_grid",
     "girsanov_kl", "transition_kl", "gaussian_kl",
     "NULL_LABEL", "AugmentedScore", "VectorPathway", "EmbeddingAugmentedScore", "LoRAAugmentedScore", "LabelEmbedding",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -111,43 +112,41 @@ class VPSDE(SDE):
         return f"VPSDE(beta_min={self.beta_min}, beta_max={self.beta_max})"
 
 
-class DiscreteVPSDE(SDE):
-    """A DDPM noise schedule (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 4) as a VP-SDE.
+class DiscreteScheduleSDE(SDE):
+    """Any discrete-time DDPM schedule abar_0 > abar_1 > ... > abar_{N-1} (its ``alphas_cumprod``) as a VP-SDE.
 
-    A discrete-time model trained on steps n = 0..N-1 with x_n | x_0 ~ N(sqrt(abar_n) x_0, (1 - abar_n) I) and
-    abar_n = prod_{m <= n} (1 - beta_m) (Stable Diffusion, diffusers' ``DDPMScheduler``) becomes an SDE of
-    DESIGN.md's convention by placing step n at time t_n = (n + 1) / N and interpolating log alpha_t linearly in t
-    between the grid points (log alpha_0 = 0). Then alpha_{t_n}^2 = abar_n exactly at every grid point, and
-    beta(t) = -2 d/dt log alpha_t is piecewise constant, -N log(1 - beta_n) on (n/N, (n+1)/N), which is
-    N beta_n to first order: the continuum limit of the linear schedule is :class:`VPSDE`. The network is
-    queried at the continuous scheduler timestep :meth:`timestep` (t N - 1).
+    A discrete-time model trained on steps n = 0..N-1 with x_n | x_0 ~ N(sqrt(abar_n) x_0, (1 - abar_n) I) (Ho et al.
+    2020, "Denoising Diffusion Probabilistic Models", eq. 4) becomes an SDE of DESIGN.md's convention by placing step n
+    at time t_n = (n + 1) / N and interpolating log alpha_t linearly in t between the grid points (log alpha_0 = 0).
+    Then alpha_{t_n}^2 = abar_n exactly at every grid point, and beta(t) = -2 d/dt log alpha_t is piecewise constant,
+    -N log(abar_n / abar_{n-1}) on (n/N, (n+1)/N). The schedule is all the SDE needs, so every beta schedule a
+    diffusers scheduler ships (linear, scaled_linear, squaredcos_cap_v2, sigmoid, trained betas, zero terminal SNR)
+    is one of these (:func:`ctrl_bio.interop.sde_from_scheduler`). The network is queried at the continuous
+    scheduler timestep :meth:`timestep` (t N - 1).
 
     Args:
-        beta_start, beta_end: the scheduler's first and last beta_n.
-        num_train_timesteps: N.
-        beta_schedule: ``linear`` (DDPM: beta_n linear in n) or ``scaled_linear`` (Stable Diffusion: sqrt(beta_n)
-            linear in n), as diffusers names them.
+        alphas_cumprod: abar_n for n = 0..N-1, N >= 2, in (0, 1] and non-increasing. A last value of 0 (a zero
+            terminal-SNR schedule, Lin et al. 2024) is raised to 2^-24, as diffusers' own samplers do, so that
+            log alpha_1 stays finite.
     """
 
-    SCHEDULES = ("linear", "scaled_linear")
+    #: The smallest abar_n kept (diffusers' ``alphas_cumprod[-1] = 2**-24`` for zero terminal SNR).
+    MIN_ALPHA_CUMPROD = 2.0**-24
 
-    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000,
-                 beta_schedule: str = "linear"):
-        if beta_schedule not in self.SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {self.SCHEDULES}, got {beta_schedule!r}")
-        if not 0 < beta_start <= beta_end < 1 or num_train_timesteps < 2:
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1 and num_train_timesteps >= 2, got "
-                             f"{beta_start}, {beta_end}, {num_train_timesteps}")
-        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
-        self.num_train_timesteps, self.beta_schedule = int(num_train_timesteps), beta_schedule
-        n = self.num_train_timesteps
-        if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
-        else:
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
-        # log alpha at t = 0, 1/N, ..., 1 (float64: the cumulative sum of a thousand small logs).
-        half_log_abar = 0.5 * torch.cumsum(torch.log1p(-betas), 0)
-        self._log_alpha_grid = torch.cat([torch.zeros(1, dtype=torch.float64), half_log_abar])
+    def __init__(self, alphas_cumprod: Tensor | Sequence[float]):
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64).detach().cpu()
+        if abar.ndim != 1 or abar.numel() < 2:
+            raise ValueError(f"alphas_cumprod must be 1-D with at least 2 steps, got shape {tuple(abar.shape)}")
+        if not torch.isfinite(abar).all() or (abar < 0).any() or (abar > 1).any():
+            raise ValueError("alphas_cumprod must lie in [0, 1]")
+        if (abar[1:] > abar[:-1]).any():
+            raise ValueError("alphas_cumprod must be non-increasing (a noise schedule only adds noise)")
+        self._set_schedule(0.5 * torch.log(abar.clamp_min(self.MIN_ALPHA_CUMPROD)))
+
+    def _set_schedule(self, log_alpha: Tensor) -> None:
+        """Keep log alpha at t = 0, 1/N, ..., 1 from log alpha_{t_n} = 1/2 log abar_n (float64)."""
+        self.num_train_timesteps = int(log_alpha.numel())
+        self._log_alpha_grid = torch.cat([torch.zeros(1, dtype=torch.float64), log_alpha])
 
     @property
     def alphas_cumprod(self) -> Tensor:
@@ -172,6 +171,51 @@ class DiscreteVPSDE(SDE):
     def timestep(self, t: Tensor) -> Tensor:
         """The scheduler's (continuous) timestep index of time t: t N - 1, so t_n = (n + 1) / N gives n."""
         return t * self.num_train_timesteps - 1.0
+
+    def __repr__(self) -> str:
+        abar = self.alphas_cumprod
+        return (f"DiscreteScheduleSDE(num_train_timesteps={self.num_train_timesteps}, "
+                f"alphas_cumprod=[{float(abar[0]):.6g}, ..., {float(abar[-1]):.6g}])")
+
+
+class DiscreteVPSDE(DiscreteScheduleSDE):
+    """A named DDPM beta schedule as a :class:`DiscreteScheduleSDE`, kept by its four settings.
+
+    The linear schedule's continuum limit is :class:`VPSDE`: beta(t) = -N log(1 - beta_n) on (n/N, (n+1)/N), which
+    is N beta_n to first order. Its public attributes are exactly the constructor's arguments, which is what a saved
+    network's SDE is checked against.
+
+    Args:
+        beta_start, beta_end: the scheduler's first and last beta_n (unused by ``squaredcos_cap_v2``).
+        num_train_timesteps: N.
+        beta_schedule: ``linear`` (DDPM: beta_n linear in n), ``scaled_linear`` (Stable Diffusion: sqrt(beta_n)
+            linear in n) or ``squaredcos_cap_v2`` (Nichol & Dhariwal 2021, "Improved Denoising Diffusion
+            Probabilistic Models", eq. 17: abar(s) = cos^2((s + 0.008) / 1.008 pi / 2), beta_n capped at 0.999),
+            as diffusers names them.
+    """
+
+    SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+    def __init__(self, beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000,
+                 beta_schedule: str = "linear"):
+        if beta_schedule not in self.SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {self.SCHEDULES}, got {beta_schedule!r}")
+        if not 0 < beta_start <= beta_end < 1 or num_train_timesteps < 2:
+            raise ValueError(f"need 0 < beta_start <= beta_end < 1 and num_train_timesteps >= 2, got "
+                             f"{beta_start}, {beta_end}, {num_train_timesteps}")
+        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        self.beta_schedule = beta_schedule
+        n = int(num_train_timesteps)
+        if beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        elif beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+        else:
+            s = torch.arange(n + 1, dtype=torch.float64) / n
+            abar_fn = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = torch.clamp(1.0 - abar_fn[1:] / abar_fn[:-1], max=0.999)
+        # float64: the cumulative sum of a thousand small logs.
+        self._set_schedule(0.5 * torch.cumsum(torch.log1p(-betas), 0))
 
     def __repr__(self) -> str:
         return (f"DiscreteVPSDE(beta_start={self.beta_start}, beta_end={self.beta_end}, "

@@ -93,13 +93,25 @@ def test_sde_marginals_equal_scheduler_alphas_cumprod(pipe):
         assert torch.equal(sde.timestep(t_grid), torch.arange(n, dtype=torch.float64))
 
 
-def test_sde_from_scheduler_rejects_other_schedules():
-    from diffusers import DDPMScheduler
+def test_any_schedule_and_prediction_type_is_accepted(pipe):
+    """A squaredcos v-prediction scheduler (was refused): the SD score is the v output's, guidance combined on v."""
+    from diffusers import DDIMScheduler
 
-    with pytest.raises(ValueError, match="squaredcos_cap_v2"):
-        sde_from_scheduler(DDPMScheduler(beta_schedule="squaredcos_cap_v2"))
-    with pytest.raises(ValueError, match="v_prediction"):
-        sde_from_scheduler(DDPMScheduler(prediction_type="v_prediction"))
+    pipe.scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    score = SDLatentScore.from_pipeline(pipe, PROMPT, guidance_scale=3.0)
+    assert score.prediction_type == "v"
+    t_n = (torch.arange(1000, dtype=torch.float64) + 1) / 1000
+    torch.testing.assert_close(score.sde.alpha(t_n) ** 2, pipe.scheduler.alphas_cumprod.double(), rtol=1e-5,
+                               atol=1e-10)
+    x, t = torch.randn(2, *score.x_shape), torch.full((2,), 0.3)
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 2, True)
+    with torch.no_grad():
+        ts = score.sde.timestep(t)
+        v_u = pipe.unet(x, ts, encoder_hidden_states=uncond).sample
+        v_c = pipe.unet(x, ts, encoder_hidden_states=cond).sample
+        v = v_u + 3.0 * (v_c - v_u)
+        alpha, sigma = float(score.sde.alpha(t)[0]), float(score.sde.sigma(t)[0])
+        torch.testing.assert_close(score(x, t), -(alpha * v + sigma * x) / sigma, rtol=1e-5, atol=1e-5)
 
 
 # (b) zero initialisation reproduces the pre-trained sampler ---------------------------------------------------------

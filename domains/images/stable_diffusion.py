@@ -5,8 +5,9 @@ fine-tunes Stable Diffusion 1.5 for new labels (JPEG compressibility classes, ae
 prompt. In DESIGN.md's convention this is:
 
 - the pre-trained model: SD's frozen ``UNet2DConditionModel`` on latents x of shape (4, H/8, W/8), with the prompt
-  and classifier-free text guidance folded in (:class:`SDLatentScore`); its DDPM schedule is a
-  :class:`ctrl_bio.sde.DiscreteVPSDE` (:func:`sde_from_scheduler`), so s = -eps(x, t N - 1) / sigma_t;
+  and classifier-free text guidance folded in (:class:`SDLatentScore`); its DDPM schedule, any beta schedule, is a
+  :class:`ctrl_bio.sde.DiscreteScheduleSDE` (:func:`sde_from_scheduler`), and its epsilon, v or sample prediction
+  becomes the score (s = -eps(x, t N - 1) / sigma_t for epsilon; :mod:`ctrl_bio.interop`);
 - the augmented model: :class:`domains.images.unet.UNetAugmentedScore` on that score, unchanged (a zero-initialised
   label embedding as the UNet's ``class_embedding``, optional LoRA);
 - the reward log p(y | x_0): a classifier on decoded images, differentiated through the VAE decoder
@@ -37,10 +38,12 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ctrl_bio.interop import canonical_prediction, score_from_prediction
+from ctrl_bio.interop import sde_from_scheduler as core_sde_from_scheduler
 from ctrl_bio.lora import lora_disabled
 from ctrl_bio.model import NULL_LABEL, check_labels
 from ctrl_bio.reward import CalibratedClassifier, LogLikelihoodReward
-from ctrl_bio.sde import DiscreteVPSDE
+from ctrl_bio.sde import DiscreteScheduleSDE
 from domains.images.unet import LORA_TARGETS, UNetAugmentedScore
 
 #: Pipeline components CTRL needs; each must be a sub-folder of a diffusers pipeline folder.
@@ -57,23 +60,20 @@ REWARD_CONFIG = "config.json"
 # The schedule
 
 
-def sde_from_scheduler(scheduler: Any) -> DiscreteVPSDE:
-    """The :class:`DiscreteVPSDE` of a diffusers scheduler's training schedule (its ``config``).
+def sde_from_scheduler(scheduler: Any) -> DiscreteScheduleSDE:
+    """The SDE of a diffusers scheduler's training schedule: alpha_{(n+1)/N}^2 = ``scheduler.alphas_cumprod[n]``.
 
-    Only the training schedule matters (beta_start, beta_end, num_train_timesteps, beta_schedule); the sampler's own
-    timestep spacing does not, since the core samples the SDE on its own grid. The network must predict the noise.
+    Any beta schedule (:func:`ctrl_bio.interop.sde_from_scheduler`); the prediction type is read separately
+    (:func:`prediction_type`), so an epsilon, v- or sample-predicting UNet all give the score.
     """
-    cfg = getattr(scheduler, "config", scheduler)
-    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
-    schedule = get("beta_schedule", "linear")
-    if schedule not in DiscreteVPSDE.SCHEDULES:
-        raise ValueError(f"scheduler beta_schedule {schedule!r} is not supported; use one of {DiscreteVPSDE.SCHEDULES}")
-    if get("trained_betas", None) is not None:
-        raise ValueError("scheduler has explicit trained_betas; only 'linear' and 'scaled_linear' are supported")
-    prediction = get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(f"scheduler prediction_type {prediction!r} is not supported; the UNet must predict 'epsilon'")
-    return DiscreteVPSDE(get("beta_start", 1e-4), get("beta_end", 0.02), get("num_train_timesteps", 1000), schedule)
+    return core_sde_from_scheduler(scheduler)
+
+
+def prediction_type(scheduler: Any) -> str:
+    """What the scheduler's UNet predicts: ``epsilon``, ``v_prediction`` or ``sample`` (its config; default epsilon)."""
+    cfg = getattr(scheduler, "config", {})
+    value = cfg.get("prediction_type", None) if hasattr(cfg, "get") else getattr(cfg, "prediction_type", None)
+    return value or "epsilon"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,9 +152,10 @@ def adapter_state_checkpoint(module: nn.Module, *args: Any) -> Any:
 class SDLatentScore(nn.Module):
     """SD's frozen text-conditional UNet as a score network on latents, for one fixed prompt.
 
-    eps = eps_uncond + w (eps_text - eps_uncond) exactly as ``StableDiffusionPipeline`` computes it (one UNet call on
-    the batch [uncond; text]), at the scheduler timestep ``sde.timestep(t)``; then s = -eps / sigma_t. With w <= 1
-    the pipeline does no guidance and neither does this (one call on the text half).
+    out = out_uncond + w (out_text - out_uncond) exactly as ``StableDiffusionPipeline`` computes it (one UNet call on
+    the batch [uncond; text]), at the scheduler timestep ``sde.timestep(t)``; then the score of that prediction (for
+    epsilon s = -eps / sigma_t; v and sample predictions are linear in the same outputs, so guidance combines them
+    alike). With w <= 1 the pipeline does no guidance and neither does this (one call on the text half).
 
     Args:
         unet: the pipeline's ``UNet2DConditionModel`` (kept as ``unet``, which :class:`UNetAugmentedScore` augments).
@@ -166,14 +167,19 @@ class SDLatentScore(nn.Module):
             :func:`adapter_state_checkpoint` so that LoRA's on/off passes recompute as they ran).
         autocast_dtype: run the UNet under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16`` on a GPU);
             None: the UNet's own dtype. The score is returned in the input's dtype.
+        prediction_type: what the UNet predicts, ``epsilon``, ``v_prediction`` or ``sample`` (:func:`prediction_type`
+            of the pipeline's scheduler).
     """
 
-    def __init__(self, unet: nn.Module, sde: DiscreteVPSDE, prompt_embeds: Tensor,
+    def __init__(self, unet: nn.Module, sde: DiscreteScheduleSDE, prompt_embeds: Tensor,
                  negative_prompt_embeds: Tensor | None = None, *, guidance_scale: float = 7.5,
-                 gradient_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None):
+                 gradient_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None,
+                 prediction_type: str = "epsilon"):
         super().__init__()
-        if not isinstance(sde, DiscreteVPSDE):
-            raise TypeError(f"SDLatentScore needs a DiscreteVPSDE (the UNet's timesteps), got {type(sde).__name__}")
+        if not isinstance(sde, DiscreteScheduleSDE):
+            raise TypeError(f"SDLatentScore needs a DiscreteScheduleSDE (the UNet's timesteps), "
+                            f"got {type(sde).__name__}")
+        self.prediction_type = canonical_prediction(prediction_type)
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1:
             raise ValueError(f"prompt_embeds must have shape (1, L, D) (one prompt), got {tuple(prompt_embeds.shape)}")
         self.guidance_scale = float(guidance_scale)
@@ -194,6 +200,7 @@ class SDLatentScore(nn.Module):
         w = float(guidance_scale)
         with torch.no_grad():
             cond, uncond = pipe.encode_prompt(prompt, pipe.device, 1, w > 1.0, negative_prompt)
+        kwargs.setdefault("prediction_type", prediction_type(pipe.scheduler))
         return cls(pipe.unet, sde_from_scheduler(pipe.scheduler), cond, uncond, guidance_scale=w, **kwargs)
 
     @property
@@ -221,13 +228,13 @@ class SDLatentScore(nn.Module):
         ctx = (torch.autocast(x.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                else nullcontext())
         with ctx:
-            eps = self.unet(x_in.to(dtype), timesteps, encoder_hidden_states=text.to(dtype),
+            out = self.unet(x_in.to(dtype), timesteps, encoder_hidden_states=text.to(dtype),
                             class_labels=class_labels, return_dict=False)[0]
-        eps = eps.to(x.dtype)
+        out = out.to(x.dtype)
         if self.do_guidance:
-            eps_uncond, eps_text = eps.chunk(2)
-            eps = eps_uncond + self.guidance_scale * (eps_text - eps_uncond)
-        return self.sde.score_from_eps(eps, t)
+            out_uncond, out_text = out.chunk(2)
+            out = out_uncond + self.guidance_scale * (out_text - out_uncond)
+        return score_from_prediction(out, x, t.expand(b) if t.ndim == 0 else t, self.sde, self.prediction_type)
 
 
 # --------------------------------------------------------------------------------------------------------------------

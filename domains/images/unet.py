@@ -1,8 +1,8 @@
 """diffusers UNets as score networks of the core's SDE, and CTRL's augmented model around them.
 
 A diffusers UNet predicts the noise eps(x_n, n) of a DDPM schedule. With the schedule written as a
-:class:`ctrl_bio.sde.DiscreteVPSDE`, the same network is a score s(x, t) = -eps(x, t N - 1) / sigma_t of DESIGN.md's
-convention, so the core's sampler, KL and estimators run on it unchanged. :class:`UNetScore` does this for a
+:class:`ctrl_bio.sde.DiscreteScheduleSDE`, the same network is a score s(x, t) = -eps(x, t N - 1) / sigma_t of
+DESIGN.md's convention, so the core's sampler, KL and estimators run on it unchanged. :class:`UNetScore` does this for a
 pixel-space ``UNet2DModel`` (the CPU suite) and, given fixed text embeddings, for a ``UNet2DConditionModel`` (Stable
 Diffusion; ``domains.images.stable_diffusion``).
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ctrl_bio.lora import inject_lora, lora_disabled
 from ctrl_bio.model import NULL_LABEL, LabelEmbedding, check_labels
-from ctrl_bio.sde import DiscreteVPSDE
+from ctrl_bio.sde import DiscreteScheduleSDE
 
 #: Attention projections that get LoRA adapters (diffusers' ``Attention`` module names; SD's UNet and UNet2DModel).
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -45,12 +45,12 @@ class UNetScore(nn.Module):
             :func:`ctrl_bio.training.runs.export_network` can rebuild the network).
     """
 
-    def __init__(self, sde: DiscreteVPSDE, **unet_config: Any):
+    def __init__(self, sde: DiscreteScheduleSDE, **unet_config: Any):
         super().__init__()
         from diffusers import UNet2DModel
 
-        if not isinstance(sde, DiscreteVPSDE):
-            raise TypeError(f"UNetScore needs a DiscreteVPSDE (the UNet's timesteps), got {type(sde).__name__}")
+        if not isinstance(sde, DiscreteScheduleSDE):
+            raise TypeError(f"UNetScore needs a DiscreteScheduleSDE (the UNet's timesteps), got {type(sde).__name__}")
         self.sde = sde
         self.config = dict(unet_config)
         self.unet = UNet2DModel(**unet_config)
