@@ -195,3 +195,27 @@ def test_ctrl_augments_a_from_diffusers_unet_bit_for_bit_at_zero(unet):
         model = UNetAugmentedScore(score, (3,), lora_rank=2)
         out = euler_maruyama(sde, model.conditioned(torch.tensor([[0], [2]])), x_init, times, noise=noise)
     assert torch.equal(out.x, ref) and torch.equal(out.kl, torch.zeros(2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# docs/own_model.md runs as written
+
+
+def python_blocks(path):
+    """The ```python blocks of a Markdown file, in order."""
+    import re
+    from pathlib import Path
+
+    return re.findall(r"^```python\n(.*?)^```", Path(path).read_text(), flags=re.S | re.M)
+
+
+def test_own_model_doc_runs(capsys):
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    blocks = python_blocks(Path(__file__).resolve().parents[1] / "docs" / "own_model.md")
+    assert len(blocks) == 2  # the vector eps-network and the diffusers UNet2DModel
+    for block in blocks:
+        exec(compile(block, "<docs/own_model.md>", "exec"), {"__name__": "__own_model__"})
+    out = capsys.readouterr().out
+    assert "fine-tuned, asked for y = 1" in out and "samples (2, 3, 8, 8)" in out
