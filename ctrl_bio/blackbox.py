@@ -9,7 +9,9 @@ would be a real, often very good, reward). The fine-tuner drops NaN samples from
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
@@ -117,7 +119,13 @@ class CommandReward(_Counted):
         self.last_error: str | None = None
 
     def _argv(self, paths: dict[str, Path]) -> list[str]:
-        argv = [arg.format(**{k: str(v) for k, v in paths.items()}) for arg in self.command]
+        """The command with its placeholders filled in; only ``{input}``, ``{labels}`` and ``{output}`` are
+        replaced (not ``str.format``), so braces of the program's own syntax (``awk '{print $1}'``) stay as written."""
+        argv = []
+        for arg in self.command:
+            for name, path in paths.items():
+                arg = arg.replace("{" + name + "}", str(path))
+            argv.append(arg)
         if not any("{input}" in arg for arg in self.command):
             argv.append(str(paths["input"]))
         return argv
@@ -140,25 +148,44 @@ class CommandReward(_Counted):
     def _run(self, argv: list[str], output: Path, n: int) -> Tensor:
         failed = torch.full((n,), float("nan"))
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            self.last_error = f"timed out after {self.timeout_s:g} s: {shlex.join(argv)}"
-            return failed
+            # A session of its own: on timeout the whole process group goes, the program's children included
+            # (a shell script's workers would otherwise run on, and hold the output pipes open).
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
         except OSError as err:
             self.last_error = f"could not start {argv[0]}: {err}"
             return failed
+        try:
+            stdout, stderr = proc.communicate(timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            self.last_error = f"timed out after {self.timeout_s:g} s: {shlex.join(argv)}"
+            return failed
         if proc.returncode != 0:
-            self.last_error = f"exit status {proc.returncode}: {proc.stderr.strip()[-500:]}"
+            self.last_error = f"exit status {proc.returncode}: {stderr.strip()[-500:]}"
             return failed
         uses_file = any("{output}" in arg for arg in self.command)
         if uses_file and not output.exists():
             self.last_error = f"the command wrote no output file {output.name}"
             return failed
-        text = output.read_text() if uses_file else proc.stdout
+        try:
+            text = output.read_text() if uses_file else stdout
+        except (OSError, UnicodeDecodeError) as err:
+            self.last_error = f"cannot read the output file {output.name}: {err}"
+            return failed
         values = parse_values(text, n)
         if torch.isnan(values).any():
             self.last_error = f"{int(torch.isnan(values).sum())} of {n} values missing or not numbers"
         return values
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``) and reap ``proc``."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.communicate()
 
 
 def label_likelihood_black_box(log_prob_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:

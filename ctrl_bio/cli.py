@@ -3,7 +3,9 @@
 The core reaches a domain only through ``_target_`` paths in ``configs/`` (Hydra instantiation), so
 this module imports no domain. Every run writes into its own run directory (``hydra.run.dir``): the
 resolved config, a log, checkpoints and, for ``benchmark``, ``results.json``, ``results.md`` and plots.
-Bad input ends with one line on stderr and a non-zero exit, never a traceback.
+Bad input ends with one line on stderr, never a traceback (``CTRL_BIO_DEBUG=1`` shows it): exit status 2 for a
+usage error (a bad override, a missing or unreadable input file, a run directory in use), 1 for a failure while
+running (a NaN loss, an error inside a library). A run holds its directory with a lock file (:mod:`ctrl_bio.rundir`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
-from importlib import resources
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import metadata, resources
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ctrl_bio.rundir import RunDirError, RunLock, check_no_run_there, unique_run_dir
 
 log = logging.getLogger("ctrl_bio")
 
@@ -35,16 +41,21 @@ Commands:
 
 Overrides use Hydra syntax (key=value, +key=value); every run writes into hydra.run.dir.
 Training commands: resume=<run dir or .ckpt> continues a killed run; trainer.strategy=ddp trainer.devices=2
-runs several processes. Options: -h/--help this text; --cfg print the composed config of a command and exit.
+runs several processes. Options: -h/--help this text (also after a command); --version the package version;
+--cfg print the composed config of a command and exit. Exit status: 0 done, 2 usage error, 1 failure;
+CTRL_BIO_DEBUG=1 shows the traceback of an error.
 """
 
 #: Rank 0 of a training command exports its run directory here; the processes Lightning's DDP launcher
 #: starts re-run the same command line and read it, so that every rank writes into the same directory.
 RUN_DIR_ENV = "CTRL_BIO_RUN_DIR"
 
+#: Set to 1 to see the traceback of an error instead of its one line.
+DEBUG_ENV = "CTRL_BIO_DEBUG"
+
 
 class UsageError(Exception):
-    """A problem with what the user asked for, reported as one line."""
+    """A problem with what the user asked for, reported as one line (exit status 2)."""
 
 
 def config_dir() -> Path:
@@ -79,19 +90,110 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).split("Config search path")[0]
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "Set the environment"))]
+    if type(exc).__module__.startswith("yaml"):  # a YAML syntax error: its "in <file>, line n" lines are the point
+        lines = [ln.replace('"', "'") for ln in lines]
     return " ".join(lines) or type(exc).__name__
 
 
-def prepare_run_dir(cfg: DictConfig) -> Path:
-    """Create the run directory, save the resolved config and send the log there too."""
-    run_dir = Path(cfg.hydra.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain, resolve=True))
+# -- overrides ---------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(overrides: list[str]) -> list[Any]:
+    """Hydra's parse of each override; one that does not parse is a :class:`UsageError` naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.append(parser.parse_override(text))
+        except OverrideParseException:
+            raise UsageError(f"cannot read '{text}' as an override: write key=value or +key=value "
+                             f"(ctrl-bio --help)") from None
+    return parsed
+
+
+def _group_names() -> set[str]:
+    return {p.name for p in config_dir().iterdir() if p.is_dir()}
+
+
+def value_type_error(key: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot replace ``default`` (a number for a number, true/false for a boolean), or None.
+
+    YAML keeps ``lr=abc`` as the text 'abc'; refused here, it is one line naming the key instead of a TypeError deep
+    inside the optimiser. null is left to the command's own checks (some settings take it).
+    """
+    if value is None or default is None:
+        return None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            return f"{key}={value!r}: expected true or false (default {default})"
+    elif isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key}={value!r}: expected a number (default {default})"
+    return None
+
+
+def check_override_types(command: str, parsed: list[Any], overrides: list[str]) -> None:
+    """Every ``key=value`` that replaces a number or a boolean of the composed defaults must be one."""
+    groups = _group_names()
+    values = [o for o in parsed if not o.is_add() and not o.is_delete() and o.key_or_group not in groups
+              and not o.key_or_group.startswith("hydra.")]
+    if not values:
+        return
+    choices = [text for o, text in zip(parsed, overrides) if o.key_or_group in groups or
+               o.key_or_group.startswith("hydra.")]
+    defaults = compose_config(command, choices)
+    for o in values:
+        default = OmegaConf.select(defaults, o.key_or_group, default=None, throw_on_resolution_failure=False)
+        why = value_type_error(o.key_or_group, o.value(), default)
+        if why:
+            raise UsageError(why)
+
+
+# -- run directories ---------------------------------------------------------------------------------------------
+
+
+def _log_handler(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    return run_dir
+    return handler
+
+
+@contextmanager
+def open_run(run_dir: Path, saved: DictConfig, command: str, *, fresh: bool) -> Iterator[Path]:
+    """Hold ``run_dir`` (its lock), write ``config.yaml``, log into ``run.log``; an error ends there as one line too.
+
+    A fresh training run (not ``resume=``) is refused in a folder that already holds a run's outputs; a benchmark
+    writes its results over an earlier benchmark's (the recorded suites are re-run into their folders).
+    """
+    lock = RunLock(run_dir).acquire()
+    handler = None
+    try:
+        if fresh and command != "benchmark":
+            check_no_run_there(run_dir, command)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+        handler = _log_handler(run_dir)
+        logging.getLogger().addHandler(handler)
+        yield run_dir
+    except BaseException as exc:
+        if handler is not None:  # the file only: the console gets the same line from main()
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s",
+                                          (one_line(exc) if isinstance(exc, Exception) else type(exc).__name__,),
+                                          None))
+        raise
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        lock.release()
+
+
+def default_run_dir(cfg: DictConfig) -> bool:
+    """Whether ``hydra.run.dir`` is the ``${now:...}`` default (neither given nor inherited from DDP rank 0)."""
+    given = [o for o in cfg.hydra.overrides.hydra if str(o).startswith("hydra.run.dir=")]
+    return not given and not os.environ.get(RUN_DIR_ENV)
 
 
 def run_benchmark(cfg: DictConfig) -> None:
@@ -103,37 +205,126 @@ def run_benchmark(cfg: DictConfig) -> None:
     node = OmegaConf.to_container(cfg.suite, resolve=True)
     name = node.pop("name")
     run = instantiate(node)  # builds the domain first, so bad settings fail before any run directory exists
-    run_dir = prepare_run_dir(cfg)
-    log.info("suite %s, run directory %s", name, run_dir)
-    result = run(run_dir=run_dir)
-    path = write_results(result, run_dir)
+    run_dir = unique_run_dir(cfg.hydra.run.dir) if default_run_dir(cfg) else Path(cfg.hydra.run.dir)
+    plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    with open_run(run_dir, OmegaConf.create(OmegaConf.to_container(plain, resolve=True)), "benchmark", fresh=True):
+        log.info("suite %s, run directory %s", name, run_dir)
+        result = run(run_dir=run_dir)
+        path = write_results(result, run_dir)
     print(markdown_table(result.rows))
     print(f"results: {path}")
+
+
+# -- training commands -------------------------------------------------------------------------------------------
+
+
+#: Settings a resumed run may change: they decide how it runs (progress bar, checkpoints, processes), not what
+#: it computes. ``trainer.devices`` changes the effective batch (devices x batch size); docs/training.md says so.
+RESUME_FREE = ("progress", "callbacks", "checkpoint_every", "evaluate", "device", "trainer.devices",
+               "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.log_every_n_steps")
+
+
+def saved_command(cfg: DictConfig) -> str:
+    """The command a saved ``config.yaml`` belongs to (its ``command`` key; older runs: by their keys)."""
+    if cfg.get("command"):
+        return str(cfg.command)
+    if "suite" in cfg:
+        return "benchmark"
+    if "method" in cfg:
+        return "finetune"
+    if "run" in cfg and "y" in cfg:
+        return "sample"
+    if "steps" in cfg:
+        return "pretrain"
+    return "train-classifier"
+
+
+def resume_config(command: str, overrides: list[str], resume: str) -> tuple[DictConfig, Path, Path]:
+    """The saved config of the run to continue, with the overrides it can honour; any other is refused.
+
+    The saved config is the truth: an override that would change what the run computes (``lr``, a seed, the
+    label) cannot be honoured by a run that restores its optimiser and schedule, so it is one line naming the key.
+    A longer run (``steps`` of pretrain, the last phase's ``method.steps`` or ``method.sm_steps`` of finetune, set
+    larger) is applied, its cosine schedule stretched to the new length from the step it stands at.
+    """
+    from ctrl_bio.training.commands import run_length_key
+    from ctrl_bio.training.runs import check_checkpoint, resolve_resume
+
+    if command == "sample":
+        raise UsageError("sample does not resume: run it again (it is quick)")
+    ckpt, run_dir = resolve_resume(resume)
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"resume: no config.yaml in '{run_dir}' to continue from")
+    try:
+        cfg = OmegaConf.load(saved)
+    except Exception as exc:  # noqa: BLE001 - YAML and OmegaConf raise several types
+        raise UsageError(f"resume: {saved} is not a readable config ({one_line(exc)})") from exc
+    if not isinstance(cfg, DictConfig):
+        raise UsageError(f"resume: {saved} is not a config of key: value settings")
+    was = saved_command(cfg)
+    if was != command:
+        raise UsageError(f"resume: '{run_dir}' is a {was} run, not a {command} run (ctrl-bio {was} resume={resume})")
+    if ckpt.is_file():
+        check_checkpoint(ckpt)
+    length_key = run_length_key(command, cfg)
+    rest = [o for o in overrides if not o.startswith("resume=")]
+    for o, text in zip(parse_overrides(rest), rest):
+        key, value = o.key_or_group, o.value()
+        if key == "hydra.run.dir" and Path(str(value)).resolve() != run_dir.resolve():
+            raise UsageError(f"resume continues in the run's own directory '{run_dir}': drop {text}")
+        if key.startswith("hydra."):
+            continue  # the saved config is resolved: search paths and the like change nothing
+        if o.is_delete():
+            raise UsageError(f"resume: cannot delete '{key}' from a saved run")
+        old = OmegaConf.select(cfg, key, default=KeyError)
+        if old is KeyError:
+            raise UsageError(f"resume: unknown config key '{key}' (not in {saved})")
+        old = OmegaConf.to_container(old) if OmegaConf.is_config(old) else old
+        if value == old:
+            continue
+        why = value_type_error(key, value, old)
+        if why:
+            raise UsageError(why)
+        if key == length_key:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= int(old):
+                raise UsageError(f"resume: {key}={value} must be an integer above the run's {old} (a resumed run "
+                                 f"can only be made longer)")
+            log.info("resume: %s %s -> %s (the cosine schedule is stretched to the new length)", key, old, value)
+        elif key not in RESUME_FREE:
+            raise UsageError(f"resume: {key}={value} would change the run (saved {key}={old}); a resumed run keeps "
+                             f"its saved config: start a new run to change it")
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    cfg.resume = str(ckpt)
+    cfg.command = command
+    return cfg, run_dir, ckpt
 
 
 def training_config(command: str, overrides: list[str]) -> tuple[DictConfig, Path, Path | None]:
     """(resolved config without ``hydra``, run directory, checkpoint to resume from) of a training command.
 
-    ``resume=<run dir or .ckpt>`` reloads that run's saved ``config.yaml`` and applies the other
-    ``key=value`` overrides on top (e.g. ``progress=false``).
+    ``resume=<run dir or .ckpt>`` reloads that run's saved ``config.yaml`` (:func:`resume_config`). A fresh run's
+    default directory is made unique here, in the main process, before ``${run_dir}`` is resolved.
     """
-    from ctrl_bio.training.runs import resolve_resume
+    from ctrl_bio.training.commands import check_settings
+    from ctrl_bio.training.runs import is_main_process
 
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume not in (None, "", "null"):
-        ckpt, run_dir = resolve_resume(resume)
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"resume: no config.yaml in '{run_dir}' to continue from")
-        rest = [o.lstrip("+") for o in overrides if not o.startswith(("resume=", "hydra."))]
-        cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(rest))
-        cfg.resume = str(ckpt)
+        cfg, run_dir, ckpt = resume_config(command, overrides, resume)
+        check_settings(command, cfg)
         return cfg, run_dir, ckpt
+    parsed = parse_overrides(overrides)
     full = compose_config(command, overrides)
-    run_dir = Path(full.hydra.run.dir)
+    check_override_types(command, parsed, overrides)
     cfg = OmegaConf.masked_copy(full, [k for k in full.keys() if k != "hydra"])
     OmegaConf.set_struct(cfg, False)
+    run_dir = Path(full.hydra.run.dir)
+    check_settings(command, cfg)
+    if default_run_dir(full) and is_main_process():
+        run_dir = unique_run_dir(run_dir)
     cfg.run_dir = str(run_dir)
+    cfg.command = command
     OmegaConf.resolve(cfg)
     return cfg, run_dir, None
 
@@ -144,32 +335,58 @@ def run_training_command(command: str, overrides: list[str]) -> None:
     from ctrl_bio.training.runs import is_main_process
 
     cfg, run_dir, ckpt = training_config(command, overrides)
-    main_process = is_main_process()
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        handler = logging.FileHandler(run_dir / "run.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-        os.environ[RUN_DIR_ENV] = str(run_dir)
-    log.info("%s, run directory %s%s", command, run_dir, f", resuming from {ckpt}" if ckpt else "")
-    try:
+    if not is_main_process():
         TRAINING[command](cfg, run_dir, ckpt)
-    finally:
-        if main_process:
+        return
+    with open_run(run_dir, cfg, command, fresh=ckpt is None):
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        try:
+            log.info("%s, run directory %s%s", command, run_dir, f", resuming from {ckpt}" if ckpt else "")
+            TRAINING[command](cfg, run_dir, ckpt)
+        finally:
             os.environ.pop(RUN_DIR_ENV, None)
-            logging.getLogger().removeHandler(handler)
-            handler.close()
 
 
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {"benchmark": run_benchmark}
 TRAINING_COMMANDS = ("pretrain", "train-classifier", "finetune", "sample")
 
 
+def version() -> str:
+    try:
+        return metadata.version("ctrl-bio")
+    except metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
+
+
+def command_help(command: str) -> str:
+    """The usage lines of one command."""
+    lines = USAGE.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {command} "))
+    own = [lines[start]] + [ln for ln in lines[start + 1:start + 3] if ln.startswith(" " * 10)]
+    return "\n".join([f"usage: ctrl-bio {command} [key=value ...]", *own,
+                      f"Every key and its default: ctrl-bio {command} --cfg"])
+
+
+def exit_status(exc: BaseException) -> int:
+    """2 for what the user asked for (bad overrides, inputs, run directories), 1 for a failure while running."""
+    from ctrl_bio.finetune import NonFiniteLossError
+
+    if isinstance(exc, NonFiniteLossError):
+        return 1
+    if isinstance(exc, (UsageError, ValueError, FileNotFoundError, RunDirError)):
+        return 2
+    if type(exc).__module__.startswith(("hydra", "omegaconf", "lightning", "yaml")):
+        return 2
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("--version", "-V"):
+        print(f"ctrl-bio {version()}")
         return 0
     command, overrides = argv[0], argv[1:]
     show_cfg = "--cfg" in overrides
@@ -178,30 +395,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctrl-bio: error: unknown command '{command}'; commands: "
               f"{', '.join([*TRAINING_COMMANDS, *COMMANDS])}", file=sys.stderr)
         return 2
+    if any(o in ("-h", "--help") for o in overrides):
+        print(command_help(command))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from ctrl_bio.finetune import NonFiniteLossError
-
     try:
         if command in TRAINING_COMMANDS and not show_cfg:
             run_training_command(command, overrides)
             return 0
+        parsed = parse_overrides(overrides)
         cfg = compose_config(command, overrides)
+        check_override_types(command, parsed, overrides)
         if show_cfg:
             print(OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
             return 0
         COMMANDS[command](cfg)
-    except NonFiniteLossError as exc:
-        print(f"ctrl-bio: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("ctrl-bio: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - every failure leaves as one readable line
-        if isinstance(exc, (ValueError, FileNotFoundError, UsageError)) or type(exc).__module__.startswith(
-                ("hydra", "omegaconf", "lightning")):
-            print(f"ctrl-bio: error: {one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
+    except Exception as exc:  # noqa: BLE001 - the one error boundary: every failure leaves as one readable line
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        status = exit_status(exc)
+        text = one_line(exc)
+        if status == 1 and not isinstance(exc, RuntimeError):  # RuntimeErrors of ours and torch's read alone
+            text = f"{type(exc).__name__}: {text}"
+        hint = f" (set {DEBUG_ENV}=1 for the traceback)" if status == 1 else ""
+        print(f"ctrl-bio: error: {text}{hint}", file=sys.stderr)
+        return status
     return 0
 
 

@@ -2,8 +2,9 @@
 
 Several public data sets travel inside old PyPI packages whose pinned dependencies no one should install
 (the ENCODE DHS table in ``dnadiffusion``, QM9 in ``qm9pack``). :func:`fetch_wheel_members` downloads such a
-wheel with ``pip download --no-deps`` (never installing it), checks the wheel's sha256, extracts only the
-named members into a cache folder and checks each of their sha256. Later calls read the cache.
+wheel with ``pip download --no-deps --only-binary :all:`` (never installing it, never building a source
+distribution), checks the wheel's sha256, extracts only the named members into a cache folder and checks each
+of their sha256. Later calls read the cache.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def fetch_wheel_members(package: str, wheel_sha256: str, members: Mapping[str, s
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         log.info("downloading %s to extract %s", package, ", ".join(Path(m).name for m in missing))
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", tmp],
-                              capture_output=True, text=True)
+        # --only-binary: a source distribution would be built, running its setup code, before any checksum check.
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "--quiet", package, "-d", tmp], capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
             raise RuntimeError(f"pip download {package} failed: {proc.stderr.strip().splitlines()[-1:]}")

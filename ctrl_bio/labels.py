@@ -23,17 +23,23 @@ contract") with these fields::
                                                            # the exact label likelihood, for evaluation
 
 Everything is validated before any training: a missing file, an unknown column, a label value outside
-its classes or a type the domain cannot take ends in one line naming the file and field. Rows whose x
-or y cannot be parsed are skipped and counted (:attr:`LabelledPairs.n_skipped`), never silently dropped.
+its classes or a type the domain cannot take ends in one line naming the file and field; so does a file that
+is not text or a CSV line longer than the csv module reads. Rows whose x or y cannot be used (not a number,
+not finite, beyond float32, empty, or a text x the domain rejects, with the domain's reason) are skipped and
+counted by reason (:attr:`LabelledPairs.skipped`), logged, never silently dropped.
 
-The core stays free of Hydra: ``_target_`` is resolved here with importlib.
+The core stays free of Hydra: ``_target_`` is resolved here with importlib. A ``_target_`` or class read back
+from a saved file (``score.json``, ``classifiers/<label>.json``) is imported only from a trusted package
+(:func:`check_trusted`): a shared run directory must not be able to run code of its choosing.
 """
 
 from __future__ import annotations
 
 import csv
 import importlib
+import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +52,13 @@ from torch import Tensor
 from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, LogLikelihoodReward, train_classifier
 
 LABEL_TYPES = ("categorical", "bins", "continuous")
+#: The largest float32: a value beyond it is finite in Python's float64 but becomes inf in a tensor.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+#: Packages whose callables a saved file may name; more, comma-separated, in this environment variable.
+TRUSTED_PACKAGES = ("ctrl_bio", "domains")
+TRUSTED_ENV = "CTRL_BIO_TRUSTED_PACKAGES"
+
+log = logging.getLogger("ctrl_bio")
 
 
 class LabelError(ValueError):
@@ -84,6 +97,40 @@ class LabelledPairs:
     def subset(self, index: Tensor) -> LabelledPairs:
         return LabelledPairs(self.name, self.x[index], self.y[index], self.n_classes, self.kind, self.source,
                              dict(self.skipped))
+
+
+class BadRows(list):
+    """Indices of the rows a domain's ``encode_x`` cannot use (a plain list of them), with ``reasons[i]`` why."""
+
+    def __init__(self, reasons: Mapping[int, str]):
+        super().__init__(sorted(reasons))
+        self.reasons = dict(reasons)
+
+
+def trusted_packages() -> tuple[str, ...]:
+    extra = [p.strip() for p in os.environ.get(TRUSTED_ENV, "").split(",") if p.strip()]
+    return (*TRUSTED_PACKAGES, *extra)
+
+
+def check_trusted(path: str, where: str) -> None:
+    """Refuse to import ``path`` (a class or callable named by a saved file) outside the trusted packages.
+
+    Both the module and the object's own ``__module__`` must lie in one (``ctrl_bio``, ``domains`` and those listed
+    in ``$CTRL_BIO_TRUSTED_PACKAGES``), so a trusted module cannot re-export ``os.system`` either.
+    """
+    packages = trusted_packages()
+
+    def trusted(module: str) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    module_name = path.partition(":")[0] if ":" in path else path.rpartition(".")[0]
+    if not trusted(module_name):
+        raise LabelError(f"{where}: '{path}' is outside the trusted packages ({', '.join(packages)}); if you trust "
+                         f"the file, add its package to {TRUSTED_ENV}")
+    obj = resolve_callable(path)
+    if not trusted(getattr(obj, "__module__", "") or ""):
+        raise LabelError(f"{where}: '{path}' is defined in {getattr(obj, '__module__', None)!r}, outside the "
+                         f"trusted packages ({', '.join(packages)})")
 
 
 def resolve_callable(path: str) -> Callable[..., Any]:
@@ -134,8 +181,19 @@ def check_label_spec(spec: Mapping[str, Any], *, domain_name: str | None = None,
     if n is not None and (not isinstance(n, int) or n < 3):
         raise LabelError(f"{_where(spec, 'pairs.n')} must be an integer >= 3 (or null for all rows), got {n}")
     fraction = (spec.get("calibration") or {}).get("fraction", 0.2)
-    if not 0.0 < fraction < 1.0:
-        raise LabelError(f"{_where(spec, 'calibration.fraction')} must lie in (0, 1), got {fraction}")
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
+        raise LabelError(f"{_where(spec, 'calibration.fraction')} must lie in (0, 1), got {fraction!r}")
+    training = spec.get("training") or {}
+    for key in ("epochs", "batch_size"):
+        v = training.get(key, 1)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise LabelError(f"{_where(spec, 'training.' + key)} must be a positive integer, got {v!r}")
+    for key in ("lr", "weight_decay"):
+        v = training.get(key, 1.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (
+                key == "lr" and v == 0):
+            wanted = "a positive" if key == "lr" else "a non-negative"
+            raise LabelError(f"{_where(spec, 'training.' + key)} must be {wanted} number, got {v!r}")
 
 
 def class_of(value: Any, spec: Mapping[str, Any]) -> int | float:
@@ -145,6 +203,8 @@ def class_of(value: Any, spec: Mapping[str, Any]) -> int | float:
         v = float(value)
         if not math.isfinite(v):
             raise ValueError("not a finite number")
+        if abs(v) > FLOAT32_MAX:
+            raise ValueError("y outside float32 range")
         return v
     if kind == "bins":
         v = float(value)
@@ -175,44 +235,61 @@ def n_classes_of(spec: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _x_reason(values: Sequence[float]) -> str | None:
+    """Why numeric x values are unusable, or None: non-finite ones, and finite ones float32 turns into inf."""
+    if not all(math.isfinite(v) for v in values):
+        return "unparseable x"
+    if any(abs(v) > FLOAT32_MAX for v in values):
+        return "x outside float32 range"
+    return None
+
+
 def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] | None,
               n: int | None) -> tuple[Tensor, list[Any], Counter]:
     pairs = spec["pairs"]
     path = Path(pairs["file"])
     x_columns = [pairs["x_column"]] if "x_column" in pairs else list(pairs["x_columns"])
-    with path.open(newline="") as fh:
+    xs, ys, skipped = [], [], Counter()
+    with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        for col in [*x_columns, pairs["y_column"]]:
-            if col not in header:
-                raise LabelError(f"{path}: {_where(spec, 'pairs')} names column '{col}', not in the header "
-                                 f"({', '.join(header) or 'empty file'})")
-        xs, ys, skipped = [], [], Counter()
-        for row in reader:
-            if n is not None and len(ys) >= n:
-                break
-            y_raw = (row.get(pairs["y_column"]) or "").strip()
-            if not y_raw:
-                skipped["missing y"] += 1
-                continue
-            try:
-                x = [row[c] for c in x_columns] if "x_column" in pairs else [float(row[c]) for c in x_columns]
-                if "x_columns" in pairs and not all(math.isfinite(v) for v in x):
-                    raise ValueError
-            except (TypeError, ValueError):
-                skipped["unparseable x"] += 1
-                continue
-            xs.append(x)
-            ys.append(y_raw)
+        try:
+            header = reader.fieldnames or []
+            for col in [*x_columns, pairs["y_column"]]:
+                if col not in header:
+                    raise LabelError(f"{path}: {_where(spec, 'pairs')} names column '{col}', not in the header "
+                                     f"({', '.join(header) or 'empty file'})")
+            for row in reader:
+                if n is not None and len(ys) >= n:
+                    break
+                y_raw = (row.get(pairs["y_column"]) or "").strip()
+                if not y_raw:
+                    skipped["missing y"] += 1
+                    continue
+                try:
+                    x = [row[c] for c in x_columns] if "x_column" in pairs else [float(row[c]) for c in x_columns]
+                except (TypeError, ValueError):
+                    skipped["unparseable x"] += 1
+                    continue
+                reason = None if "x_column" in pairs else _x_reason(x)
+                if reason:
+                    skipped[reason] += 1
+                    continue
+                xs.append(x)
+                ys.append(y_raw)
+        except UnicodeDecodeError as exc:
+            raise LabelError(f"{path}: {_where(spec, 'pairs.file')}: not a UTF-8 text file (byte "
+                             f"0x{exc.object[exc.start]:02x} at position {exc.start})") from None
+        except csv.Error as exc:
+            raise LabelError(f"{path}: line {reader.line_num}: {exc}") from None
     if "x_column" in pairs:
         if encode_x is None:
             raise LabelError(f"{_where(spec, 'pairs.x_column')}: this domain reads numeric x_columns only")
         x_tensor, bad = encode_x([x[0] for x in xs])
+        reasons = getattr(bad, "reasons", {})
+        for i in bad:
+            skipped[f"invalid x: {reasons[i]}" if i in reasons else "invalid x"] += 1
         bad_rows = set(bad)
-        keep = [i for i in range(len(ys)) if i not in bad_rows]
-        if bad:
-            skipped["invalid x"] += len(bad)
-        ys = [ys[i] for i in keep]
+        ys = [y for i, y in enumerate(ys) if i not in bad_rows]
     else:
         x_tensor = torch.tensor(xs, dtype=torch.float32).reshape(len(xs), len(x_columns))
     return x_tensor, ys, skipped
@@ -238,6 +315,10 @@ def load_label(spec: Mapping[str, Any], *, domain: Any = None, seed: int = 0) ->
         fn = resolve_callable(pairs["callable"])
         x, raw = fn(domain, n, torch.Generator().manual_seed(seed), **dict(pairs.get("kwargs") or {}))
         source, raw, skipped = pairs["callable"], raw.tolist(), Counter()
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        if not finite.all():  # a callable's x of float64 beyond float32 range, or NaN
+            skipped["unparseable x"] += int((~finite).sum())
+            x, raw = x[finite], [v for v, ok in zip(raw, finite.tolist()) if ok]
     else:
         x, raw, skipped = _read_csv(spec, getattr(domain, "encode_x", None), n)
         source = str(pairs["file"])
@@ -246,8 +327,8 @@ def load_label(spec: Mapping[str, Any], *, domain: Any = None, seed: int = 0) ->
         try:
             y.append(class_of(value, spec))
             keep.append(i)
-        except (TypeError, ValueError):
-            skipped["unparseable y"] += 1
+        except (TypeError, ValueError) as exc:
+            skipped["y outside float32 range" if "float32" in str(exc) else "unparseable y"] += 1
     x = x[keep]
     n_classes = n_classes_of(spec)
     if n_classes is not None:
@@ -266,6 +347,9 @@ def load_label(spec: Mapping[str, Any], *, domain: Any = None, seed: int = 0) ->
     if x.shape[0] < 3:
         raise LabelError(f"{source}: {_where(spec, 'pairs')}: {x.shape[0]} usable pairs left "
                          f"({sum(skipped.values())} rows skipped: {dict(skipped)}); need at least 3")
+    if skipped:
+        log.warning("label '%s': skipped %d of %d rows of %s: %s", name, sum(skipped.values()),
+                    x.shape[0] + sum(skipped.values()), source, ", ".join(f"{k} {v}" for k, v in skipped.items()))
     return LabelledPairs(name, x, y_t, n_classes, spec["type"], source, dict(skipped))
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from ctrl_bio.domain import Domain, check_domain
 from ctrl_bio.labels import (
     LabelError,
     build_classifier,
+    check_trusted,
     exact_log_prob,
     label_specs,
     load_label,
@@ -47,6 +49,57 @@ from ctrl_bio.training.runs import (
 )
 
 log = logging.getLogger("ctrl_bio")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+#: (test, what it asks for) of a setting's value.
+Rule = tuple[Callable[[Any], bool], str]
+POSITIVE_INT: Rule = (lambda v: _is_int(v) and v >= 1, "a positive integer")
+COUNT: Rule = (lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+POSITIVE: Rule = (lambda v: _is_number(v) and v > 0, "a positive number")
+OPTIONAL_POSITIVE_INT: Rule = (lambda v: v is None or POSITIVE_INT[0](v), "a positive integer or null")
+FRACTION: Rule = (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
+
+#: Settings every training run reads (``sample`` trains nothing and takes none of them).
+TRAINING_SETTINGS: dict[str, Rule] = {"seed": COUNT, "checkpoint_every": OPTIONAL_POSITIVE_INT,
+                                      "trainer.max_steps": OPTIONAL_POSITIVE_INT}
+#: What each command's settings must be: ``steps=0`` would exit 0 with an untrained network, ``steps=-1`` would
+#: never end, ``batch_size=0`` draws empty batches.
+SETTINGS: dict[str, dict[str, Rule]] = {
+    "pretrain": {**TRAINING_SETTINGS, "steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE,
+                 "t_end": FRACTION},
+    "train-classifier": TRAINING_SETTINGS,
+    "finetune": {**TRAINING_SETTINGS, "n_steps": POSITIVE_INT, "t_end": FRACTION, "method.steps": COUNT,
+                 "method.sm_steps": COUNT, "method.batch_size": POSITIVE_INT, "method.sm_batch_size": POSITIVE_INT,
+                 "method.lr": POSITIVE, "method.sm_lr": POSITIVE, "method.pool_size": POSITIVE_INT,
+                 "method.eval_every": COUNT, "method.alpha": POSITIVE},
+    "sample": {"n": POSITIVE_INT, "batch_size": POSITIVE_INT, "n_steps": OPTIONAL_POSITIVE_INT, "seed": COUNT},
+}
+
+
+def check_settings(command: str, cfg: DictConfig) -> None:
+    """Refuse a setting outside its range with one line naming the key, before any run directory is made."""
+    for key, (ok, wanted) in SETTINGS.get(command, {}).items():
+        value = OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False)
+        if value is not KeyError and not ok(value):
+            raise ValueError(f"{key} must be {wanted}, got {value!r}")
+
+
+def run_length_key(command: str, cfg: DictConfig) -> str | None:
+    """The setting that makes a resumed run longer: ``steps`` of pretrain, the last phase's length of finetune."""
+    if command == "pretrain":
+        return "steps"
+    if command == "finetune":
+        estimator = OmegaConf.select(cfg, "method.estimator", default="score_matching")
+        return "method.sm_steps" if estimator == "score_matching" else "method.steps"
+    return None
 
 
 def build_domain(node: DictConfig) -> Domain:
@@ -127,7 +180,8 @@ def train_label_classifiers(cfg: DictConfig, domain: Domain, labelled: Sequence[
                                      **_trainer_kwargs(cfg))
         if is_rank_zero():
             meta = {"label": spec, "n_classes": pairs.n_classes, "x_shape": list(pairs.x.shape[1:]),
-                    "n_pairs": len(pairs), "n_skipped": pairs.n_skipped, "report": vars(report)}
+                    "n_pairs": len(pairs), "n_skipped": pairs.n_skipped, "skipped": dict(pairs.skipped),
+                    "report": vars(report)}
             save_weights(clf.state_dict(), path, meta)
             print(f"classifier '{name}': accuracy {report.accuracy:.3f}, ECE {report.ece_before:.4f} -> "
                   f"{report.ece_after:.4f} (temperature {report.temperature:.3f}); {path}")
@@ -141,6 +195,10 @@ def load_classifier(path: Path, spec: Mapping[str, Any], domain: Domain) -> Cali
     if not path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"classifier: no '{path}' (with its .json) for label '{spec['name']}'")
     meta = json.loads(meta_path.read_text())
+    target = (meta["label"].get("classifier") or {}).get("_target_")
+    if target is not None and target != (spec.get("classifier") or {}).get("_target_"):
+        # A _target_ the run's own label config does not name is imported only from a trusted package.
+        check_trusted(target, f"{meta_path}: classifier _target_")
     net = build_classifier(meta["label"], meta["x_shape"], meta["n_classes"])
     clf = CalibratedClassifier(net)
     clf.load_state_dict(load_file(str(path)))
@@ -198,8 +256,8 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     trainer = build_trainer(run_dir, max_steps=module.total_steps, **_trainer_kwargs(cfg))
     fit(trainer, module, checkpoint_file(resume))
     if is_rank_zero():
-        labels = [{"name": spec["name"], "n_classes": pairs.n_classes, "classes": spec.get("classes")}
-                  for spec, pairs in labelled]
+        labels = [{"name": spec["name"], "n_classes": pairs.n_classes, "classes": spec.get("classes"),
+                   "n_pairs": len(pairs), "skipped": dict(pairs.skipped)} for spec, pairs in labelled]
         path = save_weights(trainable_state(model), run_dir / "pathway.safetensors",
                             {"labels": labels, "steps": trainer.global_step})
         print(f"fine-tuned label pathway: {path}")

@@ -9,6 +9,8 @@ the seed in :meth:`setup`. The losses are the core's (:mod:`ctrl_bio.objective`)
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import numpy as np
 import torch
@@ -51,19 +53,52 @@ def tick_loader() -> DataLoader:
     return DataLoader(_Ticks(), batch_size=None)
 
 
+def _last_good(module: L.LightningModule) -> str:
+    """Where the run can resume from: the last checkpoint, whose weights :func:`check_finite_weights` checked."""
+    last = getattr(module.trainer.checkpoint_callback, "last_model_path", "") if module._trainer else ""
+    return f"the last good checkpoint is {last} (finite weights)" if last else "no checkpoint had been written yet"
+
+
 def check_finite(module: L.LightningModule, loss: Tensor, what: str) -> None:
     """Stop the run on a NaN or infinite loss; the last checkpoint (written before this step) stays as it is."""
     if torch.isfinite(loss):
         return
-    last = getattr(module.trainer.checkpoint_callback, "last_model_path", "") if module._trainer else ""
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
     raise NonFiniteLossError(f"{what} loss became {loss.detach().item()} at step {module.global_step}: stopped; "
-                             f"{kept}")
+                             f"{_last_good(module)}")
+
+
+def check_finite_weights(module: L.LightningModule, checkpoint: dict) -> None:
+    """Refuse to write a checkpoint whose weights are not finite: it would be a "last good checkpoint" that fails
+    at once when resumed. A step can leave inf or NaN weights behind a finite loss; the next loss would be NaN."""
+    bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteLossError(f"weights became non-finite ({bad[0]}) after step {module.global_step}: stopped "
+                                 f"before writing its checkpoint; {_last_good(module)}")
 
 
 def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(total_steps), 1))
     return {"scheduler": sched, "interval": "step"}
+
+
+def stretch_schedules(checkpoint: dict, lengths: list[int]) -> None:
+    """Give the cosine schedules of a checkpoint the run's (new) phase lengths, in place, before Lightning loads it.
+
+    A resumed run made longer (``steps=`` larger) would otherwise restore the old ``T_max`` and, past its end,
+    climb a second cosine cycle. Each learning rate is set on the new curve at the step its schedule stands at,
+    eta_min + (base - eta_min) (1 + cos(pi k / T)) / 2 (Loshchilov & Hutter 2017, eq. 5); the scheduler's recursive
+    update continues that curve.
+    """
+    for sched, opt, n in zip(checkpoint.get("lr_schedulers", []), checkpoint.get("optimizer_states", []), lengths):
+        total = max(int(n), 1)
+        if "T_max" not in sched or sched["T_max"] == total:
+            continue
+        k, eta_min = sched["last_epoch"], sched.get("eta_min", 0.0)
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total))
+        lrs = [eta_min + (base - eta_min) * factor for base in sched["base_lrs"]]
+        sched["T_max"], sched["_last_lr"] = total, lrs
+        for group, lr in zip(opt["param_groups"], lrs):
+            group["lr"] = lr
 
 
 class ScoreMatchingModule(L.LightningModule):
@@ -101,6 +136,12 @@ class ScoreMatchingModule(L.LightningModule):
         opt = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, self.trainer.max_steps)}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite_weights(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stretch_schedules(checkpoint, [self.trainer.max_steps])
+
 
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training of a classifier p(y | x) on clean pairs (CTRL Sec. 4.1).
@@ -131,6 +172,9 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         return {"optimizer": opt, "lr_scheduler": cosine_schedule(opt, self.trainer.max_steps)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite_weights(self, checkpoint)
 
 
 class CTRLModule(L.LightningModule):
@@ -211,6 +255,12 @@ class CTRLModule(L.LightningModule):
             opts.append(opt)
             scheds.append(cosine_schedule(opt, n))
         return opts, scheds
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        check_finite_weights(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stretch_schedules(checkpoint, [n for _, n in self.phases])
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         step = self.global_step

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ctrl_bio.labels import check_trusted
 from ctrl_bio.reward import (
     CalibratedClassifier,
     ClassifierReport,
@@ -45,6 +47,22 @@ class StepProgressBar(RichProgressBar):
         return "steps"
 
 
+#: Trainer arguments the commands set themselves: the run directory's logger, checkpoints and callbacks.
+RESERVED_TRAINER_KEYS = ("default_root_dir", "callbacks", "logger", "enable_checkpointing", "enable_progress_bar",
+                         "enable_model_summary", "num_sanity_val_steps", "limit_val_batches")
+
+
+def check_trainer_keys(kwargs: Mapping[str, Any]) -> None:
+    """Refuse ``trainer.*`` settings Lightning does not take, or that the commands own, with one line."""
+    reserved = sorted(set(kwargs) & set(RESERVED_TRAINER_KEYS))
+    if reserved:
+        raise ValueError(f"trainer.{reserved[0]}: set by ctrl-bio itself (metrics.csv and checkpoints in the run "
+                         f"directory; extra callbacks go in callbacks=[...])")
+    unknown = sorted(set(kwargs) - set(inspect.signature(L.Trainer).parameters))
+    if unknown:
+        raise ValueError(f"trainer.{unknown[0]}: not an argument of lightning.Trainer")
+
+
 def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max_steps: int,
                   checkpoint_every: int | None = 500, callbacks: Sequence[Callback] = (), progress: bool = True,
                   logs: bool = True) -> L.Trainer:
@@ -58,6 +76,7 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
         checkpoint_every: save ``last.ckpt`` and ``step=<k>.ckpt`` every this many steps.
     """
     kwargs = {k: v for k, v in dict(trainer).items() if v is not None}
+    check_trainer_keys(kwargs)
     kwargs["max_steps"] = int(kwargs.get("max_steps") or max_steps)
     cbs = list(callbacks)
     if progress:
@@ -101,6 +120,17 @@ def _write_rows(path: Path, rows: list[dict[str, str]]) -> None:
         writer.writerows(rows)
 
 
+def _before_checkpoint(row: Mapping[str, str], resume_step: int) -> bool:
+    """Whether a metrics row was logged before the checkpoint of ``resume_step`` was written.
+
+    Training rows of step k are logged during step k; an evaluation after k steps (finetune's reward, kl and
+    objective, no loss) is logged at the end of step k - 1, before that step's checkpoint. So the row of the
+    checkpoint's own step is kept when it has no loss: the resumed run never logs it again.
+    """
+    step = int(float(row["step"]))
+    return step < resume_step or (step == resume_step and not row.get("loss"))
+
+
 def stash_metrics_before_resume(log_dir: Path, resume_step: int) -> None:
     """Keep the rows of ``metrics.csv`` logged before ``resume_step`` in ``metrics.before_resume.csv``.
 
@@ -109,7 +139,7 @@ def stash_metrics_before_resume(log_dir: Path, resume_step: int) -> None:
     A stash left by an earlier resume that was itself killed is extended, not replaced.
     """
     rows = _read_rows(log_dir / METRICS_BEFORE_RESUME) + _read_rows(log_dir / METRICS_FILE)
-    kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < resume_step]
+    kept = [row for row in rows if not row.get("step") or _before_checkpoint(row, resume_step)]
     if kept:
         _write_rows(log_dir / METRICS_BEFORE_RESUME, kept)
 
@@ -157,6 +187,32 @@ def resolve_resume(path: str | Path) -> tuple[Path, Path]:
     if not path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at '{path}' (give a run directory or a .ckpt file)")
     return path, path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+
+
+#: What every Lightning checkpoint of a training command holds.
+CHECKPOINT_KEYS = ("global_step", "state_dict", "optimizer_states", "lr_schedulers")
+
+
+def check_checkpoint(path: str | Path) -> int:
+    """The step of the Lightning checkpoint at ``path``, after checking that it is one; else one line.
+
+    The file is read with ``weights_only=True`` (tensors and plain containers, never arbitrary pickled objects),
+    before Lightning's own loader sees it, so that a user's or a shared checkpoint cannot run code.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raise ValueError(f"resume: '{path}' holds exported weights, not a training checkpoint: give the run directory "
+                         f"or its checkpoints/last.ckpt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and size errors all mean the same thing here
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ValueError(f"resume: '{path}' is not a readable checkpoint (truncated, empty or not a .ckpt file: "
+                         f"{reason}); resume from another checkpoints/step=<k>.ckpt or start a new run") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"resume: '{path}' is not a ctrl-bio training checkpoint (it lacks {missing[0]})")
+    return int(state["global_step"])
 
 
 def checkpoint_file(resume: Path | None) -> Path | None:
@@ -225,6 +281,7 @@ def load_network(path: str | Path, sde: SDE) -> nn.Module:
     meta = json.loads(meta_path.read_text())
     if meta["sde"] != sde_spec(sde):
         raise ValueError(f"{path}: the network was trained with SDE {meta['sde']}, the domain uses {sde_spec(sde)}")
+    check_trusted(meta["class"], f"{meta_path}: class")  # a shared run directory must not choose what is imported
     module_name, _, cls_name = meta["class"].rpartition(".")
     net = getattr(importlib.import_module(module_name), cls_name)(sde, **meta["config"])
     net.load_state_dict(load_file(str(path)))

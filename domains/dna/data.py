@@ -14,6 +14,7 @@ so decode(one_hot(s)) == s for every ACGT sequence.
 
 from __future__ import annotations
 
+import io
 import logging
 import zlib
 from collections import Counter
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.fetch import fetch_wheel_members
+from ctrl_bio.labels import BadRows
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +94,37 @@ class DHSTable:
         return (self.split == "training") & ~self.pairs_pool()
 
 
+FASTA_SUFFIXES = (".fa", ".fasta", ".fna", ".fas")
+#: The columns of a DHS table; a file without them is read as your own sequences (:func:`read_sequences`).
+DHS_COLUMNS = ("dhs_id", "sequence", "TAG", "data_label")
+
+
+def sequences_table(path: str | Path) -> DHSTable:
+    """Your own sequences (FASTA, or CSV/TSV with a ``sequence`` column) as a table whose every row is training
+    data, cell type unknown (-1): what ``ctrl-bio pretrain domain=dna domain.data=<file>`` learns from."""
+    read = read_sequences(path)
+    n = len(read.sequences)
+    return DHSTable(read.ids, read.sequences, np.full(n, -1, np.int64), np.full(n, "training"), read.source)
+
+
 def load_dhs(path: str | Path | None = None, *, source: str = "full") -> DHSTable:
-    """Read the DHS table (``source="full"``: fetched, ``"slice"``: the shipped test slice, or ``path``)."""
+    """Read the DHS table (``source="full"``: fetched, ``"slice"``: the shipped test slice, or ``path``).
+
+    A ``path`` that is FASTA, or a table without the DHS columns, holds your own sequences: :func:`sequences_table`.
+    """
     import pandas as pd
 
     if path is None:
         path = SLICE_PATH if source == "slice" else fetch_encode_dhs()
-    frame = pd.read_csv(path, sep="\t", usecols=["dhs_id", "sequence", "TAG", "data_label"])
+    path = Path(path)
+    if not path.is_file():
+        raise DNADataError(f"{path}: no such file (domain.data is full, slice, or a path to your sequences)")
+    if path.suffix.lower() in FASTA_SUFFIXES:
+        return sequences_table(path)
+    header = _text_of(path).partition("\n")[0]
+    if not all(col in header for col in DHS_COLUMNS):
+        return sequences_table(path)
+    frame = pd.read_csv(path, sep="\t", usecols=list(DHS_COLUMNS))
     # TAG reads like "GM12878_ENCLB441ZZZ": the cell type is the part before the ENCODE library id.
     cell = frame["TAG"].str.split("_").str[0]
     unknown = sorted(set(cell) - set(CELL_TYPES))
@@ -121,6 +147,14 @@ def one_hot(sequences: list[str], length: int | None = None) -> Tensor:
     if (idx == 255).any():
         raise DNADataError("one_hot: sequences must hold only A, C, G and T")
     return from_indices(idx)
+
+
+def encode_sequences(sequences: list[str], length: int = SEQ_LEN) -> tuple[Tensor, BadRows]:
+    """Sequences (any case, stray whitespace) as one-hot (M, 4, length) for the usable ones, and the others' indices
+    with the reason each was refused (:func:`_check`)."""
+    cleaned = [s.strip().upper() for s in sequences]
+    reasons = {i: why for i, s in enumerate(cleaned) if (why := _check(s, length))}
+    return one_hot([s for i, s in enumerate(cleaned) if i not in reasons], length), BadRows(reasons)
 
 
 def from_indices(idx: Tensor) -> Tensor:
@@ -161,6 +195,31 @@ def _check(seq: str, length: int | None) -> str | None:
     return None
 
 
+def _text_of(path: Path) -> str:
+    """The file as UTF-8 text; a binary file is one line naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DNADataError(f"{path}: not a text file (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+                           f"sequences come as FASTA or CSV/TSV") from None
+
+
+def _fasta_records(path: Path) -> list[tuple[str, str]]:
+    """(id, sequence) of each FASTA record; blank lines before the first header are skipped, any other text
+    there is one line naming the file and the line."""
+    from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+    lines = _text_of(path).splitlines()
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None:
+        raise DNADataError(f"{path}: the file holds only blank lines")
+    if not lines[first].startswith(">"):
+        raise DNADataError(f"{path}: line {first + 1}: a FASTA file starts with a '>' header line, found "
+                           f"{lines[first][:30]!r}; a table of sequences goes in a .csv or .tsv file")
+    records = SimpleFastaParser(io.StringIO("\n".join(lines[first:]) + "\n"))
+    return [((title.split(None, 1) or [""])[0], seq) for title, seq in records]
+
+
 def read_sequences(path: str | Path, *, length: int | None = SEQ_LEN, column: str = "sequence",
                    value_column: str | None = None, id_column: str | None = None) -> SequenceFile:
     """Read sequences from FASTA (Biopython ``SeqIO``) or CSV/TSV (a ``column`` of sequences).
@@ -189,15 +248,17 @@ def read_sequences(path: str | Path, *, length: int | None = SEQ_LEN, column: st
         if value is not None:
             out.values.append(value)
 
-    if path.suffix.lower() in (".fa", ".fasta", ".fna", ".fas"):
-        from Bio import SeqIO
-
-        for record in SeqIO.parse(str(path), "fasta"):
-            add(record.id, str(record.seq))
+    if path.suffix.lower() in FASTA_SUFFIXES:
+        for rid, seq in _fasta_records(path):
+            add(rid, seq)
     else:
         import pandas as pd
 
-        frame = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",", dtype=str)
+        _text_of(path)  # a binary file: one line, not pandas' UnicodeDecodeError
+        try:
+            frame = pd.read_csv(path, sep="\t" if path.suffix.lower() in (".tsv", ".txt") else ",", dtype=str)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise DNADataError(f"{path}: not a readable table ({str(exc).splitlines()[0]})") from None
         for name in [column] + [c for c in (value_column, id_column) if c]:
             if name not in frame.columns:
                 raise DNADataError(f"{path}: no column '{name}' (columns: {', '.join(frame.columns)})")

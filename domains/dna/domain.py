@@ -27,7 +27,16 @@ from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore
 from ctrl_bio.nets import ConvScoreNet, SequencePathway
 from ctrl_bio.sde import VPSDE
-from domains.dna.data import SEQ_LEN, DHSTable, decode, from_indices, load_dhs, one_hot, write_fasta
+from domains.dna.data import (
+    SEQ_LEN,
+    DHSTable,
+    decode,
+    encode_sequences,
+    from_indices,
+    load_dhs,
+    one_hot,
+    write_fasta,
+)
 
 #: Convolutions of every residual block (:class:`ctrl_bio.nets.ResidualConvBlock`): LoRA targets of ``kind: lora``.
 CONV_LORA_TARGETS = ("conv1", "conv2")
@@ -124,12 +133,9 @@ class DNADomain:
         return EmbeddingAugmentedScore(pretrained, n_classes, pretrained.emb_dim)
 
     def encode_x(self, sequences: list[str]) -> tuple[Tensor, list[int]]:
-        """Sequences of a label's CSV as one-hot; rows that are not 200 ACGT letters come back as bad indices."""
-        good, bad = [], []
-        for i, s in enumerate(sequences):
-            s = s.strip().upper()
-            (good if len(s) == SEQ_LEN and not set(s) - set("ACGT") else bad).append(i)
-        return one_hot([sequences[i].strip().upper() for i in good]), bad
+        """Sequences of a label's CSV as one-hot; rows that are not 200 ACGT letters come back as bad indices
+        (with their reasons, :class:`ctrl_bio.labels.BadRows`)."""
+        return encode_sequences(sequences, SEQ_LEN)
 
     def project(self, x: Tensor) -> Tensor:
         """Samples x (B, 4, L) moved to the nearest one-hot sequence (the argmax base), in {-1, +1}: what the

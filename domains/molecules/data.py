@@ -18,7 +18,8 @@ Keeping only the upper triangle makes the forward noise symmetric by constructio
 coordinate of ``x``. :func:`decode` takes argmaxes, drops "no atom" nodes with their edges and sanitises with
 RDKit, without any valency correction, so decode(encode(m)) is m for every molecule in the table.
 Molecules that fail to parse, carry a formal charge (0.2% of QM9; no node type holds one), exceed 9 heavy
-atoms or use other elements are skipped and counted.
+atoms, use other elements, have several fragments (``CCO.O``) or a radical (``[CH3]``) are skipped and counted
+by reason.
 
 Splits are fixed by a hash of the QM9 index: one molecule in ten is ``test``; the rest is ``training``, whose
 two halves are the *pairs pool* (the labelled pairs reward classifiers and cfg learn from) and the *oracle
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.fetch import cache_dir, fetch_wheel_members, sha256
+from ctrl_bio.labels import BadRows
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,18 @@ def mol_to_graph(mol) -> tuple[np.ndarray, np.ndarray] | str:
         return "kekulisation failed"
     if mol.GetNumAtoms() > MAX_ATOMS:
         return f"more than {MAX_ATOMS} heavy atoms"
+    # A graph of several fragments ("CCO.O": a salt, a solvent) or with a radical ("[CH3]": hydrogens the
+    # decoder would restore) encodes fine but is not one QM9 molecule: decode would not give it back.
+    if len(Chem.GetMolFrags(mol)) > 1:
+        return "several fragments"
     nodes = np.full(MAX_ATOMS, NO_ATOM, dtype=np.int8)
     for atom in mol.GetAtoms():
         if atom.GetSymbol() not in ATOMS:
             return f"element {atom.GetSymbol()}"
         if atom.GetFormalCharge() != 0:
             return "formal charge"
+        if atom.GetNumRadicalElectrons() > 0:
+            return "radical"
         nodes[atom.GetIdx()] = ATOMS.index(atom.GetSymbol())
     adjacency = np.zeros((MAX_ATOMS, MAX_ATOMS), dtype=np.int8)
     order = {Chem.BondType.SINGLE: 1, Chem.BondType.DOUBLE: 2, Chem.BondType.TRIPLE: 3}
@@ -119,6 +127,24 @@ def mol_to_graph(mol) -> tuple[np.ndarray, np.ndarray] | str:
     return nodes, adjacency[ROWS, COLS]
 
 
+def _parse_smiles(smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int], dict[int, str]]:
+    """Node types (M, 9), edge types (M, 36), the indices of the M usable inputs, and why each other one is not."""
+    Chem = _rdkit()
+    nodes, edges, good, reasons = [], [], [], {}
+    for i, s in enumerate(smiles):
+        mol = Chem.MolFromSmiles(s) if isinstance(s, str) and s.strip() else None
+        graph = "unparsable SMILES" if mol is None else mol_to_graph(mol)
+        if isinstance(graph, str):
+            reasons[i] = graph
+            continue
+        nodes.append(graph[0])
+        edges.append(graph[1])
+        good.append(i)
+    shape_n, shape_e = (0, MAX_ATOMS), (0, N_PAIRS)
+    return (np.stack(nodes) if nodes else np.zeros(shape_n, np.int8),
+            np.stack(edges) if edges else np.zeros(shape_e, np.int8), good, reasons)
+
+
 def smiles_to_graphs(smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int], Counter]:
     """Parse SMILES into graphs.
 
@@ -126,20 +152,14 @@ def smiles_to_graphs(smiles: Sequence[str]) -> tuple[np.ndarray, np.ndarray, lis
         node types (M, 9) int8, edge types (M, 36) int8, the indices of the M usable inputs, and the skipped
         inputs counted by reason.
     """
-    Chem = _rdkit()
-    nodes, edges, good, skipped = [], [], [], Counter()
-    for i, s in enumerate(smiles):
-        mol = Chem.MolFromSmiles(s) if isinstance(s, str) and s.strip() else None
-        graph = "unparsable SMILES" if mol is None else mol_to_graph(mol)
-        if isinstance(graph, str):
-            skipped[graph] += 1
-            continue
-        nodes.append(graph[0])
-        edges.append(graph[1])
-        good.append(i)
-    shape_n, shape_e = (0, MAX_ATOMS), (0, N_PAIRS)
-    return (np.stack(nodes) if nodes else np.zeros(shape_n, np.int8),
-            np.stack(edges) if edges else np.zeros(shape_e, np.int8), good, skipped)
+    nodes, edges, good, reasons = _parse_smiles(smiles)
+    return nodes, edges, good, Counter(reasons.values())
+
+
+def encode_smiles(smiles: Sequence[str]) -> tuple[Tensor, BadRows]:
+    """SMILES as x (M, 189) for the usable ones, and the others' indices with the reason each was refused."""
+    nodes, edges, _, reasons = _parse_smiles(smiles)
+    return encode(nodes, edges), BadRows(reasons)
 
 
 def encode(nodes: np.ndarray | Tensor, edges: np.ndarray | Tensor) -> Tensor:

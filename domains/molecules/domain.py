@@ -29,9 +29,9 @@ from domains.molecules.data import (
     MoleculeTable,
     decode,
     encode,
+    encode_smiles,
     graph_types,
     load_qm9,
-    smiles_to_graphs,
     to_smiles,
 )
 from domains.molecules.metrics import generation_metrics
@@ -109,10 +109,9 @@ class MoleculeDomain:
                                    label_time_features=self.label_time_features, train_copy=self.train_copy)
 
     def encode_x(self, smiles: list[str]) -> tuple[Tensor, list[int]]:
-        """SMILES of a label's CSV as graphs; rows RDKit cannot parse or that do not fit QM9 graphs are bad indices."""
-        nodes, edges, good, _ = smiles_to_graphs(smiles)
-        bad = sorted(set(range(len(smiles))) - set(good))
-        return encode(nodes, edges), bad
+        """SMILES of a label's CSV as graphs; rows RDKit cannot parse or that do not fit QM9 graphs are bad indices
+        (with their reasons, :class:`ctrl_bio.labels.BadRows`)."""
+        return encode_smiles(smiles)
 
     def project(self, x: Tensor) -> Tensor:
         """Samples x (B, 189) moved to the nearest graph encoding: the argmax node and edge types, in {-1, +1}.
