@@ -1,13 +1,10 @@
 """``finetune``: CTRL fine-tuning of an augmented model from Python with plain arguments.
 
-Estimators (see :mod:`ctrl_bio.objective`):
-- ``pathwise``: maximise J by backpropagating through the sampler (CTRL's own algorithm).
-- ``score_matching`` (default): regress the label pathway onto the optimum of J by denoising score matching on
-  pre-trained samples importance-resampled by p(y|x0)^(gamma/alpha); off-policy, keeps every mode.
-- ``hybrid``: ``score_matching`` first, then ``pathwise`` on J itself from that warm start.
-
-``score_matching`` is the default: it keeps every mode where ``pathwise`` from a cold start collapses
-(benchmarks/gmm/ablation.md).
+The estimators live in :mod:`ctrl_bio.estimators`, one file each: ``score_matching`` (the default; off-policy
+regression onto the reward-tilted pre-trained pool, keeps every mode), ``pathwise`` (backpropagation of J through
+the sampler, CTRL's own algorithm), ``adjoint_matching`` (regression onto the lean adjoint of the reward gradient),
+each optionally after a score-matching warm start (``hybrid`` = ``pathwise`` with it). :func:`train` runs any list of
+them; :func:`finetune` builds that list from flat settings, as the configs name them.
 """
 
 from __future__ import annotations
@@ -16,26 +13,32 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ctrl_bio.model import NULL_LABEL, ConditionalScore
-from ctrl_bio.objective import (
-    MemoryMode,
-    ScoreTarget,
-    WeightedPool,
-    control_fit,
-    pathwise_loss,
-    weighted_score_matching_loss,
+from ctrl_bio.estimators import (
+    ALIASES,
+    ESTIMATORS,
+    AdjointMatching,
+    Estimator,
+    Objective,
+    Pathwise,
+    Problem,
+    ScoreMatching,
+    SoftValue,
+    sample_pretrained_pool,
 )
+from ctrl_bio.model import ConditionalScore
+from ctrl_bio.objective import MemoryMode, ScoreTarget, WeightedPool, control_fit, pathwise_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
-from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
+from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
 
-Estimator = Literal["pathwise", "score_matching", "hybrid"]
+__all__ = ["FinetuneResult", "NonFiniteLossError", "TrainingMonitor", "finetune", "measure_control_fit",
+           "sample_pretrained_pool", "save_pathway_checkpoint", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +54,7 @@ class FinetuneResult:
             ``reward``, ``kl`` and ``objective`` (J) on an evaluation batch.
         seconds: wall-clock time of the whole call, pool generation included.
         pool_ess: smallest effective sample size of the tilted pool over label combinations (score matching).
+        prepared: per estimator, what its preparation recorded (the soft value network's losses and seconds, ...).
         control_fit: per noise level asked for (``control_fit_times``), the trained control against the optimum's on
             the pool: ``t``, ``signal`` (mean sigma_t^2 ||u*||^2), ``error`` (mean sigma_t^2 ||u_theta - u*||^2) and
             ``explained`` = 1 - error / signal, ``pretrained_error`` (mean sigma_t^2 ||s_pre - s_pool||^2;
@@ -60,24 +64,8 @@ class FinetuneResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     pool_ess: float | None = None
+    prepared: dict[str, dict] = field(default_factory=dict)
     control_fit: list[dict] = field(default_factory=list)
-
-
-@torch.no_grad()
-def sample_pretrained_pool(model: ConditionalScore, sde: SDE, x_shape: tuple[int, ...], n: int, *,
-                           n_steps: int, t_end: float, batch_size: int = 4096, spacing: Spacing = "uniform",
-                           generator: torch.Generator | None = None) -> Tensor:
-    """n samples of the pre-trained model: the augmented model with null labels (exactly s_pre)."""
-    device = next(model.parameters()).device
-    times = time_grid(n_steps, t_end, spacing=spacing, device=device)
-    chunks = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        y_null = torch.full((b, len(model.n_classes)), NULL_LABEL, dtype=torch.long, device=device)
-        x_init = sde.prior_sampling((b, *x_shape), generator=generator, device=device)
-        chunks.append(euler_maruyama(sde, model.conditioned(y_null), x_init, times, generator=generator,
-                                     keep_trajectory=False).x)
-    return torch.cat(chunks)
 
 
 def save_pathway_checkpoint(params: dict[str, Tensor], path: Path) -> None:
@@ -149,16 +137,22 @@ class TrainingMonitor:
 
 
 def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
-             x_shape: tuple[int, ...], *, estimator: Estimator = "score_matching", alpha: float = 1.0,
-             gamma: float = 1.0,
+             x_shape: tuple[int, ...], *, estimator: str = "score_matching", warm_start: bool = False,
+             alpha: float = 1.0, gamma: float = 1.0,
              steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100, t_end: float = 1e-3,
              memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
              sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
              eval_every: int = 100, eval_batch_size: int = 512, checkpoint_path: str | Path | None = None,
              seed: int = 0, progress: bool = True, pool_x0: Tensor | None = None,
              spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform",
-             sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = ()) -> FinetuneResult:
+             sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = (),
+             am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
+             value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None
+             ) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
+
+    The flat settings below build the estimators (:mod:`ctrl_bio.estimators`) and hand them to :func:`train`;
+    research code can build them itself and call :func:`train` directly.
 
     Args:
         model: augmented model (frozen pre-trained score + zero-initialised pathway), trained in place.
@@ -166,68 +160,81 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         reward: log p(y | x0) per label (a learned, calibrated classifier, or an exact likelihood).
         label_prior: p(y) that training labels are drawn from.
         x_shape: shape of one sample, e.g. ``(d,)`` or ``(4, 200)``.
-        estimator: ``score_matching`` (default), ``pathwise`` or ``hybrid`` (score matching, then pathwise).
+        estimator: ``score_matching`` (default), ``pathwise``, ``adjoint_matching``, ``soft_value``, or ``hybrid``
+            (``pathwise`` with ``warm_start``).
+        warm_start: run ``sm_steps`` of score matching before ``pathwise`` or ``adjoint_matching``.
         alpha: KL weight; gamma: reward weight (gamma > 1 sharpens like a guidance scale).
-        steps: pathwise updates; ``sm_steps``: score-matching updates.
-        memory, grad_last_k: how the pathwise gradient is stored (see :func:`pathwise_loss`).
+        steps, batch_size, lr: updates, labels per update and learning rate of ``pathwise`` / ``adjoint_matching``;
+            ``sm_steps``, ``sm_batch_size``, ``sm_lr``: the same for score matching.
+        memory, grad_last_k: how the pathwise gradient is stored (see :func:`ctrl_bio.objective.pathwise_loss`).
         pool_size: pre-trained samples the score-matching phase resamples from.
-        pool_x0: those samples, if already drawn (several fine-tunings of one pre-trained model share them);
-            default: ``pool_size`` fresh samples of the pre-trained sampler with ``n_steps`` steps.
+        pool_x0: those samples, if already drawn. They set score matching's target (p_pre tilted needs samples of
+            p_pre): default ``pool_size`` fresh samples of the pre-trained sampler with ``n_steps`` steps.
         eval_every: record a no-grad estimate of J, reward and KL every this many updates.
         spacing: the sampler's time grid, ``uniform`` or ``quadratic`` (:func:`ctrl_bio.sampling.time_grid`).
-        sm_spacing: how score matching draws t (:func:`ctrl_bio.objective.denoising_score_matching_loss`);
-            ``quadratic`` concentrates the fit near the data, as a quadratic sampler grid concentrates its steps.
-        sm_target: the score-matching regression target, ``denoising`` (the drawn noise), ``posterior`` (its
-            exact expectation over the pool: same optimum, lower variance) or ``control`` (the control alone onto
-            the pool's optimal control, without the pool-versus-network gap; :func:`weighted_score_matching_loss`).
+        sm_spacing: how score matching draws t (:func:`ctrl_bio.objective.denoising_score_matching_loss`).
+        sm_target: the score-matching regression target, ``denoising``, ``posterior`` or ``control``
+            (:func:`ctrl_bio.objective.weighted_score_matching_loss`).
         control_fit_times: noise levels t at which the trained control is compared with the optimum's on the pool
-            after training (``FinetuneResult.control_fit``; score matching and hybrid only, one batch of
-            ``sm_batch_size`` per t); empty: not measured.
+            after training (``FinetuneResult.control_fit``; needs a score-matching phase); empty: not measured.
+        am_time_samples, max_adjoint: adjoint matching's grid points per trajectory and adjoint clip
+            (:class:`ctrl_bio.estimators.AdjointMatching`).
+        value_steps, value_batch_size, value_lr, value_net: the soft value network's regression and architecture
+            (:class:`ctrl_bio.estimators.SoftValue`; its pool is ``pool_x0`` / ``pool_size``).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
+        seed: seeds every draw of the run (pool, labels, noise, evaluation).
     """
-    if estimator not in ("pathwise", "score_matching", "hybrid"):
-        raise ValueError(f"estimator must be 'pathwise', 'score_matching' or 'hybrid', got {estimator!r}")
-    if alpha <= 0:
-        raise ValueError(f"alpha must be positive, got {alpha}")
+    known = (*ESTIMATORS, *ALIASES)
+    if estimator not in known:
+        raise ValueError(f"estimator must be one of {', '.join(known)}, got {estimator!r}")
+    if estimator in ALIASES:
+        estimator, warm_start = ALIASES[estimator], True
+    score_matching = ScoreMatching(steps=sm_steps, batch_size=sm_batch_size, lr=sm_lr, pool_size=pool_size,
+                                   pool_x0=pool_x0, target=sm_target, spacing=sm_spacing)
+    main = {"score_matching": score_matching,
+            "pathwise": Pathwise(steps=steps, batch_size=batch_size, lr=lr, memory=memory, grad_last_k=grad_last_k),
+            "adjoint_matching": AdjointMatching(steps=steps, batch_size=batch_size, lr=lr,
+                                                n_time_samples=am_time_samples, max_adjoint=max_adjoint),
+            "soft_value": SoftValue(steps=steps, batch_size=batch_size, lr=lr, value_steps=value_steps,
+                                    value_batch_size=value_batch_size, value_lr=value_lr, value_net=value_net,
+                                    pool_size=pool_size, pool_x0=pool_x0, progress=progress)}[estimator]
+    phases = [score_matching, main] if warm_start and estimator != "score_matching" else [main]
+    problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
+                      n_steps=n_steps, t_end=t_end, spacing=spacing)
+    return train(problem, phases, grad_clip=grad_clip, eval_every=eval_every, eval_batch_size=eval_batch_size,
+                 checkpoint_path=checkpoint_path, seed=seed, progress=progress, control_fit_times=control_fit_times)
+
+
+def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | None = 1.0, eval_every: int = 100,
+          eval_batch_size: int = 512, checkpoint_path: str | Path | None = None, seed: int = 0, progress: bool = True,
+          control_fit_times: Sequence[float] = ()) -> FinetuneResult:
+    """Run each estimator in turn on ``problem``: ``steps`` Adam updates each, a cosine learning-rate decay per phase,
+    the gradient norm clipped at ``grad_clip``, J recorded every ``eval_every`` updates (:class:`TrainingMonitor`)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     result = FinetuneResult()
-    monitor = TrainingMonitor(model, sde, reward, label_prior, x_shape, history=result.history, alpha=alpha,
-                              gamma=gamma, n_steps=n_steps, t_end=t_end, spacing=spacing,
-                              eval_batch_size=eval_batch_size, seed=seed + 1, checkpoint_path=checkpoint_path)
+    p = problem
+    monitor = TrainingMonitor(p.model, p.sde, p.reward, p.label_prior, p.x_shape, history=result.history,
+                              alpha=p.objective.alpha, gamma=p.objective.gamma, n_steps=p.n_steps, t_end=p.t_end,
+                              spacing=p.spacing, eval_batch_size=eval_batch_size, seed=seed + 1,
+                              checkpoint_path=checkpoint_path)
     step = 0
-    pool: WeightedPool | None = None
     monitor.evaluate(step, "init", float("nan"))
-    phases = [] if estimator == "pathwise" else [("score_matching", sm_steps)]
-    if estimator != "score_matching":
-        phases.append(("pathwise", steps))
-    for phase, n_updates in phases:
-        if n_updates <= 0:
-            continue
+    ran = [est for est in phases if est.steps > 0]
+    for est in ran:
         params = monitor.params
-        opt = torch.optim.Adam(params, lr=sm_lr if phase == "score_matching" else lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_updates)
-        if phase == "score_matching":
-            x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(
-                model, sde, x_shape, pool_size, n_steps=n_steps, t_end=t_end, spacing=spacing, generator=generator)
-            with torch.no_grad():
-                pool = WeightedPool(x0, [f(x0) for f in reward.log_prob_fns], tilt=gamma / alpha)
-            combos = torch.cartesian_prod(*[torch.arange(n) for n in label_prior.n_classes]).reshape(
-                -1, len(label_prior.n_classes))
-            result.pool_ess = min(pool.effective_sample_size(c) for c in combos[:64])
-        with progress_bar(n_updates, f"ctrl {phase}", enabled=progress) as advance:
-            for _ in range(n_updates):
-                y = label_prior.sample(sm_batch_size if phase == "score_matching" else batch_size, generator)
-                if phase == "score_matching":
-                    loss = weighted_score_matching_loss(model, sde, pool, y, t_end=t_end, spacing=sm_spacing,
-                                                        target=sm_target, generator=generator)
-                else:
-                    loss = pathwise_loss(model, sde, reward, y, x_shape, n_steps=n_steps, t_end=t_end, alpha=alpha,
-                                         gamma=gamma, memory=memory, grad_last_k=grad_last_k, spacing=spacing,
-                                         generator=generator).loss
+        opt = torch.optim.Adam(params, lr=est.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=est.steps)
+        result.prepared[est.name] = est.prepare(p, generator)
+        if "pool_ess" in result.prepared[est.name]:
+            result.pool_ess = result.prepared[est.name]["pool_ess"]
+        with progress_bar(est.steps, f"ctrl {est.name}", enabled=progress) as advance:
+            for _ in range(est.steps):
+                y = p.label_prior.sample(est.batch_size, generator)
+                loss = est.loss(p, y, generator)
                 step += 1
-                monitor.check(loss, step, phase)
+                monitor.check(loss, step, est.name)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if grad_clip is not None:
@@ -236,12 +243,13 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                 sched.step()
                 advance(loss=loss.detach().item())
                 if step % eval_every == 0:
-                    monitor.evaluate(step, phase, loss.detach().item())
+                    monitor.evaluate(step, est.name, loss.detach().item())
     if not result.history or result.history[-1]["step"] != step:
-        monitor.evaluate(step, phases[-1][0] if phases else "init", float("nan"))
-    if control_fit_times and pool is not None:
-        result.control_fit = measure_control_fit(model, sde, pool, label_prior, control_fit_times, sm_batch_size,
-                                                 generator)
+        monitor.evaluate(step, ran[-1].name if ran else "init", float("nan"))
+    with_pool = [est for est in ran if getattr(est, "pool", None) is not None]
+    if control_fit_times and with_pool:
+        result.control_fit = measure_control_fit(p.model, p.sde, with_pool[0].pool, p.label_prior, control_fit_times,
+                                                 with_pool[0].batch_size, generator)
     result.seconds = time.perf_counter() - start
     return result
 

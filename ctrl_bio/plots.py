@@ -84,3 +84,29 @@ def plot_per_class_accuracy(per_class: dict[str, list[float | None]], label: str
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_fraction_of_optimum(rows: list, path: str | Path, metric: str = "accuracy") -> Path | None:
+    """Each row's ``metric`` as a bar between the pre-trained floor and the optimum of J (dashed lines), the learned
+    rows annotated with ``fraction_of_optimum``; None (no file) when the suite ran no ``optimum`` row."""
+    named = {r.method: r.metrics for r in rows if r.metrics.get(metric) is not None}
+    if "optimum" not in named or "pretrained" not in named:
+        return None
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(named), 3.6))
+    names = list(named)
+    ax.bar(range(len(names)), [named[n][metric] for n in names], color="tab:blue", alpha=0.7)
+    for level, style, label in ((named["pretrained"][metric], ":", "pre-trained"),
+                                (named["optimum"][metric], "--", "optimum of J")):
+        ax.axhline(level, color="k", ls=style, lw=1, label=label)
+    for i, n in enumerate(names):
+        frac = named[n].get("fraction_of_optimum")
+        if frac is not None:
+            ax.annotate(f"{frac:.2f}", (i, named[n][metric]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}; numbers: fraction of the optimum's gain")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

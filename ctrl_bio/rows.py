@@ -46,14 +46,17 @@ from ctrl_bio.guidance import (
 from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import accuracy, macro_f1
-from ctrl_bio.plots import plot_reward_vs_queries, plot_training_curves
+from ctrl_bio.objective import WeightedPool
+from ctrl_bio.optimum import add_fraction_of_optimum, draw_tilted
+from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plot_training_curves
 from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, sample_in_batches, time_grid
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n", "real_data")
+METHODS = ("pretrained", "optimum", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n",
+           "real_data")
 #: Rows a suite runs only when asked (``suite.methods``): policy gradients on the exact label as a black-box reward.
 POLICY_GRADIENT_METHODS = ("ctrl_pg", "ddpo")
 KNOWN_METHODS = METHODS + POLICY_GRADIENT_METHODS
@@ -247,6 +250,17 @@ class RowRunner:
         self._chunks: dict[int, Tensor] = {}
         self._chunk_seconds: dict[int, float] = {}
         self._ctrl = None
+        self._pools: dict[tuple[str, int], Tensor] = {}
+
+    def pool(self, source: str, size: int) -> Tensor:
+        """:func:`ctrl_pool`, drawn once per (source, size), so that ``optimum`` and ``ctrl`` can share it."""
+        if (source, size) not in self._pools:
+            self._pools[(source, size)] = ctrl_pool(self.ctx, source, size)
+        return self._pools[(source, size)]
+
+    def tilt(self) -> float:
+        """gamma / alpha of ``method``: the exponent of p(y|x) in the optimum of J."""
+        return float(self.method.get("gamma", 1.0)) / float(self.method.get("alpha", 1.0))
 
     def reward(self) -> LogLikelihoodReward:
         """One calibrated classifier per label from its own pairs (CTRL step 1)."""
@@ -314,7 +328,7 @@ class RowRunner:
         source = settings.pop("pool", "training")
         pool_size = int(settings.pop("pool_size", 8192))
         scales = [float(w) for w in settings.pop("control_scales", [1.0])]
-        pool = ctrl_pool(ctx, source, pool_size)
+        pool = self.pool(source, pool_size)
         model = self.new_model()
         result = finetune(model, ctx.domain.sde, reward, self.label_prior(), ctx.domain.x_shape, n_steps=ctx.n_steps,
                           t_end=ctx.t_end, spacing=ctx.spacing, seed=ctx.seed, progress=self.progress, pool_x0=pool,
@@ -334,6 +348,19 @@ class RowRunner:
         self.info["ctrl"] |= {"per_scale_reward_J": per_scale}
         x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
         return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
+
+    def row_optimum(self) -> RowOutput:
+        """J's optimum with this pre-trained model and reward classifier: ``n`` pre-trained samples (projected onto
+        the data's support where the domain can) resampled per request with weights p(y|x)^(gamma/alpha)
+        (:mod:`ctrl_bio.optimum`). Its KL is the tilted pool's, its cost the pool's sampling."""
+        ctx, n = self.ctx, int(self.baselines.get("optimum", {}).get("n", 4096))
+        reward = self.reward()
+        pool = self.pool("pretrained", n)
+        with torch.no_grad():
+            weighted = WeightedPool(pool, [f(pool) for f in reward.log_prob_fns], tilt=self.tilt())
+        draw = draw_tilted(weighted, ctx.y_eval, torch.Generator().manual_seed(ctx.seed + 7200))
+        self.info["optimum"] = {"pool_size": n, "tilt": self.tilt(), "ess": draw.ess}
+        return draw.x, draw.kl, {"effective_sample_size": draw.ess, "score_evals": ctx.n_steps} | self.shared_seconds()
 
     def row_ctrl_alpha0(self) -> RowOutput:
         """CTRL's pathway, then pathwise updates of J with alpha ~ 0: the reward alone, no KL to hold it."""
@@ -510,6 +537,7 @@ def run_rows(runner: RowRunner, methods: Sequence[str], label: str,
         log.info("%s: %s", name, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         if write is not None:
             write(name, x)
+    add_fraction_of_optimum(rows)
     return rows, details
 
 
@@ -519,6 +547,7 @@ def plot_histories(runner: RowRunner, rows: Sequence[Row], run_dir: Path) -> Non
     queries, with ``ctrl`` as one point at the number of labelled pairs it learned from (every query made up front)
     and at the exact reward and KL of its evaluation samples, in the same units (gamma log p(y|x), nats).
     """
+    plot_fraction_of_optimum(list(rows), Path(run_dir) / "fraction_of_optimum.png")
     trained = {k: v for k, v in runner.histories.items() if k not in POLICY_GRADIENT_METHODS}
     if trained:
         plot_training_curves(trained, Path(run_dir) / "training.png")

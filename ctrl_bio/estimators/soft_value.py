@@ -1,0 +1,128 @@
+"""A learned soft value function, V(x_t, t, y) = log E_pre[p(y | x0)^(gamma/alpha) | x_t], distilled into the pathway.
+
+The optimum of J is the Doob h-transform of the pre-trained process (DESIGN.md): u*(x, t, y) = grad_x log h_t(x, y)
+with h_t(x, y) = E_pre[p(y | x0)^(gamma/alpha) | x_t = x], the soft value function of KL-regularised control
+(Uehara et al. 2024, "Fine-tuning of continuous-time diffusion models as entropy-regularized control", eq. 9; the
+value SVDD guides with, Li et al. 2024). It is a conditional expectation, so it is learned by regression over x_t
+(function approximation, not an index of a pool): pre-trained samples x0 are noised forward to x_t (the pair
+(x0, x_t) then has the pre-trained process's joint law) and a network V(x_t, t) with one output per label
+combination c minimises the Bregman loss of the log link,
+
+    E_{x0, t, x_t} sum_c [ exp(V_c(x_t, t)) - w_c(x0) V_c(x_t, t) ],    w_c(x0) = p(c | x0)^(gamma/alpha) / mean_pool,
+
+whose minimiser is exp(V_c) = E[w_c(x0) | x_t] exactly (the per-class normalisation shifts V_c by a constant, which
+no gradient sees). Its gradient is the optimal control; the zero-initialised label pathway is then regressed onto it,
+E sigma_t^2 || u_theta(x_t, t, y) - grad_x V_y(x_t, t) ||^2 with x_t drawn from the tilted pool's forward marginals
+(where the optimum sends the sampler), so sampling needs no extra network.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ctrl_bio.estimators.base import Problem
+from ctrl_bio.estimators.score_matching import label_combinations, tilted_pool
+from ctrl_bio.guidance import NoisyMLPClassifier
+from ctrl_bio.objective import WeightedPool
+from ctrl_bio.progress import progress_bar
+from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
+
+
+def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
+    """Index of each label combination in :func:`label_combinations` order (the last label varies fastest), (B,)."""
+    index = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+    for k, n in enumerate(n_classes):
+        index = index * n + y[:, k]
+    return index
+
+
+def value_weights(pool: WeightedPool, combos: Tensor) -> Tensor:
+    """w_ic = p(c | x0_i)^tilt for every pool item and label combination, each column scaled to mean 1, (N, C)."""
+    logw = pool.tilt * sum(lp[:, combos[:, k]] for k, lp in enumerate(pool.class_log_probs))
+    return torch.softmax(logw.double(), dim=0).float() * logw.shape[0]
+
+
+@dataclass
+class SoftValue:
+    """Fit V(x_t, t, c) by regression on the noised pre-trained pool, then distil grad V into the label pathway.
+
+    Attributes:
+        steps, batch_size, lr: distillation updates of the pathway.
+        value_steps, value_batch_size, value_lr: the value network's regression.
+        value_net: ``(x_t, t) -> (B, C)`` with one output per label combination; None: an MLP of the flattened x_t
+            and Fourier features of t (:class:`ctrl_bio.guidance.NoisyMLPClassifier`). A domain gives its noisy
+            classifier's architecture here.
+        pool_size, pool_x0: the pre-trained samples, as for score matching.
+        progress: show a progress bar while the value network is fitted.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 2e-3
+    value_steps: int = 2000
+    value_batch_size: int = 256
+    value_lr: float = 2e-3
+    value_net: nn.Module | None = field(default=None, repr=False)
+    pool_size: int = 20000
+    pool_x0: Tensor | None = field(default=None, repr=False)
+    progress: bool = True
+    name: str = "soft_value"
+    pool: WeightedPool | None = field(default=None, init=False, repr=False)
+
+    def prepare(self, problem: Problem, generator: torch.Generator) -> dict:
+        start = time.perf_counter()
+        self.pool = tilted_pool(problem, self.pool_x0, self.pool_size, generator)
+        combos = label_combinations(problem)
+        weights = value_weights(self.pool, combos).to(self.pool.x0.device)
+        if self.value_net is None:
+            self.value_net = NoisyMLPClassifier(math.prod(problem.x_shape), combos.shape[0])
+        net = self.value_net.to(self.pool.x0.device).train().requires_grad_(True)
+        opt = torch.optim.Adam(net.parameters(), lr=self.value_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.value_steps, 1))
+        losses = []
+        x0_all = self.pool.x0
+        with progress_bar(self.value_steps, "ctrl soft value V", enabled=self.progress) as advance:
+            for step in range(self.value_steps):
+                idx = torch.randint(0, x0_all.shape[0], (self.value_batch_size,), generator=generator)
+                x_t, t = self._noised(problem, x0_all[idx.to(x0_all.device)], generator)
+                v = net(x_t, t).clamp(max=30.0)  # exp(V) fits a mean of weights of mean 1: 30 is far outside
+                loss = (v.exp() - weights[idx] * v).sum(1).mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"soft value loss became {loss.item()} at update {step}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                advance(loss=loss.item())
+                if step % max(self.value_steps // 20, 1) == 0:
+                    losses.append(loss.item())
+        net.eval().requires_grad_(False)
+        return {"pool_ess": min(self.pool.effective_sample_size(c) for c in combos[:64]), "value_losses": losses,
+                "value_seconds": time.perf_counter() - start}
+
+    def _noised(self, problem: Problem, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """x_t = alpha_t x0 + sigma_t eps with t uniform on [t_end, 1], and t."""
+        t = problem.t_end + (1.0 - problem.t_end) * rand((x0.shape[0],), generator, device=x0.device, dtype=x0.dtype)
+        return problem.sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)), t
+
+    def control(self, problem: Problem, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """grad_x V(x_t, t, y): the h-transform's control under the fitted value, shape of x_t."""
+        index = combination_index(y, tuple(problem.label_prior.n_classes)).to(x_t.device)
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            v = self.value_net(x, t).gather(1, index[:, None]).sum()
+            return torch.autograd.grad(v, x)[0]
+
+    def loss(self, problem: Problem, y: Tensor, generator: torch.Generator) -> Tensor:
+        if self.pool is None or self.value_net is None:
+            raise RuntimeError("SoftValue.prepare must run before loss")
+        x_t, t = self._noised(problem, self.pool.draw(y, generator), generator)
+        u_star = self.control(problem, x_t, t, y)
+        _, u = problem.model.score_and_control(x_t, t, y)
+        sigma = append_dims(problem.sde.sigma(t), x_t.ndim)
+        return sum_except_batch((sigma * (u - u_star)) ** 2).mean()

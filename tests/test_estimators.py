@@ -1,0 +1,109 @@
+"""The estimator interface and adjoint matching: the lean adjoint against a closed form, and the estimator's fit."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ctrl_bio.estimators import ESTIMATORS, AdjointMatching, Objective, Problem, SoftValue, lean_adjoint
+from ctrl_bio.finetune import finetune, train
+from ctrl_bio.model import AugmentedScore, VectorPathway
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sde import VPSDE
+from domains.gmm.labels import exact_guidance
+
+
+class GaussianScore(nn.Module):
+    """The exact score of N(m, S I) under the VP-SDE, no control: s = -(x - alpha_t m) / (alpha_t^2 S + sigma_t^2)."""
+
+    def __init__(self, sde, m, s):
+        super().__init__()
+        self.sde, self.m, self.s = sde, m, s
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def score_and_control(self, x, t, y):
+        a, var = self.sde.alpha(t)[:, None], self.sde.alpha(t)[:, None] ** 2 * self.s + self.sde.sigma(t)[:, None] ** 2
+        score = -(x - a * self.m) / var
+        return score, torch.zeros_like(x)
+
+
+def test_lean_adjoint_of_a_linear_reward_is_the_h_transform_control():
+    """For p_pre = N(m, S I) and r(x0) = tilt c.x0, h_t(x) = E[exp(r) | x_t = x] gives grad log h_t = tilt alpha_t S c /
+    (alpha_t^2 S + sigma_t^2) at every x, and the lean adjoint must equal minus that (Domingo-Enrich et al. 2025,
+    the optimal control u* = -a)."""
+    sde = VPSDE()
+    m, s, c, tilt = torch.tensor([0.5, -1.0]), 2.0, torch.tensor([1.0, -0.5]), 3.0
+    model = GaussianScore(sde, m, s)
+    times = time_grid(2000, 1e-3)
+    states = torch.randn(times.shape[0], 4, 2)  # the adjoint of a linear reward with a linear drift ignores x
+
+    def reward(x0, y):
+        return x0 @ c
+
+    a = lean_adjoint(model, sde, reward, states, times, torch.zeros(4, 1, dtype=torch.long), tilt)
+    for k in (0, 500, 1000, 1500, 2000):
+        t = times[k:k + 1]
+        alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
+        control = tilt * alpha_t * s * c / (alpha_t**2 * s + sigma_t**2)
+        torch.testing.assert_close(-a[k], control.expand(4, 2), rtol=2e-2, atol=1e-4)  # Euler error, first order in h
+
+
+def test_objective_owns_the_tilt_and_refuses_a_non_positive_kl_weight():
+    assert Objective(alpha=0.5, gamma=2.0).tilt == 4.0
+    assert float(Objective(2.0, 3.0).value(torch.tensor([1.0]), torch.tensor([0.5]))) == 3.0 - 1.0
+    with pytest.raises(ValueError, match="alpha"):
+        Objective(alpha=0.0)
+
+
+def test_every_estimator_name_is_accepted_by_finetune_and_unknown_ones_are_refused(small_testbed):
+    tb = small_testbed
+    label = tb.component_label
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
+    prior = LabelPrior([label.class_probs()])
+    for name in (*ESTIMATORS, "hybrid"):
+        finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator=name, steps=1,
+                 sm_steps=1, value_steps=1, batch_size=4, sm_batch_size=4, pool_size=16, n_steps=4, eval_every=10,
+                 eval_batch_size=4,
+                 progress=False)
+    with pytest.raises(ValueError, match="adjoint_matching"):
+        finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator="adjoint", progress=False)
+
+
+@pytest.mark.parametrize("estimator,near_exact", [
+    (AdjointMatching(steps=150, batch_size=64, lr=1e-2), None),
+    (SoftValue(steps=500, batch_size=256, lr=5e-3, value_steps=1000, pool_size=4000, progress=False), 0.3),
+])
+def test_estimator_moves_the_mixture_towards_exact_guidance(small_testbed, estimator, near_exact):
+    """From a zero control, each estimator alone (no warm start) raises the Bayes-label accuracy above 0.9 and J by
+    3 nats on the component-label mixture; the soft value function gets within ``near_exact`` nats of exact guidance
+    (the true h-transform) in the same 50-step sampler. Adjoint matching does not: on this well-separated mixture the
+    lean adjoint is heavy-tailed (the pre-trained score's Jacobian between modes amplifies it along a few paths), so
+    its regression target is dominated by rare large values."""
+    tb = small_testbed
+    label = tb.component_label
+    prior = LabelPrior([label.class_probs()])
+    torch.manual_seed(1)
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=64, depth=2), tb.sde)
+    problem = Problem(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), Objective(), n_steps=50)
+    result = train(problem, [estimator], eval_every=10**6, eval_batch_size=256, progress=False)
+    y = prior.sample(1000, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        x = euler_maruyama(tb.sde, model.conditioned(y), torch.randn(1000, 2, generator=g), time_grid(50),
+                           generator=g)
+        x_pre = euler_maruyama(tb.sde, tb.pretrained, torch.randn(1000, 2, generator=g), time_grid(50), generator=g).x
+        exact = euler_maruyama(tb.sde, exact_guidance(tb.pretrained, label, tb.sde, y[:, 0]),
+                               torch.randn(1000, 2, generator=g), time_grid(50), generator=g)
+    acc = float((label.bayes_label(x.x) == y[:, 0]).float().mean())
+    acc_pre = float((label.bayes_label(x_pre) == y[:, 0]).float().mean())
+    j = float((label.log_prob(x.x).gather(1, y).squeeze(1) - x.kl).mean())
+    j_pre = float(label.log_prob(x_pre).gather(1, y).mean())
+    j_exact = float((label.log_prob(exact.x).gather(1, y).squeeze(1) - exact.kl).mean())
+    assert acc > 0.9 and acc > acc_pre + 0.3, (acc, acc_pre)
+    assert j > j_pre + 3.0, (j, j_pre)
+    if near_exact is not None:
+        assert j > j_exact - near_exact, (j, j_exact)
+    assert result.history[-1]["objective"] > result.history[0]["objective"] + 3.0
+    assert math.isfinite(result.history[-1]["kl"])
