@@ -8,6 +8,7 @@ only; domains live in the top-level ``domains`` namespace package.
 
 from ctrl_bio.blackbox import CallableReward, CommandReward, label_likelihood_black_box
 from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
+from ctrl_bio.hub import ModelCardInfo, from_pretrained, save_pretrained
 from ctrl_bio.interop import NetworkScore, from_diffusers, sde_from_scheduler, wrap_network
 from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
 from ctrl_bio.lora import LoRAAugmentedScore
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SDE", "VPSDE", "DiscreteScheduleSDE", "DiscreteVPSDE", "append_dims",
     "NetworkScore", "wrap_network", "from_diffusers", "sde_from_scheduler",
+    "save_pretrained", "from_pretrained", "ModelCardInfo",
     "SamplerOutput", "euler_maruyama", "time_grid",
     "girsanov_kl", "transition_kl", "gaussian_kl",
     "NULL_LABEL", "AugmentedScore", "VectorPathway", "EmbeddingAugmentedScore", "LoRAAugmentedScore", "LabelEmbedding",

@@ -15,7 +15,7 @@ from ctrl_bio.utils import append_dims
 
 
 def test_the_core_never_imports_diffusers():
-    code = "import sys, ctrl_bio, ctrl_bio.interop; assert 'diffusers' not in sys.modules"
+    code = "import sys, ctrl_bio, ctrl_bio.interop, ctrl_bio.hub; assert 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

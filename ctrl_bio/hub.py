@@ -1,0 +1,437 @@
+"""Models in the Hugging Face convention: ``save_pretrained(model, dir)`` and ``from_pretrained(dir_or_hub_id)``.
+
+A saved model is a folder the field's tools read: ``config.json`` (what rebuilds it), ``model.safetensors`` (its
+weights) and a generated ``README.md`` model card. Three kinds, told apart by ``config.json["ctrl_bio"]["kind"]``:
+
+- ``score_network``: a pre-trained score network (``VectorScoreNet``, ``ConvScoreNet``, ``UNetScore``, or any
+  network with a ``config`` dict of its constructor arguments and its ``sde``);
+- ``reward_classifier``: a calibrated classifier p(y | x) (:class:`ctrl_bio.reward.CalibratedClassifier`);
+- ``ctrl_model``: a fine-tuned CTRL model (:class:`ctrl_bio.model.AugmentedScore`, Zhao et al. 2024, Sec. 4.2): only
+  the label pathway is stored; the frozen base model is referenced by a path relative to the folder (by default
+  the sub-folder ``base/``, written alongside) or by a Hub id, never by an absolute path, so the folder moves
+  between machines and can be pushed to the Hub as it is.
+
+The folder is written and read through huggingface_hub's ``ModelHubMixin`` (config, model card, ``push_to_hub``).
+Nothing downloads unless a Hub id is named: a local folder is read from disk. Classes named in a ``config.json`` are
+imported only from trusted packages (:func:`ctrl_bio.labels.check_trusted`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ctrl_bio.labels import check_trusted, resolve_callable
+from ctrl_bio.model import AugmentedScore, VectorPathway
+from ctrl_bio.nets import SequencePathway
+from ctrl_bio.reward import CalibratedClassifier
+from ctrl_bio.sde import SDE, DiscreteScheduleSDE
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+#: Version of the folder layout, written into every config.json.
+FORMAT_VERSION = 1
+#: Where ``save_pretrained`` puts a CTRL model's base model when no other reference is given.
+DEFAULT_BASE_DIR = "base"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What rebuilds a module: {"class": "pkg.module.Class", "config": {...}} (+ "sde": true when the SDE comes first)
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _jsonable(value: Any) -> Any:
+    if is_dataclass(value):
+        value = asdict(value)
+    return json.loads(json.dumps(value))
+
+
+def sde_spec(sde: SDE) -> dict[str, Any]:
+    """The SDE's class and constructor arguments: its public attributes, or a schedule's ``alphas_cumprod``."""
+    if type(sde) is DiscreteScheduleSDE:
+        return {"class": _class_path(sde), "alphas_cumprod": sde.alphas_cumprod.tolist()}
+    return {"class": _class_path(sde), **_jsonable({k: v for k, v in vars(sde).items() if not k.startswith("_")})}
+
+
+def build_sde(spec: Mapping[str, Any]) -> SDE:
+    """The SDE of :func:`sde_spec`."""
+    spec = dict(spec)
+    path = spec.pop("class")
+    check_trusted(path, "config.json: sde class")
+    return resolve_callable(path)(**spec)
+
+
+def _sequential_spec(seq: nn.Sequential) -> list[list[Any]]:
+    layers: list[list[Any]] = []
+    for layer in seq:
+        if isinstance(layer, nn.Linear):
+            layers.append(["Linear", layer.in_features, layer.out_features, layer.bias is not None])
+        elif isinstance(layer, nn.Flatten):
+            layers.append(["Flatten", layer.start_dim, layer.end_dim])
+        elif isinstance(layer, nn.Dropout):
+            layers.append(["Dropout", layer.p])
+        elif type(layer) in _ACTIVATIONS.values():
+            layers.append([type(layer).__name__])
+        else:
+            raise TypeError(f"cannot describe a {type(layer).__name__} inside nn.Sequential for config.json")
+    return layers
+
+
+_ACTIVATIONS = {cls.__name__: cls for cls in (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)}
+
+
+def _build_sequential(layers: Sequence[Sequence[Any]]) -> nn.Sequential:
+    modules: list[nn.Module] = []
+    for name, *args in layers:
+        if name == "Linear":
+            modules.append(nn.Linear(args[0], args[1], bias=args[2]))
+        elif name == "Flatten":
+            modules.append(nn.Flatten(*args))
+        elif name == "Dropout":
+            modules.append(nn.Dropout(*args))
+        elif name in _ACTIVATIONS:
+            modules.append(_ACTIVATIONS[name]())
+        else:
+            raise ValueError(f"config.json: unknown layer {name!r} in an nn.Sequential")
+    return nn.Sequential(*modules)
+
+
+def _pathway_config(pathway: nn.Module) -> dict[str, Any]:
+    """Constructor arguments of the core's label pathways, read back from their layers."""
+    if isinstance(pathway, VectorPathway):
+        linears = [m for m in pathway.body if isinstance(m, nn.Linear)]
+        return {"dim": pathway.dim, "n_classes": list(pathway.n_classes), "hidden": pathway.out.in_features,
+                "depth": len(linears), "n_fourier": pathway.n_fourier}
+    if isinstance(pathway, SequencePathway):
+        return {"channels": pathway.conv_out.out_channels, "n_classes": list(pathway.n_classes),
+                "hidden": pathway.conv_in.out_channels, "n_blocks": len(pathway.blocks),
+                "emb_dim": pathway.label_emb.out_features, "kernel_size": pathway.conv_in.kernel_size[0],
+                "n_fourier": pathway.n_fourier}
+    raise TypeError(f"cannot describe a {type(pathway).__name__} label pathway for config.json")
+
+
+def module_spec(module: nn.Module) -> dict[str, Any]:
+    """What rebuilds ``module``: its class and constructor arguments.
+
+    Networks of the toolkit keep their constructor arguments in a ``config`` dict (or dataclass) and, for score
+    networks, take the SDE as first argument (``sde``); the core's label pathways and plain ``nn.Sequential`` MLPs
+    (:func:`ctrl_bio.reward.mlp_classifier`) are read back from their layers.
+
+    Raises:
+        TypeError: for a module none of these describes.
+    """
+    if type(module) is nn.Sequential:
+        return {"class": "torch.nn.Sequential", "layers": _sequential_spec(module)}
+    if isinstance(module, (VectorPathway, SequencePathway)):
+        return {"class": _class_path(module), "config": _pathway_config(module)}
+    config = getattr(module, "config", None)
+    if isinstance(config, Mapping) or is_dataclass(config):
+        return {"class": _class_path(module), "config": _jsonable(config), "sde": hasattr(module, "sde")}
+    raise TypeError(f"cannot save a {type(module).__name__}: give it a `config` dict of its constructor arguments "
+                    "(and take the SDE as first argument `sde`), as ctrl_bio.nets.VectorScoreNet does")
+
+
+def build_module(spec: Mapping[str, Any], sde: SDE | None = None) -> nn.Module:
+    """The module of :func:`module_spec`, freshly initialised (load its weights afterwards)."""
+    if spec["class"] == "torch.nn.Sequential":
+        return _build_sequential(spec["layers"])
+    check_trusted(spec["class"], "config.json: network class")
+    cls = resolve_callable(spec["class"])
+    config = dict(spec.get("config") or {})
+    if spec.get("sde"):
+        if sde is None:
+            raise ValueError(f"config.json: {spec['class']} needs an SDE and the config gives none")
+        return cls(sde, **config)
+    return cls(**config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The model card
+
+
+@dataclass
+class ModelCardInfo:
+    """What the generated ``README.md`` says about a model beyond its config (all optional).
+
+    Attributes:
+        labels: the labels a CTRL model or classifier was trained for, e.g. ``[{"name": "gc", "n_classes": 3}]``.
+        alpha: CTRL's KL weight; gamma: its reward weight.
+        estimator: how the label pathway was fitted (``score_matching``, ``pathwise``, ...).
+        training_data: where the pairs / samples came from (free text).
+        metrics: measured numbers, e.g. ``{"accuracy": 0.97, "kl": 2.1}``.
+        description: a paragraph of free text.
+    """
+
+    labels: list[dict[str, Any]] = field(default_factory=list)
+    alpha: float | None = None
+    gamma: float | None = None
+    estimator: str | None = None
+    training_data: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    description: str | None = None
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+{{ summary }}
+{% if description %}
+{{ description }}
+{% endif %}
+| | |
+|---|---|
+| kind | `{{ kind }}` |
+{% if base_model %}| base model | `{{ base_model }}` |
+{% endif %}{% if labels %}| labels | {{ labels }} |
+{% endif %}{% if alpha is not none %}| alpha (KL weight) | {{ alpha }} |
+{% endif %}{% if gamma is not none %}| gamma (reward weight) | {{ gamma }} |
+{% endif %}{% if estimator %}| estimator | `{{ estimator }}` |
+{% endif %}{% if training_data %}| training data | {{ training_data }} |
+{% endif %}| network | `{{ network }}` |
+{% if sde %}| SDE | `{{ sde }}` |
+{% endif %}
+{% if metrics %}## Measured
+
+| metric | value |
+|---|---|
+{% for name, value in metrics.items() %}| {{ name }} | {{ value }} |
+{% endfor %}{% endif %}
+## Use
+
+```python
+from ctrl_bio.hub import from_pretrained
+
+model = from_pretrained("{{ load_name }}")
+```
+
+Written by ctrl-bio. CTRL: Zhao et al. 2024, "Adding Conditional Control to
+Diffusion Models with Reinforcement Learning" ([arXiv:2406.12120](https://arxiv.org/abs/2406.12120)).
+"""
+
+_SUMMARIES = {
+    "score_network": "A pre-trained diffusion model's score network s(x, t) on the SDE below (data at t = 0, noise "
+                     "at t = 1).",
+    "reward_classifier": "A calibrated reward classifier p(y | x) on clean samples (temperature-scaled), the reward "
+                         "log p(y | x) of CTRL fine-tuning.",
+    "ctrl_model": "A CTRL fine-tuned diffusion model: the frozen base model plus a label pathway, sampling "
+                  "p(x | y) proportional to p_base(x) p(y | x)^(gamma / alpha). Only the label pathway is stored "
+                  "here; the base model is loaded from its reference.",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The folder, through huggingface_hub's ModelHubMixin
+
+
+def _kind(model: nn.Module) -> str:
+    if isinstance(model, AugmentedScore):
+        return "ctrl_model"
+    if isinstance(model, CalibratedClassifier):
+        return "reward_classifier"
+    if hasattr(model, "sde"):
+        return "score_network"
+    raise TypeError(f"cannot save a {type(model).__name__}: save_pretrained takes a score network (with an `sde`), "
+                    "a CalibratedClassifier or an AugmentedScore")
+
+
+def _is_hub_id(ref: str) -> bool:
+    return bool(_HUB_ID.match(ref)) and not os.path.isabs(ref) and not Path(ref).exists()
+
+
+class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffusion", "ctrl"],
+                paper_url="https://arxiv.org/abs/2406.12120", model_card_template=CARD_TEMPLATE):
+    """One ctrl-bio model and its card, as huggingface_hub's mixin saves and loads it.
+
+    Use :func:`save_pretrained` and :func:`from_pretrained`; this class is their plumbing (and gives
+    ``push_to_hub``).
+
+    Args:
+        model: a score network, a :class:`ctrl_bio.reward.CalibratedClassifier` or an
+            :class:`ctrl_bio.model.AugmentedScore`.
+        card: what the model card says beyond the config.
+        base_model: for a CTRL model, the reference its config records (a relative path or a Hub id).
+    """
+
+    def __init__(self, model: nn.Module, card: ModelCardInfo | None = None, base_model: str | None = None):
+        self.model, self.card, self.base_model = model, card or ModelCardInfo(), base_model
+        self.kind = _kind(model)
+
+    def config(self) -> dict[str, Any]:
+        """config.json: the kind, what rebuilds the model, and the card's facts."""
+        m = self.model
+        out: dict[str, Any] = {"ctrl_bio": {"kind": self.kind, "format": FORMAT_VERSION}}
+        if self.kind == "score_network":
+            out |= {"network": module_spec(m), "sde": sde_spec(m.sde)}
+        elif self.kind == "reward_classifier":
+            out |= {"network": module_spec(m.net), "temperature": float(m.temperature)}
+        else:
+            out |= {"base_model": self.base_model, "pathway": module_spec(m.pathway), "sde": sde_spec(m.sde),
+                    "n_classes": list(m.n_classes)}
+        card = _jsonable(self.card)
+        out |= {k: v for k, v in card.items() if v not in (None, [], {}) and k != "description"}
+        return out
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """model.safetensors: everything for a network or classifier, the label pathway only for a CTRL model."""
+        module = self.model.pathway if self.kind == "ctrl_model" else self.model
+        return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        save_file(self.weights(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        # Written here, so the mixin keeps it (it writes its own config.json only when none exists).
+        (save_directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n")
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        config, card = self.config(), self.card
+        base = self.base_model
+        card_data = ModelCardData(library_name="ctrl-bio", tags=["ctrl-bio", "diffusion", self.kind],
+                                  base_model=base if base and _is_hub_id(base) else None)
+        network = config.get("network", config.get("pathway", {})).get("class", "")
+        labels = ", ".join(f"`{lab.get('name', i)}`" + (f" ({lab['n_classes']} classes)" if "n_classes" in lab else "")
+                           for i, lab in enumerate(card.labels))
+        return ModelCard.from_template(
+            card_data, template_str=CARD_TEMPLATE, title=f"ctrl-bio {self.kind.replace('_', ' ')}",
+            summary=_SUMMARIES[self.kind], description=card.description, kind=self.kind, base_model=base,
+            labels=labels, alpha=card.alpha, gamma=card.gamma, estimator=card.estimator,
+            training_data=card.training_data, network=network, sde=config.get("sde", {}).get("class"),
+            metrics=card.metrics, load_name=kwargs.get("load_name", "path/to/this/folder"))
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str = "cpu", **model_kwargs: Any) -> HubFolder:
+        folder = Path(model_id)
+        if not folder.is_dir():  # a Hub id, named by the user: the whole repository (a CTRL model's base/ too)
+            folder = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
+                                            force_download=force_download, local_files_only=local_files_only))
+        return cls(load_folder(folder, map_location=map_location))
+
+
+def load_folder(folder: Path, *, map_location: str = "cpu") -> nn.Module:
+    """The model in a local folder written by :func:`save_pretrained`, frozen, in eval mode."""
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no {path.name} (not a folder written by save_pretrained)")
+    config = json.loads(config_path.read_text())
+    kind = (config.get("ctrl_bio") or {}).get("kind")
+    weights = load_file(str(weights_path), device=map_location)
+    if kind == "score_network":
+        model = build_module(config["network"], build_sde(config["sde"]))
+        model.load_state_dict(weights)
+    elif kind == "reward_classifier":
+        model = CalibratedClassifier(build_module(config["network"]), config["temperature"])
+        model.load_state_dict(weights)
+    elif kind == "ctrl_model":
+        model = _load_ctrl_model(folder, config, weights, map_location)
+    else:
+        raise ValueError(f"{config_path}: ctrl_bio.kind must be score_network, reward_classifier or ctrl_model, "
+                         f"got {kind!r}")
+    return model.to(map_location).requires_grad_(False).eval()
+
+
+def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
+                     map_location: str) -> AugmentedScore:
+    ref = config.get("base_model")
+    if not ref:
+        raise ValueError(f"{folder / CONFIG_NAME}: a ctrl_model needs base_model (a relative path or a Hub id)")
+    local = (folder / ref).resolve()
+    if local.is_dir():
+        base = load_folder(local, map_location=map_location)
+    elif _is_hub_id(ref):
+        base = from_pretrained(ref, map_location=map_location)
+    else:
+        raise FileNotFoundError(f"{folder / CONFIG_NAME}: base_model '{ref}' is neither a folder relative to "
+                                f"{folder} nor a Hub id")
+    sde = build_sde(config["sde"])
+    if getattr(base, "sde", None) is not None and sde_spec(base.sde) != sde_spec(sde):
+        raise ValueError(f"{folder}: the base model's SDE {sde_spec(base.sde)['class']} differs from the one the "
+                         "CTRL model was fine-tuned with")
+    pathway = build_module(config["pathway"])
+    pathway.load_state_dict(weights)
+    return AugmentedScore(base, pathway, getattr(base, "sde", sde))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The two calls
+
+
+def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model: str | Path | None = None,
+                    card: ModelCardInfo | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+                    **card_fields: Any) -> Path:
+    """Write ``model`` as a Hugging Face folder: ``config.json``, ``model.safetensors`` and a ``README.md`` card.
+
+    Args:
+        model: a pre-trained score network, a reward classifier (``CalibratedClassifier``) or a fine-tuned CTRL model
+            (``AugmentedScore``).
+        save_directory: the folder (created).
+        base_model: for a CTRL model, where its frozen base model lives: a folder written by this function (recorded
+            relative to ``save_directory``) or a Hub id. Default: the base is written into ``save_directory/base``.
+        card: the model card's facts; or give them as keyword arguments (``labels``, ``alpha``, ``gamma``,
+            ``estimator``, ``training_data``, ``metrics``, ``description``; :class:`ModelCardInfo`).
+        push_to_hub, repo_id: also upload the folder (huggingface_hub's ``push_to_hub``; needs a login).
+
+    Returns:
+        The folder.
+    """
+    save_directory = Path(save_directory)
+    card = card or ModelCardInfo(**card_fields)
+    ref = None
+    if isinstance(model, AugmentedScore):
+        ref = _base_reference(model, save_directory, base_model)
+    load_name = repo_id or f"path/to/{save_directory.name}"
+    HubFolder(model, card, ref).save_pretrained(save_directory, push_to_hub=push_to_hub, repo_id=repo_id,
+                                                model_card_kwargs={"load_name": load_name})
+    return save_directory
+
+
+def _base_reference(model: AugmentedScore, save_directory: Path, base_model: str | Path | None) -> str:
+    """The base model as the config records it: a path relative to the folder, or a Hub id; never absolute."""
+    if base_model is None:
+        save_pretrained(model.pretrained, save_directory / DEFAULT_BASE_DIR)
+        return DEFAULT_BASE_DIR
+    base = Path(base_model)
+    if base.is_dir():
+        if not (base / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"base_model {base}: no {CONFIG_NAME} (save the base with save_pretrained first)")
+        rel = os.path.relpath(base.resolve(), save_directory.resolve())
+        return Path(rel).as_posix()
+    if _is_hub_id(str(base_model)):
+        return str(base_model)
+    raise FileNotFoundError(f"base_model {base_model!r} is neither a saved folder nor a Hub id (owner/name)")
+
+
+def from_pretrained(name_or_path: str | Path, *, map_location: str = "cpu", revision: str | None = None,
+                    local_files_only: bool = False) -> nn.Module:
+    """A model written by :func:`save_pretrained`, from a local folder or a Hub id; frozen, in eval mode.
+
+    A local folder is read from disk and nothing is downloaded; a Hub id (``owner/name``) downloads its repository
+    (and a CTRL model's base model, if that is a Hub id too).
+
+    Returns:
+        The score network, the ``CalibratedClassifier`` or the ``AugmentedScore`` (base model included).
+    """
+    if Path(name_or_path).is_dir():
+        return load_folder(Path(name_or_path), map_location=map_location)
+    if not _is_hub_id(str(name_or_path)):
+        raise FileNotFoundError(f"{name_or_path}: no such folder, and not a Hub id (owner/name)")
+    return HubFolder.from_pretrained(str(name_or_path), revision=revision, local_files_only=local_files_only,
+                                     map_location=map_location).model
