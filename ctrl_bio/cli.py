@@ -101,14 +101,13 @@ def one_line(exc: BaseException) -> str:
 def parse_overrides(overrides: list[str]) -> list[Any]:
     """Hydra's parse of each override; one that does not parse is a :class:`UsageError` naming it."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
     parsed = []
     for text in overrides:
         try:
             parsed.append(parser.parse_override(text))
-        except OverrideParseException:
+        except Exception:  # noqa: BLE001 - Hydra's parse errors and ANTLR's lexer errors alike
             raise UsageError(f"cannot read '{text}' as an override: write key=value or +key=value "
                              f"(ctrl-bio --help)") from None
     return parsed

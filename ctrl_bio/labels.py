@@ -280,7 +280,7 @@ def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] |
             raise LabelError(f"{path}: {_where(spec, 'pairs.file')}: not a UTF-8 text file (byte "
                              f"0x{exc.object[exc.start]:02x} at position {exc.start})") from None
         except csv.Error as exc:
-            raise LabelError(f"{path}: line {reader.line_num}: {exc}") from None
+            raise LabelError(f"{path}: line {reader.line_num + 1}: {exc}") from None  # the line it failed on
     if "x_column" in pairs:
         if encode_x is None:
             raise LabelError(f"{_where(spec, 'pairs.x_column')}: this domain reads numeric x_columns only")
