@@ -55,6 +55,7 @@ class FinetuneResult:
         seconds: wall-clock time of the whole call, pool generation included.
         pool_ess: smallest effective sample size of the tilted pool over label combinations (score matching).
         prepared: per estimator, what its preparation recorded (the soft value network's losses and seconds, ...).
+        stopped_by: per estimator, ``criterion`` (``budget`` or ``converged``) and the ``update`` it stopped at.
         control_fit: per noise level asked for (``control_fit_times``), the trained control against the optimum's on
             the pool: ``t``, ``signal`` (mean sigma_t^2 ||u*||^2), ``error`` (mean sigma_t^2 ||u_theta - u*||^2) and
             ``explained`` = 1 - error / signal, ``pretrained_error`` (mean sigma_t^2 ||s_pre - s_pool||^2;
@@ -65,6 +66,26 @@ class FinetuneResult:
     seconds: float = 0.0
     pool_ess: float | None = None
     prepared: dict[str, dict] = field(default_factory=dict)
+    stopped_by: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
+class Plateau:
+    """J has levelled off: no new best (by more than ``tolerance``) in ``patience`` evaluations; never if None."""
+
+    patience: int | None
+    tolerance: float = 0.0
+    best: float = float("-inf")
+    since_best: int = 0
+
+    def levelled_off(self, objective: float) -> bool:
+        if self.patience is None:
+            return False
+        if objective > self.best + self.tolerance:
+            self.best, self.since_best = objective, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
     control_fit: list[dict] = field(default_factory=list)
 
 
@@ -147,8 +168,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform",
              sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = (),
              am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
-             value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None
-             ) -> FinetuneResult:
+             value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
+             patience: int | None = None, tolerance: float = 0.0) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     The flat settings below build the estimators (:mod:`ctrl_bio.estimators`) and hand them to :func:`train`;
@@ -184,6 +205,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
         seed: seeds every draw of the run (pool, labels, noise, evaluation).
+        patience, tolerance: stop a phase once J has levelled off (:func:`train`); None: run every update.
     """
     known = (*ESTIMATORS, *ALIASES)
     if estimator not in known:
@@ -203,14 +225,21 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
     problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
                       n_steps=n_steps, t_end=t_end, spacing=spacing)
     return train(problem, phases, grad_clip=grad_clip, eval_every=eval_every, eval_batch_size=eval_batch_size,
-                 checkpoint_path=checkpoint_path, seed=seed, progress=progress, control_fit_times=control_fit_times)
+                 checkpoint_path=checkpoint_path, seed=seed, progress=progress, control_fit_times=control_fit_times,
+                 patience=patience, tolerance=tolerance)
 
 
 def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | None = 1.0, eval_every: int = 100,
           eval_batch_size: int = 512, checkpoint_path: str | Path | None = None, seed: int = 0, progress: bool = True,
-          control_fit_times: Sequence[float] = ()) -> FinetuneResult:
+          control_fit_times: Sequence[float] = (), patience: int | None = None, tolerance: float = 0.0
+          ) -> FinetuneResult:
     """Run each estimator in turn on ``problem``: ``steps`` Adam updates each, a cosine learning-rate decay per phase,
-    the gradient norm clipped at ``grad_clip``, J recorded every ``eval_every`` updates (:class:`TrainingMonitor`)."""
+    the gradient norm clipped at ``grad_clip``, J recorded every ``eval_every`` updates (:class:`TrainingMonitor`).
+
+    Stopping: ``steps`` is each phase's budget cap. With ``patience`` set, a phase also stops once its estimate of J
+    has not risen above its best by more than ``tolerance`` nats for ``patience`` evaluations in a row (J levelling
+    off). ``FinetuneResult.stopped_by`` says, per phase, which criterion ended it and at which update.
+    """
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     result = FinetuneResult()
@@ -229,6 +258,8 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
         result.prepared[est.name] = est.prepare(p, generator)
         if "pool_ess" in result.prepared[est.name]:
             result.pool_ess = result.prepared[est.name]["pool_ess"]
+        plateau = Plateau(patience, tolerance)
+        result.stopped_by[est.name] = {"criterion": "budget", "update": step + est.steps}
         with progress_bar(est.steps, f"ctrl {est.name}", enabled=progress) as advance:
             for _ in range(est.steps):
                 y = p.label_prior.sample(est.batch_size, generator)
@@ -244,6 +275,9 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
                 advance(loss=loss.detach().item())
                 if step % eval_every == 0:
                     monitor.evaluate(step, est.name, loss.detach().item())
+                    if plateau.levelled_off(result.history[-1]["objective"]):
+                        result.stopped_by[est.name] = {"criterion": "converged", "update": step}
+                        break
     if not result.history or result.history[-1]["step"] != step:
         monitor.evaluate(step, ran[-1].name if ran else "init", float("nan"))
     with_pool = [est for est in ran if getattr(est, "pool", None) is not None]

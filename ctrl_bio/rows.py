@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -329,13 +330,17 @@ class RowRunner:
         pool_size = int(settings.pop("pool_size", 8192))
         scales = [float(w) for w in settings.pop("control_scales", [1.0])]
         pool = self.pool(source, pool_size)
+        if settings.get("estimator") == "soft_value":  # V has the domain's noisy-classifier architecture
+            hidden = {k: v for k, v in self.baselines.get("classifier_guidance", {}).items() if k == "hidden"}
+            torch.manual_seed(ctx.seed + 7300)
+            settings["value_net"] = ctx.noisy_classifier(math.prod(ctx.n_classes), **hidden)
         model = self.new_model()
         result = finetune(model, ctx.domain.sde, reward, self.label_prior(), ctx.domain.x_shape, n_steps=ctx.n_steps,
                           t_end=ctx.t_end, spacing=ctx.spacing, seed=ctx.seed, progress=self.progress, pool_x0=pool,
                           checkpoint_path=self.run_dir / "checkpoints" / "ctrl.safetensors", **settings)
         self.histories["ctrl"] = result.history
         self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
-                             "train_seconds": result.seconds}
+                             "train_seconds": result.seconds, "prepared": result.prepared}
         if result.control_fit:
             self.info["ctrl"]["control_fit"] = result.control_fit
         self._ctrl = model

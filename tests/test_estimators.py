@@ -107,3 +107,21 @@ def test_estimator_moves_the_mixture_towards_exact_guidance(small_testbed, estim
         assert j > j_exact - near_exact, (j, j_exact)
     assert result.history[-1]["objective"] > result.history[0]["objective"] + 3.0
     assert math.isfinite(result.history[-1]["kl"])
+
+
+def test_a_phase_stops_when_j_levels_off_and_says_so(small_testbed):
+    """With a tolerance no update can beat, the phase stops two evaluations after its first (which sets the best);
+    without patience it runs its whole budget. Either way ``stopped_by`` names the criterion and the update."""
+    tb = small_testbed
+    label = tb.component_label
+    prior = LabelPrior([label.class_probs()])
+    common = dict(estimator="pathwise", steps=40, batch_size=8, n_steps=5, eval_every=5, eval_batch_size=16,
+                  progress=False)
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
+    result = finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), patience=2, tolerance=1e6,
+                      **common)
+    assert result.stopped_by["pathwise"] == {"criterion": "converged", "update": 15}
+    assert result.history[-1]["step"] == 15
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
+    result = finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), **common)
+    assert result.stopped_by["pathwise"] == {"criterion": "budget", "update": 40}
