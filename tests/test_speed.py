@@ -96,3 +96,27 @@ def test_forward_pair_shares_the_trunk_and_matches_two_forwards() -> None:
     torch.testing.assert_close(s_pre, net(x, t))
     with pytest.raises(ValueError, match="label_blocks"):
         ConvScoreNet(VPSDE(), n_blocks=4, label_blocks=5)
+
+
+def test_speed_suite_runs_from_the_command_line(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ctrl-bio benchmark suite=speed`` composes (no label, so no ``data.n_pairs``) and writes its table.
+
+    The measurement processes are run in this process: what is checked here is the command line, the processes
+    themselves are covered by the test above.
+    """
+    import json
+
+    from ctrl_bio import speed
+    from ctrl_bio.cli import main
+
+    monkeypatch.setattr(speed, "in_fresh_process", lambda function, env=None, **kw: getattr(speed, function)(**kw))
+    run_dir = tmp_path / "run"
+    code = main(["benchmark", "suite=speed", "suite.batch_size=2", "suite.n_steps=3", "suite.length=16",
+                 "suite.hidden=16", "suite.n_blocks=2", "suite.emb_dim=16", "suite.repeats=1", "suite.label_blocks=1",
+                 "+suite.track_tensors=false", "suite.device=cpu", f"hydra.run.dir={run_dir}"])
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    (row,) = results["rows"]
+    assert results["suite"] == "speed" and row["metrics"]["n_steps"] == 3
+    assert row["metrics"]["overhead_ratio"] > 0
+    assert (run_dir / "results.md").is_file()
