@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ctrl_bio.metrics import expected_calibration_error  # noqa: F401  (public here too, as before)
+
 
 class Reward(Protocol):
     """A terminal reward ``(x0, y) -> (batch_size,)``; y has shape (batch_size, n_labels)."""
@@ -44,19 +46,6 @@ def flat_mlp_classifier(x_shape: tuple[int, ...], n_classes: int, hidden: int = 
     for n in x_shape:
         in_dim *= int(n)
     return nn.Sequential(nn.Flatten(), mlp_classifier(in_dim, n_classes, hidden=hidden, depth=depth))
-
-
-def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
-    """ECE of the top-class confidence with equal-width bins (Guo et al. 2017, eq. 3)."""
-    conf, pred = probs.max(dim=1)
-    correct = (pred == y).float()
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, device=probs.device)
-    ece = torch.zeros((), device=probs.device)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            ece = ece + in_bin.float().mean() * (conf[in_bin].mean() - correct[in_bin].mean()).abs()
-    return float(ece)
 
 
 def fit_temperature(logits: Tensor, y: Tensor, max_iter: int = 200) -> float:

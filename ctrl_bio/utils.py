@@ -1,10 +1,7 @@
-"""Small shape and reproducibility helpers shared by the core."""
+"""Small shape and random-draw helpers shared by the core (seeding: Lightning's ``seed_everything``)."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,11 +43,3 @@ def rand(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None 
     """Uniform draws on [0, 1), made on the generator's device and moved to ``device`` (see :func:`randn`)."""
     on = generator.device if generator is not None else device
     return torch.rand(shape, generator=generator, device=on, dtype=dtype).to(device)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)

@@ -336,3 +336,17 @@ def test_missing_paths_give_one_clear_line(tmp_path, sd_path):
     with pytest.raises(FileNotFoundError, match="broken") as err:
         load_pipeline(broken)
     assert "\n" not in str(err.value)
+
+
+def test_one_jpeg_sizer_for_grey_patches_and_rgb_images():
+    from domains.images.data import jpeg_bytes
+
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((3, 32, 32, 3)) * 255).astype(np.uint8)
+    grey = (rng.random((3, 16, 16)) * 255).astype(np.uint8)
+    # Stable Diffusion's kB are the patches' sizer in units of 1000 bytes.
+    np.testing.assert_array_equal(jpeg_kb(rgb) * 1000, jpeg_bytes(rgb, quality=95))
+    flat = np.full((1, 16, 16), 128, np.uint8)
+    assert jpeg_bytes(grey).dtype == np.int64 and (jpeg_bytes(grey) > jpeg_bytes(flat)[0]).all()
+    with pytest.raises(ValueError, match="uint8 images"):
+        jpeg_bytes(rgb[..., :2])

@@ -106,17 +106,23 @@ def to_uint8(x: Tensor) -> np.ndarray:
 
 
 def jpeg_bytes(u8: np.ndarray, quality: int = JPEG_QUALITY) -> np.ndarray:
-    """Size in bytes of each grey image (N, H, W) uint8 encoded by Pillow as baseline JPEG at ``quality``.
+    """Size in bytes of each image encoded by Pillow as baseline JPEG at ``quality``: the one JPEG sizer of the domain.
 
-    The encoder's settings are fixed (no optimised Huffman tables, no progressive mode, 4:4:4 is moot for grey), so
-    the size is a deterministic function of the pixels: the exact label of the compressibility task.
+    Grey images (N, H, W) or RGB images (N, H, W, 3), uint8. The encoder's settings are fixed (no optimised Huffman
+    tables, no progressive mode; Pillow's default 4:2:0 chroma subsampling for RGB), so the size is a deterministic
+    function of the pixels: the exact label of the compressibility tasks (this suite's patches, Stable Diffusion's
+    :func:`domains.images.stable_diffusion.jpeg_kb`).
     """
     from PIL import Image
 
+    u8 = np.asarray(u8)
+    if u8.dtype != np.uint8 or not (u8.ndim == 3 or (u8.ndim == 4 and u8.shape[-1] == 3)):
+        raise ValueError(f"jpeg_bytes needs uint8 images of shape (N, H, W) or (N, H, W, 3), got {u8.dtype} {u8.shape}")
     sizes = np.empty(len(u8), dtype=np.int64)
     for i, img in enumerate(u8):
         buf = io.BytesIO()
-        Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=quality, optimize=False)
+        # Mode from the array: "L" for (H, W), "RGB" for (H, W, 3).
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality, optimize=False)
         sizes[i] = buf.tell()
     return sizes
 

@@ -24,7 +24,6 @@ Everything loads from local paths (``local_files_only=True``); nothing here down
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -44,6 +43,7 @@ from ctrl_bio.lora import lora_disabled
 from ctrl_bio.model import NULL_LABEL, check_labels
 from ctrl_bio.reward import CalibratedClassifier, LogLikelihoodReward
 from ctrl_bio.sde import DiscreteScheduleSDE
+from domains.images.data import jpeg_bytes
 from domains.images.unet import LORA_TARGETS, UNetAugmentedScore
 
 #: Pipeline components CTRL needs; each must be a sub-folder of a diffusers pipeline folder.
@@ -314,22 +314,15 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def jpeg_kb(images_uint8: np.ndarray | Tensor, quality: int = JPEG_QUALITY) -> np.ndarray:
     """JPEG size in kB of each RGB image (B, H, W, 3) uint8 (or one (H, W, 3)), Pillow baseline at ``quality``.
 
-    Fixed encoder settings (4:2:0 subsampling, Pillow's default at this quality; no optimised Huffman tables), so the
-    size is a deterministic function of the pixels.
+    :func:`domains.images.data.jpeg_bytes` (fixed encoder settings: 4:2:0 subsampling, no optimised Huffman tables)
+    in kB of 1000 bytes, as DDPO counts them.
     """
-    from PIL import Image
-
     u8 = images_uint8.cpu().numpy() if isinstance(images_uint8, Tensor) else np.asarray(images_uint8)
     if u8.ndim == 3:
         u8 = u8[None]
     if u8.dtype != np.uint8 or u8.ndim != 4 or u8.shape[-1] != 3:
         raise ValueError(f"jpeg_kb needs uint8 RGB images of shape (B, H, W, 3), got {u8.dtype} {u8.shape}")
-    sizes = np.empty(u8.shape[0])
-    for i, img in enumerate(u8):
-        buf = io.BytesIO()
-        Image.fromarray(img, mode="RGB").save(buf, format="JPEG", quality=quality, optimize=False)
-        sizes[i] = buf.tell() / 1000.0
-    return sizes
+    return jpeg_bytes(u8, quality) / 1000.0
 
 
 def jpeg_kb_class(images_uint8: np.ndarray | Tensor, quality: int = JPEG_QUALITY) -> np.ndarray:
