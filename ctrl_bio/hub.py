@@ -11,7 +11,8 @@ weights) and a generated ``README.md`` model card. Three kinds, told apart by ``
   the sub-folder ``base/``, written alongside) or by a Hub id, never by an absolute path, so the folder moves
   between machines and can be pushed to the Hub as it is.
 
-The folder is written and read through huggingface_hub's ``ModelHubMixin`` (config, model card, ``push_to_hub``).
+The folder is written and read through huggingface_hub's ``ModelHubMixin`` (config, model card, Hub downloads) and
+uploaded whole, ``base/`` included, by ``save_pretrained(..., push_to_hub=True)``.
 Nothing downloads unless a Hub id is named: a local folder is read from disk. Classes named in a ``config.json`` are
 imported only from trusted packages (:func:`ctrl_bio.labels.check_trusted`).
 """
@@ -260,8 +261,7 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
                 paper_url="https://arxiv.org/abs/2406.12120", model_card_template=CARD_TEMPLATE):
     """One ctrl-bio model and its card, as huggingface_hub's mixin saves and loads it.
 
-    Use :func:`save_pretrained` and :func:`from_pretrained`; this class is their plumbing (and gives
-    ``push_to_hub``).
+    Use :func:`save_pretrained` and :func:`from_pretrained`; this class is their plumbing.
 
     Args:
         model: a score network, a :class:`ctrl_bio.reward.CalibratedClassifier` or an
@@ -387,7 +387,8 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
             relative to ``save_directory``) or a Hub id. Default: the base is written into ``save_directory/base``.
         card: the model card's facts; or give them as keyword arguments (``labels``, ``alpha``, ``gamma``,
             ``estimator``, ``training_data``, ``metrics``, ``description``; :class:`ModelCardInfo`).
-        push_to_hub, repo_id: also upload the folder (huggingface_hub's ``push_to_hub``; needs a login).
+        push_to_hub, repo_id: also upload the whole folder, a CTRL model's ``base/`` included, to the Hub repository
+            ``repo_id`` (default: the folder's name; created if missing; needs a login).
 
     Returns:
         The folder.
@@ -398,8 +399,14 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
     if isinstance(model, AugmentedScore):
         ref = _base_reference(model, save_directory, base_model)
     load_name = repo_id or f"path/to/{save_directory.name}"
-    HubFolder(model, card, ref).save_pretrained(save_directory, push_to_hub=push_to_hub, repo_id=repo_id,
-                                                model_card_kwargs={"load_name": load_name})
+    HubFolder(model, card, ref).save_pretrained(save_directory, model_card_kwargs={"load_name": load_name})
+    if push_to_hub:
+        # The folder as written, not the mixin's push_to_hub: that re-saves into a temporary folder without base/.
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo = api.create_repo(repo_id or save_directory.name, exist_ok=True).repo_id
+        api.upload_folder(repo_id=repo, folder_path=save_directory)
     return save_directory
 
 
