@@ -88,6 +88,8 @@ def _sequential_spec(seq: nn.Sequential) -> list[list[Any]]:
             layers.append(["Dropout", layer.p])
         elif type(layer) in _ACTIVATIONS.values():
             layers.append([type(layer).__name__])
+        elif type(layer) is nn.Sequential:  # flat_mlp_classifier: Flatten, then mlp_classifier's Sequential
+            layers.append(["Sequential", _sequential_spec(layer)])
         else:
             raise TypeError(f"cannot describe a {type(layer).__name__} inside nn.Sequential for config.json")
     return layers
@@ -107,6 +109,8 @@ def _build_sequential(layers: Sequence[Sequence[Any]]) -> nn.Sequential:
             modules.append(nn.Dropout(*args))
         elif name in _ACTIVATIONS:
             modules.append(_ACTIVATIONS[name]())
+        elif name == "Sequential":
+            modules.append(_build_sequential(args[0]))
         else:
             raise ValueError(f"config.json: unknown layer {name!r} in an nn.Sequential")
     return nn.Sequential(*modules)
@@ -126,16 +130,21 @@ def _pathway_config(pathway: nn.Module) -> dict[str, Any]:
     raise TypeError(f"cannot describe a {type(pathway).__name__} label pathway for config.json")
 
 
-def module_spec(module: nn.Module) -> dict[str, Any]:
+def module_spec(module: nn.Module, builder: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What rebuilds ``module``: its class and constructor arguments.
 
     Networks of the toolkit keep their constructor arguments in a ``config`` dict (or dataclass) and, for score
     networks, take the SDE as first argument (``sde``); the core's label pathways and plain ``nn.Sequential`` MLPs
-    (:func:`ctrl_bio.reward.mlp_classifier`) are read back from their layers.
+    (:func:`ctrl_bio.reward.mlp_classifier`) are read back from their layers. Any other module is described by the
+    caller's ``builder``, a Hydra-style ``{"_target_": "pkg.module.factory", **kwargs}`` (what a label config's
+    ``classifier`` node holds, with ``x_shape`` and ``n_classes``).
 
     Raises:
         TypeError: for a module none of these describes.
     """
+    if builder is not None:
+        builder = _jsonable(dict(builder))
+        return {"target": builder.pop("_target_"), "kwargs": builder}
     if type(module) is nn.Sequential:
         return {"class": "torch.nn.Sequential", "layers": _sequential_spec(module)}
     if isinstance(module, (VectorPathway, SequencePathway)):
@@ -144,11 +153,15 @@ def module_spec(module: nn.Module) -> dict[str, Any]:
     if isinstance(config, Mapping) or is_dataclass(config):
         return {"class": _class_path(module), "config": _jsonable(config), "sde": hasattr(module, "sde")}
     raise TypeError(f"cannot save a {type(module).__name__}: give it a `config` dict of its constructor arguments "
-                    "(and take the SDE as first argument `sde`), as ctrl_bio.nets.VectorScoreNet does")
+                    "(and take the SDE as first argument `sde`), as ctrl_bio.nets.VectorScoreNet does, or pass "
+                    "save_pretrained(..., network={'_target_': 'pkg.module.factory', ...})")
 
 
 def build_module(spec: Mapping[str, Any], sde: SDE | None = None) -> nn.Module:
     """The module of :func:`module_spec`, freshly initialised (load its weights afterwards)."""
+    if "target" in spec:
+        check_trusted(spec["target"], "config.json: network _target_")
+        return resolve_callable(spec["target"])(**spec["kwargs"])
     if spec["class"] == "torch.nn.Sequential":
         return _build_sequential(spec["layers"])
     check_trusted(spec["class"], "config.json: network class")
@@ -268,10 +281,13 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
             :class:`ctrl_bio.model.AugmentedScore`.
         card: what the model card says beyond the config.
         base_model: for a CTRL model, the reference its config records (a relative path or a Hub id).
+        network: a ``_target_`` dict that rebuilds the network (a classifier's ``net``, a score network, a CTRL
+            model's pathway) where :func:`module_spec` cannot read it from the module.
     """
 
-    def __init__(self, model: nn.Module, card: ModelCardInfo | None = None, base_model: str | None = None):
-        self.model, self.card, self.base_model = model, card or ModelCardInfo(), base_model
+    def __init__(self, model: nn.Module, card: ModelCardInfo | None = None, base_model: str | None = None,
+                 network: Mapping[str, Any] | None = None):
+        self.model, self.card, self.base_model, self.network = model, card or ModelCardInfo(), base_model, network
         self.kind = _kind(model)
 
     def config(self) -> dict[str, Any]:
@@ -279,11 +295,12 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         m = self.model
         out: dict[str, Any] = {"ctrl_bio": {"kind": self.kind, "format": FORMAT_VERSION}}
         if self.kind == "score_network":
-            out |= {"network": module_spec(m), "sde": sde_spec(m.sde)}
+            out |= {"network": module_spec(m, self.network), "sde": sde_spec(m.sde)}
         elif self.kind == "reward_classifier":
-            out |= {"network": module_spec(m.net), "temperature": float(m.temperature)}
+            out |= {"network": module_spec(m.net, self.network), "temperature": float(m.temperature)}
         else:
-            out |= {"base_model": self.base_model, "pathway": module_spec(m.pathway), "sde": sde_spec(m.sde),
+            out |= {"base_model": self.base_model, "pathway": module_spec(m.pathway, self.network),
+                    "sde": sde_spec(m.sde),
                     "n_classes": list(m.n_classes)}
         card = _jsonable(self.card)
         out |= {k: v for k, v in card.items() if v not in (None, [], {}) and k != "description"}
@@ -304,7 +321,8 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         base = self.base_model
         card_data = ModelCardData(library_name="ctrl-bio", tags=["ctrl-bio", "diffusion", self.kind],
                                   base_model=base if base and _is_hub_id(base) else None)
-        network = config.get("network", config.get("pathway", {})).get("class", "")
+        spec = config.get("network", config.get("pathway", {}))
+        network = spec.get("class", spec.get("target", ""))
         labels = ", ".join(f"`{lab.get('name', i)}`" + (f" ({lab['n_classes']} classes)" if "n_classes" in lab else "")
                            for i, lab in enumerate(card.labels))
         return ModelCard.from_template(
@@ -375,8 +393,8 @@ def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[s
 
 
 def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model: str | Path | None = None,
-                    card: ModelCardInfo | None = None, push_to_hub: bool = False, repo_id: str | None = None,
-                    **card_fields: Any) -> Path:
+                    network: Mapping[str, Any] | None = None, card: ModelCardInfo | None = None,
+                    push_to_hub: bool = False, repo_id: str | None = None, **card_fields: Any) -> Path:
     """Write ``model`` as a Hugging Face folder: ``config.json``, ``model.safetensors`` and a ``README.md`` card.
 
     Args:
@@ -385,6 +403,9 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
         save_directory: the folder (created).
         base_model: for a CTRL model, where its frozen base model lives: a folder written by this function (recorded
             relative to ``save_directory``) or a Hub id. Default: the base is written into ``save_directory/base``.
+        network: how to rebuild a network this module cannot describe by itself, a Hydra-style
+            ``{"_target_": "pkg.module.factory", **kwargs}``; e.g. a label config's ``classifier`` node with the
+            ``x_shape`` and ``n_classes`` that ``ctrl_bio.labels.build_classifier`` adds to it.
         card: the model card's facts; or give them as keyword arguments (``labels``, ``alpha``, ``gamma``,
             ``estimator``, ``training_data``, ``metrics``, ``description``; :class:`ModelCardInfo`).
         push_to_hub, repo_id: also upload the whole folder, a CTRL model's ``base/`` included, to the Hub repository
@@ -399,7 +420,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
     if isinstance(model, AugmentedScore):
         ref = _base_reference(model, save_directory, base_model)
     load_name = repo_id or f"path/to/{save_directory.name}"
-    HubFolder(model, card, ref).save_pretrained(save_directory, model_card_kwargs={"load_name": load_name})
+    HubFolder(model, card, ref, network).save_pretrained(save_directory, model_card_kwargs={"load_name": load_name})
     if push_to_hub:
         # The folder as written, not the mixin's push_to_hub: that re-saves into a temporary folder without base/.
         from huggingface_hub import HfApi

@@ -123,6 +123,27 @@ def test_score_network_and_reward_classifier_round_trip(tmp_path):
     assert torch.equal(loaded_clf(x), clf(x))
 
 
+def test_classifier_by_builder_and_nested_sequential(tmp_path):
+    from ctrl_bio.labels import LabelError
+    from ctrl_bio.reward import flat_mlp_classifier
+
+    x = torch.randn(4, 2, 3)
+    clf = CalibratedClassifier(flat_mlp_classifier((2, 3), 3, hidden=8), temperature=0.8)
+    read_back = from_pretrained(save_pretrained(clf, tmp_path / "auto"))  # Flatten + mlp_classifier, from its layers
+    assert torch.equal(read_back(x), clf(x))
+    builder = {"_target_": "ctrl_bio.reward.flat_mlp_classifier", "x_shape": [2, 3], "n_classes": 3, "hidden": 8}
+    folder = save_pretrained(clf, tmp_path / "built", network=builder)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["network"] == {"target": "ctrl_bio.reward.flat_mlp_classifier",
+                                 "kwargs": {"x_shape": [2, 3], "n_classes": 3, "hidden": 8}}
+    assert torch.equal(from_pretrained(folder)(x), clf(x))
+    # A config.json that names a callable outside the trusted packages is refused, not imported.
+    config["network"]["target"] = "os.system"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LabelError, match="trusted"):
+        from_pretrained(folder)
+
+
 def test_unknown_folders_and_ids_fail_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hub id"):
         from_pretrained(tmp_path / "nothing" / "here")
