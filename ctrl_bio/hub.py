@@ -3,8 +3,9 @@
 A saved model is a folder the field's tools read: ``config.json`` (what rebuilds it), ``model.safetensors`` (its
 weights) and a generated ``README.md`` model card. Three kinds, told apart by ``config.json["ctrl_bio"]["kind"]``:
 
-- ``score_network``: a pre-trained score network (``VectorScoreNet``, ``ConvScoreNet``, ``UNetScore``, or any
-  network with a ``config`` dict of its constructor arguments and its ``sde``);
+- ``score_network``: a pre-trained score network (``VectorScoreNet``, ``ConvScoreNet``, ``UNetScore``, any network
+  with a ``config`` dict of its constructor arguments and its ``sde``, or such a network wrapped by
+  :func:`ctrl_bio.interop.wrap_network`);
 - ``reward_classifier``: a calibrated classifier p(y | x) (:class:`ctrl_bio.reward.CalibratedClassifier`);
 - ``ctrl_model``: a fine-tuned CTRL model (:class:`ctrl_bio.model.AugmentedScore`, Zhao et al. 2024, Sec. 4.2): only
   the label pathway is stored; the frozen base model is referenced by a path relative to the folder (by default
@@ -32,6 +33,7 @@ from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_do
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ctrl_bio.interop import NetworkScore
 from ctrl_bio.labels import check_trusted, resolve_callable
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.nets import SequencePathway
@@ -52,8 +54,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What rebuilds a module: {"class": "pkg.module.Class", "config": {...}} (+ "sde": true when the SDE comes first)
 
 
+def _class_path_of(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _class_path(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return _class_path_of(type(obj))
 
 
 def _jsonable(value: Any) -> Any:
@@ -149,6 +155,11 @@ def module_spec(module: nn.Module, builder: Mapping[str, Any] | None = None) -> 
         return {"class": "torch.nn.Sequential", "layers": _sequential_spec(module)}
     if isinstance(module, (VectorPathway, SequencePathway)):
         return {"class": _class_path(module), "config": _pathway_config(module)}
+    if type(module) is NetworkScore:  # wrap_network: the network's own spec and how its output becomes the score
+        if callable(module.time):
+            raise TypeError("cannot save a wrap_network score whose time input is a callable: use 't' or 'timestep'")
+        return {"class": _class_path(module), "network": module_spec(module.net),
+                "predicts": module.predicts, "time": module.time}
     config = getattr(module, "config", None)
     if isinstance(config, Mapping) or is_dataclass(config):
         return {"class": _class_path(module), "config": _jsonable(config), "sde": hasattr(module, "sde")}
@@ -164,6 +175,10 @@ def build_module(spec: Mapping[str, Any], sde: SDE | None = None) -> nn.Module:
         return resolve_callable(spec["target"])(**spec["kwargs"])
     if spec["class"] == "torch.nn.Sequential":
         return _build_sequential(spec["layers"])
+    if spec["class"] == _class_path_of(NetworkScore):
+        if sde is None:
+            raise ValueError("config.json: a wrap_network score needs its SDE")
+        return NetworkScore(build_module(spec["network"], sde), sde, spec["predicts"], spec["time"])
     check_trusted(spec["class"], "config.json: network class")
     cls = resolve_callable(spec["class"])
     config = dict(spec.get("config") or {})

@@ -14,6 +14,7 @@ import torch
 
 from ctrl_bio.finetune import finetune
 from ctrl_bio.hub import from_pretrained, save_pretrained
+from ctrl_bio.interop import wrap_network
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.nets import VectorScoreNet
 from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward, mlp_classifier
@@ -114,6 +115,12 @@ def test_score_network_and_reward_classifier_round_trip(tmp_path):
     x, t = torch.randn(5, 3), torch.rand(5)
     assert torch.equal(loaded(x, t), net(x, t))
     assert torch.equal(loaded.sde.alphas_cumprod, sde.alphas_cumprod)
+
+    # A network brought in by wrap_network (here one that predicts x0) keeps its prediction type and time input.
+    wrapped = wrap_network(VectorScoreNet(sde, dim=3, hidden=16, depth=1), predicts="x0", sde=sde, time="timestep")
+    loaded_wrapped = from_pretrained(save_pretrained(wrapped, tmp_path / "wrapped"))
+    assert (loaded_wrapped.predicts, loaded_wrapped.time) == ("x0", "timestep")
+    assert torch.equal(loaded_wrapped(x, t), wrapped(x, t))
 
     clf = CalibratedClassifier(mlp_classifier(3, 4, hidden=8), temperature=1.7)
     folder = save_pretrained(clf, tmp_path / "clf", labels=[{"name": "bin", "n_classes": 4}],

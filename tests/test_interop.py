@@ -214,8 +214,9 @@ def test_own_model_doc_runs(capsys):
 
     pytest.importorskip("peft")
     blocks = python_blocks(Path(__file__).resolve().parents[1] / "docs" / "own_model.md")
-    assert len(blocks) == 2  # the vector eps-network and the diffusers UNet2DModel
+    assert len(blocks) == 3  # the vector eps-network, the diffusers UNet2DModel, save and share
     for block in blocks:
         exec(compile(block, "<docs/own_model.md>", "exec"), {"__name__": "__own_model__"})
     out = capsys.readouterr().out
     assert "fine-tuned, asked for y = 1" in out and "samples (2, 3, 8, 8)" in out
+    assert "saved ['README.md', 'base', 'config.json', 'model.safetensors']" in out
