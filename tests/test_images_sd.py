@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -218,6 +219,8 @@ def test_adapter_round_trip_gives_identical_scores(pipe, sd_path, tmp_path):
     meta = json.loads((folder / ADAPTER_CONFIG).read_text())
     assert meta["n_classes"] == [4, 2] and meta["lora_rank"] == 2 and meta["label_names"] == ["jpeg", "aesthetic"]
     assert not (folder / "unet").exists()  # the pipeline's own files are referenced, not copied
+    # ... by a path relative to the adapter folder, so that both move together (never an absolute path).
+    assert meta["base_model"] == os.path.relpath(sd_path, folder) and not os.path.isabs(meta["base_model"])
 
     fresh = load_pipeline(sd_path)
     loaded = load_adapter(SDLatentScore.from_pipeline(fresh, PROMPT, guidance_scale=3.0), folder)
@@ -235,6 +238,34 @@ def test_adapter_round_trip_gives_identical_scores(pipe, sd_path, tmp_path):
     with requested_labels(model2, [[3, 1]]):
         images_loaded = _pipeline_images(pipe2)
     np.testing.assert_array_equal(images_loaded, images)
+
+
+def test_adapter_lora_part_is_peft_format_that_diffusers_loads(pipe, sd_path, tmp_path):
+    """The LoRA part of a saved adapter is a peft adapter: diffusers' own load_lora_adapter gives the same UNet."""
+    score = SDLatentScore.from_pipeline(pipe, PROMPT, guidance_scale=3.0)
+    model = UNetAugmentedScore(score, (4,), lora_rank=2)
+    _fill_pathway(model)
+    import shutil
+
+    shutil.copytree(sd_path, tmp_path / "project" / "sd")  # a pipeline and its adapter side by side
+    folder = save_adapter(model, tmp_path / "project" / "ctrl", base_model=tmp_path / "project" / "sd")
+    assert json.loads((folder / ADAPTER_CONFIG).read_text())["base_model"] == "../sd"
+    peft_config = json.loads((folder / "adapter_config.json").read_text())
+    assert peft_config["r"] == 2 and peft_config["peft_type"] == "LORA"
+    plain = load_pipeline(sd_path).unet
+    plain.load_lora_adapter(str(folder), prefix=None, adapter_name="ctrl", weight_name="adapter_model.safetensors")
+    x, ts = torch.randn(2, *score.x_shape), torch.tensor([10.0, 500.0])
+    text = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        expected = pipe.unet(x, ts, encoder_hidden_states=text).sample  # LoRA on, no label embedding installed
+        assert torch.equal(plain(x, ts, encoder_hidden_states=text).sample, expected)
+    # Moved together, the adapter still finds its pipeline, and samples as before.
+    (tmp_path / "project").rename(tmp_path / "moved")
+    pipe2, moved = load_finetuned(tmp_path / "moved" / "ctrl")
+    with requested_labels(model, [[2]]):
+        images = _pipeline_images(pipe)
+    with requested_labels(moved, [[2]]):
+        np.testing.assert_array_equal(_pipeline_images(pipe2), images)
 
 
 # (e) sampling through a normal pipeline call --------------------------------------------------------------------------

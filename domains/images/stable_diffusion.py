@@ -25,6 +25,7 @@ Everything loads from local paths (``local_files_only=True``); nothing here down
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -48,9 +49,12 @@ from domains.images.unet import LORA_TARGETS, UNetAugmentedScore
 
 #: Pipeline components CTRL needs; each must be a sub-folder of a diffusers pipeline folder.
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-#: Files of a saved fine-tuned model (beside, never inside, the pipeline's own folder).
+#: Files of a saved fine-tuned model (beside, never inside, the pipeline's own folder): the label embedding and
+#: settings, and the LoRA part in peft's adapter format (which peft and diffusers' ``load_lora_adapter`` read).
 ADAPTER_WEIGHTS = "ctrl_adapter.safetensors"
 ADAPTER_CONFIG = "ctrl_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
 #: Files of a saved reward model.
 REWARD_WEIGHTS = "model.safetensors"
 REWARD_CONFIG = "config.json"
@@ -545,10 +549,17 @@ def _lora_layout(unet: nn.Module) -> tuple[float | None, list[str]]:
 def save_adapter(model: UNetAugmentedScore, folder: str | Path, *, base_model: str | Path | None = None,
                  label_names: Sequence[str] | None = None, class_names: Sequence[Sequence[str]] | None = None,
                  prompt: str | None = None, guidance_scale: float | None = None) -> Path:
-    """Write the label pathway of a fine-tuned SD model: ``ctrl_adapter.safetensors`` + ``ctrl_config.json``.
+    """Write the label pathway of a fine-tuned SD model into ``folder``.
 
-    The pipeline's own files are not copied: ``base_model`` records where they are (:func:`load_finetuned`).
+    ``ctrl_adapter.safetensors`` holds the label embedding and ``ctrl_config.json`` the settings; the LoRA part is
+    written in peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``, with the LoRA settings
+    also in the weights' header, where diffusers' ``unet.load_lora_adapter(folder, prefix=None,
+    weight_name="adapter_model.safetensors")`` reads them). The pipeline's own files are not copied: ``base_model``
+    (a local pipeline folder, recorded relative to ``folder`` so that both move together, or a Hub id) says where
+    they are (:func:`load_finetuned`).
     """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -556,19 +567,35 @@ def save_adapter(model: UNetAugmentedScore, folder: str | Path, *, base_model: s
     if len(names) != len(model.n_classes):
         raise ValueError(f"label_names has {len(names)} names for {len(model.n_classes)} labels")
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in _trainable_state(model).items()}
-    save_file(state, str(folder / ADAPTER_WEIGHTS))
+    embedding = {f"embedding.{k}": v.detach().contiguous().cpu() for k, v in model.embedding.state_dict().items()}
+    save_file(embedding, str(folder / ADAPTER_WEIGHTS))
+    base = _base_reference(base_model, folder)
     alpha, targets = _lora_layout(model.score.unet) if model.lora_rank > 0 else (None, [])
+    if model.lora_rank > 0:
+        lora = LoraConfig(r=model.lora_rank, lora_alpha=alpha, target_modules=targets, base_model_name_or_path=base)
+        lora.save_pretrained(str(folder))
+        header = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}
+        state = get_peft_model_state_dict(model.score.unet, adapter_name="ctrl")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / PEFT_WEIGHTS),
+                  metadata={"format": "pt", "lora_adapter_metadata": json.dumps(header, sort_keys=True)})
     meta = {
-        "format": "ctrl-bio stable diffusion adapter", "version": 1,
-        "base_model": str(Path(base_model).resolve()) if base_model is not None else None,
-        "n_classes": list(model.n_classes), "label_names": names,
+        "format": "ctrl-bio stable diffusion adapter", "version": 2,
+        "base_model": base, "n_classes": list(model.n_classes), "label_names": names,
         "class_names": [list(c) for c in class_names] if class_names is not None else None,
         "lora_rank": model.lora_rank, "lora_alpha": alpha, "lora_targets": targets or None,
         "prompt": prompt, "guidance_scale": guidance_scale,
     }
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
     return folder
+
+
+def _base_reference(base_model: str | Path | None, folder: Path) -> str | None:
+    """The pipeline as the adapter records it: relative to the adapter folder if local, else as given (a Hub id)."""
+    if base_model is None:
+        return None
+    if Path(base_model).is_dir():
+        return Path(os.path.relpath(Path(base_model).resolve(), folder.resolve())).as_posix()
+    return str(base_model)
 
 
 def read_adapter_config(folder: str | Path) -> dict[str, Any]:
@@ -604,7 +631,18 @@ def load_adapter(target: Any, folder: str | Path) -> UNetAugmentedScore:
                                lora_alpha=meta.get("lora_alpha"),
                                lora_targets=meta.get("lora_targets") or LORA_TARGETS)
     saved = load_file(str(Path(folder) / ADAPTER_WEIGHTS))
-    expected = _trainable_state(model)
+    if (Path(folder) / PEFT_WEIGHTS).is_file():  # version 2: the LoRA part in peft's format, under peft's names
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model.score.unet, load_file(str(Path(folder) / PEFT_WEIGHTS)),
+                                           adapter_name="ctrl")
+        mismatched = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
+        if mismatched:
+            raise ValueError(f"{Path(folder) / PEFT_WEIGHTS} does not fit this UNet: {len(mismatched)} mismatched "
+                             f"tensors, e.g. {mismatched[0]!r}")
+        expected = {n: p for n, p in _trainable_state(model).items() if n.startswith("embedding.")}
+    else:  # version 1: embedding and LoRA together
+        expected = _trainable_state(model)
     if set(saved) != set(expected):
         diff = sorted(set(saved) ^ set(expected))
         raise ValueError(f"{Path(folder) / ADAPTER_WEIGHTS} does not fit this UNet: {len(diff)} mismatched "
@@ -617,11 +655,17 @@ def load_adapter(target: Any, folder: str | Path) -> UNetAugmentedScore:
 
 def load_finetuned(folder: str | Path, base_model: str | Path | None = None,
                    **pipeline_kwargs: Any) -> tuple[Any, UNetAugmentedScore]:
-    """(pipeline, augmented model) from an adapter folder and the pipeline it refers to (or ``base_model``)."""
+    """(pipeline, augmented model) from an adapter folder and the pipeline it refers to (or ``base_model``).
+
+    A recorded relative ``base_model`` is read relative to the adapter folder; a Hub id must be downloaded first
+    (everything here loads from local folders) and passed as ``base_model``.
+    """
     meta = read_adapter_config(folder)
     base = base_model if base_model is not None else meta.get("base_model")
     if base is None:
         raise ValueError(f"{Path(folder) / ADAPTER_CONFIG} names no base_model; pass base_model=")
+    if base_model is None:  # recorded: relative to the adapter folder (an absolute path from version 1 stays as is)
+        base = Path(folder) / base
     pipe = load_pipeline(base, **pipeline_kwargs)
     return pipe, load_adapter(pipe, folder)
 
