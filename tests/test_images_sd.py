@@ -19,6 +19,7 @@ from ctrl_bio.reward import CalibratedClassifier, fit_temperature  # noqa: E402
 from ctrl_bio.sampling import euler_maruyama, time_grid  # noqa: E402
 from domains.images.stable_diffusion import (  # noqa: E402
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     AestheticClassifier,
     AestheticMLP,
     CompressibilityCNN,
@@ -266,6 +267,28 @@ def test_adapter_lora_part_is_peft_format_that_diffusers_loads(pipe, sd_path, tm
         images = _pipeline_images(pipe)
     with requested_labels(moved, [[2]]):
         np.testing.assert_array_equal(_pipeline_images(pipe2), images)
+
+
+def test_version_1_adapter_folders_still_load(pipe, sd_path, tmp_path):
+    """Folders written before the peft format: LoRA inside ctrl_adapter.safetensors, the base by absolute path."""
+    from safetensors.torch import save_file
+
+    from domains.images.stable_diffusion import _trainable_state
+
+    score = SDLatentScore.from_pipeline(pipe, PROMPT, guidance_scale=3.0)
+    model = UNetAugmentedScore(score, (4,), lora_rank=2)
+    _fill_pathway(model)
+    folder = save_adapter(model, tmp_path / "v1", base_model=sd_path)
+    save_file({k: v.detach().contiguous() for k, v in _trainable_state(model).items()}, str(folder / ADAPTER_WEIGHTS))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (folder / name).unlink()
+    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (folder / ADAPTER_CONFIG).write_text(json.dumps({**meta, "version": 1, "base_model": str(sd_path.resolve())}))
+    assert load_finetuned(folder)[1].lora_rank == 2  # the absolute base path of version 1 is followed
+    loaded = load_adapter(SDLatentScore.from_pipeline(load_pipeline(sd_path), PROMPT, guidance_scale=3.0), folder)
+    x, t, y = torch.randn(2, *score.x_shape), torch.tensor([0.7, 0.2]), torch.tensor([[1], [3]])
+    with torch.no_grad():
+        assert torch.equal(loaded.score_and_control(x, t, y)[0], model.score_and_control(x, t, y)[0])
 
 
 # (e) sampling through a normal pipeline call --------------------------------------------------------------------------
