@@ -298,11 +298,14 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         base_model: for a CTRL model, the reference its config records (a relative path or a Hub id).
         network: a ``_target_`` dict that rebuilds the network (a classifier's ``net``, a score network, a CTRL
             model's pathway) where :func:`module_spec` cannot read it from the module.
+        extra: JSON-able settings kept under ``config.json["extra"]`` for the tools that read the folder (the
+            command line's domain, sample shape, sampler grid); :func:`read_config` returns them.
     """
 
     def __init__(self, model: nn.Module, card: ModelCardInfo | None = None, base_model: str | None = None,
-                 network: Mapping[str, Any] | None = None):
+                 network: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None):
         self.model, self.card, self.base_model, self.network = model, card or ModelCardInfo(), base_model, network
+        self.extra = _jsonable(dict(extra)) if extra else None
         self.kind = _kind(model)
 
     def config(self) -> dict[str, Any]:
@@ -319,6 +322,8 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
                     "n_classes": list(m.n_classes)}
         card = _jsonable(self.card)
         out |= {k: v for k, v in card.items() if v not in (None, [], {}) and k != "description"}
+        if self.extra:
+            out["extra"] = self.extra
         return out
 
     def weights(self) -> dict[str, torch.Tensor]:
@@ -409,7 +414,8 @@ def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[s
 
 def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model: str | Path | None = None,
                     network: Mapping[str, Any] | None = None, card: ModelCardInfo | None = None,
-                    push_to_hub: bool = False, repo_id: str | None = None, **card_fields: Any) -> Path:
+                    extra: Mapping[str, Any] | None = None, push_to_hub: bool = False, repo_id: str | None = None,
+                    **card_fields: Any) -> Path:
     """Write ``model`` as a Hugging Face folder: ``config.json``, ``model.safetensors`` and a ``README.md`` card.
 
     Args:
@@ -423,6 +429,8 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
             ``x_shape`` and ``n_classes`` that ``ctrl_bio.labels.build_classifier`` adds to it.
         card: the model card's facts; or give them as keyword arguments (``labels``, ``alpha``, ``gamma``,
             ``estimator``, ``training_data``, ``metrics``, ``description``; :class:`ModelCardInfo`).
+        extra: JSON-able settings for the tools that read the folder, kept as ``config.json["extra"]``
+            (:func:`read_config`); e.g. the command line's domain and sample shape.
         push_to_hub, repo_id: also upload the whole folder, a CTRL model's ``base/`` included, to the Hub repository
             ``repo_id`` (default: the folder's name; created if missing; needs a login).
 
@@ -435,7 +443,8 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
     if isinstance(model, AugmentedScore):
         ref = _base_reference(model, save_directory, base_model)
     load_name = repo_id or f"path/to/{save_directory.name}"
-    HubFolder(model, card, ref, network).save_pretrained(save_directory, model_card_kwargs={"load_name": load_name})
+    HubFolder(model, card, ref, network, extra).save_pretrained(save_directory,
+                                                                model_card_kwargs={"load_name": load_name})
     if push_to_hub:
         # The folder as written, not the mixin's push_to_hub: that re-saves into a temporary folder without base/.
         from huggingface_hub import HfApi
@@ -478,3 +487,20 @@ def from_pretrained(name_or_path: str | Path, *, map_location: str = "cpu", revi
         raise FileNotFoundError(f"{name_or_path}: no such folder, and not a Hub id (owner/name)")
     return HubFolder.from_pretrained(str(name_or_path), revision=revision, local_files_only=local_files_only,
                                      map_location=map_location).model
+
+
+def read_config(name_or_path: str | Path, *, revision: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` of a saved folder (or of a Hub id, which downloads that one file): kind, labels, alpha,
+    gamma, estimator, metrics and the ``extra`` settings given to :func:`save_pretrained`."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} (not a folder written by save_pretrained)")
+    elif _is_hub_id(str(name_or_path)):
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(str(name_or_path), CONFIG_NAME, revision=revision))
+    else:
+        raise FileNotFoundError(f"{name_or_path}: no such folder, and not a Hub id (owner/name)")
+    return json.loads(path.read_text())

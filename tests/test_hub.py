@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ctrl_bio.finetune import finetune
-from ctrl_bio.hub import from_pretrained, save_pretrained
+from ctrl_bio.hub import from_pretrained, read_config, save_pretrained
 from ctrl_bio.interop import wrap_network
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.nets import VectorScoreNet
@@ -95,8 +95,10 @@ def test_finetuned_gmm_model_round_trips_bit_for_bit_in_a_fresh_process(finetune
 def test_base_model_by_relative_path_or_hub_id(finetuned_gmm, tmp_path):
     base = save_pretrained(finetuned_gmm.pretrained, tmp_path / "models" / "pretrained")
     assert json.loads((base / "config.json").read_text())["ctrl_bio"]["kind"] == "score_network"
-    folder = save_pretrained(finetuned_gmm, tmp_path / "runs" / "ctrl", base_model=base)
-    assert json.loads((folder / "config.json").read_text())["base_model"] == "../../models/pretrained"
+    folder = save_pretrained(finetuned_gmm, tmp_path / "runs" / "ctrl", base_model=base,
+                             extra={"x_shape": [2], "n_steps": 30})
+    assert read_config(folder)["base_model"] == "../../models/pretrained"
+    assert read_config(folder)["extra"] == {"x_shape": [2], "n_steps": 30}
     assert not (folder / "base").exists()
     loaded = from_pretrained(folder)
     assert torch.equal(sample(loaded), sample(finetuned_gmm))
