@@ -7,7 +7,8 @@ weights) and a generated ``README.md`` model card. Three kinds, told apart by ``
   with a ``config`` dict of its constructor arguments and its ``sde``, or such a network wrapped by
   :func:`ctrl_bio.interop.wrap_network`);
 - ``reward_classifier``: a calibrated classifier p(y | x) (:class:`ctrl_bio.reward.CalibratedClassifier`);
-- ``ctrl_model``: a fine-tuned CTRL model (:class:`ctrl_bio.model.AugmentedScore`, Zhao et al. 2024, Sec. 4.2): only
+- ``ctrl_model``: a fine-tuned CTRL model (:class:`ctrl_bio.model.AugmentedScore`, Zhao et al. 2024, Sec. 4.2, or
+  :class:`ctrl_bio.lora.LoRAAugmentedScore`, whose LoRA part is written in peft's adapter format): only
   the label pathway is stored; the frozen base model is referenced by a path relative to the folder (by default
   the sub-folder ``base/``, written alongside) or by a Hub id, never by an absolute path, so the folder moves
   between machines and can be pushed to the Hub as it is.
@@ -35,6 +36,7 @@ from torch import nn
 
 from ctrl_bio.interop import NetworkScore
 from ctrl_bio.labels import check_trusted, resolve_callable
+from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.nets import SequencePathway
 from ctrl_bio.reward import CalibratedClassifier
@@ -43,6 +45,12 @@ from ctrl_bio.sde import SDE, DiscreteScheduleSDE
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+#: A LoRA-augmented CTRL model's adapters, in peft's format (peft's ``LoraConfig.from_pretrained`` and
+#: ``set_peft_model_state_dict`` read them; the LoRA settings are in the weights' header too, as diffusers writes them).
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+#: The peft adapter name CTRL's LoRA layers carry (:func:`ctrl_bio.lora.inject_lora`).
+ADAPTER_NAME = "ctrl"
 #: Version of the folder layout, written into every config.json.
 FORMAT_VERSION = 1
 #: Where ``save_pretrained`` puts a CTRL model's base model when no other reference is given.
@@ -271,7 +279,7 @@ _SUMMARIES = {
 
 
 def _kind(model: nn.Module) -> str:
-    if isinstance(model, AugmentedScore):
+    if isinstance(model, (AugmentedScore, LoRAAugmentedScore)):
         return "ctrl_model"
     if isinstance(model, CalibratedClassifier):
         return "reward_classifier"
@@ -283,6 +291,41 @@ def _kind(model: nn.Module) -> str:
 
 def _is_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and not os.path.isabs(ref) and not Path(ref).exists()
+
+
+def _lora_layout(net: nn.Module) -> tuple[float | None, list[str]]:
+    """(lora_alpha, full names of the modules that carry CTRL's adapter): exact peft targets for a rebuild."""
+    from peft.tuners.lora import LoraLayer
+
+    alpha, names = None, []
+    for name, module in net.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha:
+            alpha, names = float(module.lora_alpha[ADAPTER_NAME]), [*names, name]
+    return alpha, names
+
+
+def _lora_pathway_spec(model: LoRAAugmentedScore) -> dict[str, Any]:
+    if type(model) is not LoRAAugmentedScore or model.continuous or model.train_copy:
+        raise TypeError(f"cannot save a {type(model).__name__} with a continuous label embedding or a trained copy: "
+                        "save_pretrained takes LoRAAugmentedScore with categorical labels and adapters")
+    alpha, targets = _lora_layout(model.net) if model.lora_rank > 0 else (None, [])
+    return {"class": _class_path(model),
+            "config": {"n_classes": list(model.n_classes), "lora_rank": model.lora_rank, "lora_alpha": alpha,
+                       "lora_targets": targets, "label_time_features": model.embedding.n_time_features}}
+
+
+def _base_network(model: nn.Module) -> nn.Module:
+    """The frozen pre-trained network of a CTRL model; for LoRA, rebuilt without its adapters."""
+    if isinstance(model, AugmentedScore):
+        return model.pretrained
+    if model.lora_rank == 0:
+        return model.net
+    spec = module_spec(model.net)
+    base = build_module(spec, getattr(model.net, "sde", None))
+    # peft keeps an adapted layer's own weights under base_layer; the adapters themselves are not the base's.
+    state = {k.replace(".base_layer.", "."): v for k, v in model.net.state_dict().items() if "lora_" not in k}
+    base.load_state_dict(state)
+    return base.requires_grad_(False).eval()
 
 
 class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffusion", "ctrl"],
@@ -316,10 +359,12 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
             out |= {"network": module_spec(m, self.network), "sde": sde_spec(m.sde)}
         elif self.kind == "reward_classifier":
             out |= {"network": module_spec(m.net, self.network), "temperature": float(m.temperature)}
+        elif isinstance(m, LoRAAugmentedScore):
+            out |= {"base_model": self.base_model, "pathway": _lora_pathway_spec(m), "sde": sde_spec(m.net.sde),
+                    "n_classes": list(m.n_classes)}
         else:
             out |= {"base_model": self.base_model, "pathway": module_spec(m.pathway, self.network),
-                    "sde": sde_spec(m.sde),
-                    "n_classes": list(m.n_classes)}
+                    "sde": sde_spec(m.sde), "n_classes": list(m.n_classes)}
         card = _jsonable(self.card)
         out |= {k: v for k, v in card.items() if v not in (None, [], {}) and k != "description"}
         if self.extra:
@@ -327,12 +372,18 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         return out
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """model.safetensors: everything for a network or classifier, the label pathway only for a CTRL model."""
-        module = self.model.pathway if self.kind == "ctrl_model" else self.model
+        """model.safetensors: everything for a network or classifier, the label pathway only for a CTRL model (for
+        LoRA, its label embedding: the adapters go to peft's files)."""
+        if isinstance(self.model, LoRAAugmentedScore):
+            module = self.model.embedding
+        else:
+            module = self.model.pathway if self.kind == "ctrl_model" else self.model
         return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_file(self.weights(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        if isinstance(self.model, LoRAAugmentedScore) and self.model.lora_rank > 0:
+            _save_peft_adapter(self.model, save_directory, self.base_model)
         # Written here, so the mixin keeps it (it writes its own config.json only when none exists).
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n")
 
@@ -363,6 +414,42 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         return cls(load_folder(folder, map_location=map_location))
 
 
+def _save_peft_adapter(model: LoRAAugmentedScore, folder: Path, base_model: str | None) -> None:
+    """CTRL's LoRA adapters as a peft adapter folder: adapter_config.json + adapter_model.safetensors."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    alpha, targets = _lora_layout(model.net)
+    lora = LoraConfig(r=model.lora_rank, lora_alpha=alpha, target_modules=targets, base_model_name_or_path=base_model)
+    lora.save_pretrained(str(folder))
+    header = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}
+    state = get_peft_model_state_dict(model.net, adapter_name=ADAPTER_NAME)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / PEFT_WEIGHTS_NAME),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(header, sort_keys=True)})
+
+
+def _load_lora_model(folder: Path, config: Mapping[str, Any], base: nn.Module,
+                     weights: Mapping[str, torch.Tensor], map_location: str) -> LoRAAugmentedScore:
+    settings = config["pathway"]["config"]
+    model = LoRAAugmentedScore(base, settings["n_classes"], lora_rank=settings["lora_rank"],
+                               lora_alpha=settings["lora_alpha"], lora_targets=settings["lora_targets"],
+                               label_time_features=settings["label_time_features"])
+    model.embedding.load_state_dict(weights)
+    if model.lora_rank > 0:
+        from peft.utils import set_peft_model_state_dict
+
+        path = folder / PEFT_WEIGHTS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no {PEFT_WEIGHTS_NAME} for the model's LoRA adapters")
+        result = set_peft_model_state_dict(model.net, load_file(str(path), device=map_location),
+                                           adapter_name=ADAPTER_NAME)
+        mismatched = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
+        if mismatched:
+            raise ValueError(f"{path} does not fit the base model: {len(mismatched)} mismatched tensors, "
+                             f"e.g. {mismatched[0]!r}")
+    return model
+
+
 def load_folder(folder: Path, *, map_location: str = "cpu") -> nn.Module:
     """The model in a local folder written by :func:`save_pretrained`, frozen, in eval mode."""
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
@@ -387,7 +474,7 @@ def load_folder(folder: Path, *, map_location: str = "cpu") -> nn.Module:
 
 
 def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
-                     map_location: str) -> AugmentedScore:
+                     map_location: str) -> AugmentedScore | LoRAAugmentedScore:
     ref = config.get("base_model")
     if not ref:
         raise ValueError(f"{folder / CONFIG_NAME}: a ctrl_model needs base_model (a relative path or a Hub id)")
@@ -403,6 +490,8 @@ def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[s
     if getattr(base, "sde", None) is not None and sde_spec(base.sde) != sde_spec(sde):
         raise ValueError(f"{folder}: the base model's SDE {sde_spec(base.sde)['class']} differs from the one the "
                          "CTRL model was fine-tuned with")
+    if config["pathway"]["class"] == _class_path_of(LoRAAugmentedScore):
+        return _load_lora_model(folder, config, base, weights, map_location)
     pathway = build_module(config["pathway"])
     pathway.load_state_dict(weights)
     return AugmentedScore(base, pathway, getattr(base, "sde", sde))
@@ -440,7 +529,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
     save_directory = Path(save_directory)
     card = card or ModelCardInfo(**card_fields)
     ref = None
-    if isinstance(model, AugmentedScore):
+    if isinstance(model, (AugmentedScore, LoRAAugmentedScore)):
         ref = _base_reference(model, save_directory, base_model)
     load_name = repo_id or f"path/to/{save_directory.name}"
     HubFolder(model, card, ref, network, extra).save_pretrained(save_directory,
@@ -455,10 +544,10 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
     return save_directory
 
 
-def _base_reference(model: AugmentedScore, save_directory: Path, base_model: str | Path | None) -> str:
+def _base_reference(model: nn.Module, save_directory: Path, base_model: str | Path | None) -> str:
     """The base model as the config records it: a path relative to the folder, or a Hub id; never absolute."""
     if base_model is None:
-        save_pretrained(model.pretrained, save_directory / DEFAULT_BASE_DIR)
+        save_pretrained(_base_network(model), save_directory / DEFAULT_BASE_DIR)
         return DEFAULT_BASE_DIR
     base = Path(base_model)
     if base.is_dir():

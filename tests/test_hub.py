@@ -165,3 +165,36 @@ def test_unknown_folders_and_ids_fail_in_one_line(tmp_path):
     no_config.sde = DiscreteScheduleSDE(torch.linspace(0.99, 0.1, 10))
     with pytest.raises(TypeError, match="`config` dict of its constructor arguments"):
         save_pretrained(no_config, tmp_path / "linear")
+
+
+def test_lora_ctrl_model_round_trips_with_its_adapters_in_peft_format(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    from ctrl_bio.lora import LoRAAugmentedScore
+    from ctrl_bio.nets import ConvScoreNet
+    from ctrl_bio.sde import VPSDE
+
+    torch.manual_seed(0)
+    sde = VPSDE()
+    net = ConvScoreNet(sde, channels_in=4, hidden=16, n_blocks=2, emb_dim=16, n_fourier=8)
+    model = LoRAAugmentedScore(net, (3,), lora_rank=2, lora_targets=("conv1", "conv2"))
+    with torch.no_grad():  # as after fine-tuning: adapters and label rows away from zero (the null row stays zero)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.2 * torch.randn_like(p))
+        model.embedding.tables[0].weight[-1].zero_()
+    folder = save_pretrained(model, tmp_path / "lora", labels=[{"name": "celltype", "n_classes": 3}])
+    assert {"adapter_config.json", "adapter_model.safetensors", "base"} <= {p.name for p in folder.iterdir()}
+    peft_config = LoraConfig.from_pretrained(str(folder))
+    assert peft_config.r == 2 and peft_config.base_model_name_or_path == "base"
+    loaded = from_pretrained(folder)
+    assert isinstance(loaded, LoRAAugmentedScore)
+    x, t, y = torch.randn(3, 4, 12), torch.tensor([0.9, 0.4, 0.1]), torch.tensor([[0], [2], [-1]])
+    with torch.no_grad():
+        s, u = model.score_and_control(x, t, y)
+        s_loaded, u_loaded = loaded.score_and_control(x, t, y)
+        assert torch.equal(s_loaded, s) and torch.equal(u_loaded, u)
+        assert u.abs().sum() > 0  # the adapters and the embedding act
+        # The base folder holds the pre-trained network itself, without adapters.
+        torch.testing.assert_close(from_pretrained(folder / "base")(x, t), net(x, t), rtol=0, atol=0)
