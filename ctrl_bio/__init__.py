@@ -8,7 +8,6 @@ only; domains live in the top-level ``domains`` namespace package.
 
 from ctrl_bio.blackbox import CallableReward, CommandReward, label_likelihood_black_box
 from ctrl_bio.finetune import FinetuneResult, NonFiniteLossError, finetune
-from ctrl_bio.hub import ModelCardInfo, from_pretrained, save_pretrained
 from ctrl_bio.interop import NetworkScore, from_diffusers, sde_from_scheduler, wrap_network
 from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
 from ctrl_bio.lora import LoRAAugmentedScore
@@ -44,3 +43,14 @@ __all__ = [
     "CallableReward", "CommandReward", "label_likelihood_black_box",
     "PolicyGradientResult", "finetune_policy_gradient",
 ]
+
+#: Exported lazily: huggingface_hub's model-card machinery costs about half a second at import.
+_HUB_EXPORTS = ("save_pretrained", "from_pretrained", "ModelCardInfo")
+
+
+def __getattr__(name: str):
+    if name in _HUB_EXPORTS:
+        from ctrl_bio import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module 'ctrl_bio' has no attribute {name!r}")
