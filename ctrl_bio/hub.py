@@ -286,7 +286,7 @@ def _kind(model: nn.Module) -> str:
     if hasattr(model, "sde"):
         return "score_network"
     raise TypeError(f"cannot save a {type(model).__name__}: save_pretrained takes a score network (with an `sde`), "
-                    "a CalibratedClassifier or an AugmentedScore")
+                    "a CalibratedClassifier, an AugmentedScore or a LoRAAugmentedScore")
 
 
 def _is_hub_id(ref: str) -> bool:
@@ -306,8 +306,8 @@ def _lora_layout(net: nn.Module) -> tuple[float | None, list[str]]:
 
 def _lora_pathway_spec(model: LoRAAugmentedScore) -> dict[str, Any]:
     if type(model) is not LoRAAugmentedScore or model.continuous or model.train_copy:
-        raise TypeError(f"cannot save a {type(model).__name__} with a continuous label embedding or a trained copy: "
-                        "save_pretrained takes LoRAAugmentedScore with categorical labels and adapters")
+        raise TypeError(f"cannot save this {type(model).__name__}: save_pretrained takes LoRAAugmentedScore itself "
+                        "with categorical labels and adapters (no continuous embedding, no trained copy)")
     alpha, targets = _lora_layout(model.net) if model.lora_rank > 0 else (None, [])
     return {"class": _class_path(model),
             "config": {"n_classes": list(model.n_classes), "lora_rank": model.lora_rank, "lora_alpha": alpha,
