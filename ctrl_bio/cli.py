@@ -74,20 +74,30 @@ def compose_config(command: str, overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.utils import setup_globals
 
+    from ctrl_bio.settings import check_keys, register
+
     setup_globals()  # the ${now:...} resolver used by hydra.run.dir
+    register()  # the typed schemas configs/method/*.yaml extend
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=command):
-        return compose(config_name=command, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=command, overrides=overrides, return_hydra_config=True)
+    check_keys(cfg)  # +method.gamm=2 is force-added past the schema
+    return cfg
 
 
 def one_line(exc: BaseException) -> str:
     """A Hydra/OmegaConf/validation error flattened onto one readable line."""
+    schema = getattr(exc.__cause__, "object_type", None)
+    if "Could not override" in str(exc) and isinstance(schema, type) and hasattr(schema, "__dataclass_fields__"):
+        return f"unknown config key '{exc.__cause__.full_key}' (not a field of ctrl_bio.settings.{schema.__name__})"
     if "Could not override" in str(exc) and "+" in str(exc):
         key = str(exc).split("'")[1]
         return f"unknown config key '{key}' (to add a new key write +{key}=...)"
     while exc.__cause__ is not None and type(exc).__module__.startswith(("hydra", "omegaconf")):
         exc = exc.__cause__
     text = str(exc).split("Config search path")[0]
+    if getattr(exc, "full_key", None) and exc.full_key not in text.split("full_key")[0]:
+        text = f"{exc.full_key}: {text}"  # a wrong type names the value and the type; the key is the point
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.startswith(("full_key", "object_type", "Set the environment"))]
     if type(exc).__module__.startswith("yaml"):  # a YAML syntax error: its "in <file>, line n" lines are the point

@@ -79,6 +79,8 @@ class SpeedConfig:
     device: str
     seed: int
     label_blocks: int | None = None
+    alpha: float = 1.0
+    gamma: float = 1.0
 
 
 class SpeedSetup:
@@ -108,7 +110,7 @@ class SpeedSetup:
         self.optimizer.zero_grad(set_to_none=True)
         est = pathwise_loss(self.model, self.sde, self.reward, self.y[:batch_size],
                             (self.cfg.channels, self.cfg.length), n_steps=n_steps, memory=memory,
-                            generator=self.generator)
+                            alpha=self.cfg.alpha, gamma=self.cfg.gamma, generator=self.generator)
         est.loss.backward()
         self.optimizer.step()
 
@@ -235,7 +237,7 @@ def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200
                     hidden: int = 128, n_blocks: int = 8, emb_dim: int = 128, repeats: int = 3,
                     device: str = "auto", seed: int = 0, cpu_caching_allocator: bool = True,
                     track_tensors: bool = True, label_blocks: int | None = None,
-                    run_dir: str | Path | None = None) -> SuiteResult:
+                    method: dict[str, Any] | None = None, run_dir: str | Path | None = None) -> SuiteResult:
     """Overhead and memory ratios of CTRL's pathwise fine-tuning step, in one row ``ctrl``.
 
     The defaults (batch 8, 25 sampler steps, a 0.95M-parameter network over (8, 4, 200)) take about
@@ -257,11 +259,15 @@ def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200
         track_tensors: on CPU, also measure the peak of live tensor bytes (one more profiled step each).
         label_blocks: how many of the last blocks the label embedding enters (None: all, the default
             of DESIGN.md); the blocks before it are evaluated once for the model and the reference.
+        method: CTRL's settings (the top-level ``method``): the step's J = gamma log p(y|x) - alpha KL takes its
+            ``alpha`` and ``gamma`` (they change no cost; the step is the one a suite's ``ctrl`` row takes).
         run_dir: the run directory the harness writes the results into (this suite adds no files).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = SpeedConfig(batch_size, length, channels, hidden, n_blocks, emb_dim, device, seed, label_blocks)
+    method = dict(method or {})
+    cfg = SpeedConfig(batch_size, length, channels, hidden, n_blocks, emb_dim, device, seed, label_blocks,
+                      alpha=float(method.get("alpha", 1.0)), gamma=float(method.get("gamma", 1.0)))
     if device == "cpu":
         times = in_fresh_process("measure_times", CACHING_MALLOC_ENV if cpu_caching_allocator else None,
                                  cfg=cfg, n_steps=n_steps, repeats=repeats)

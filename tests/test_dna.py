@@ -215,9 +215,9 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
         "domain.pathway.hidden=16", "domain.pathway.n_blocks=1", "domain.pathway.emb_dim=16",
         f"label.{label}.training.epochs=2",
         "suite.n_eval=8", "suite.n_select=8", "suite.n_steps=3", "suite.batch_size=8", "suite.motifs=[MA0035.5]",
-        "suite.method.pool_size=32", "suite.method.sm_steps=2", "suite.method.sm_batch_size=8",
-        "suite.method.eval_every=2", "suite.method.eval_batch_size=4", "suite.method.steps=1",
-        "suite.method.batch_size=2", "suite.method.grad_last_k=1", "suite.alpha0.steps=1",
+        "method.pool_size=32", "method.sm_steps=2", "method.sm_batch_size=8",
+        "method.eval_every=2", "method.eval_batch_size=4", "method.steps=1",
+        "method.batch_size=2", "method.grad_last_k=1", "suite.alpha0.steps=1",
         "suite.alpha0.batch_size=4", "suite.alpha0.grad_last_k=1", "suite.baselines.cfg.steps=2",
         "suite.baselines.classifier_guidance.steps=2", "suite.baselines.classifier_guidance.hidden=16",
         "suite.baselines.best_of_n.n=2", "progress=false", f"hydra.run.dir={run_dir}",
@@ -225,7 +225,7 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
     if label == "celltype":
         overrides.append(f"+label.celltype.oracle.kwargs.path={tiny_assets / 'oracle.safetensors'}")
     else:  # the line search of J along ctrl's learned control
-        overrides.append("suite.method.control_scales=[1.0,2.0]")
+        overrides.append("method.control_scales=[1.0,2.0]")
     proc = subprocess.run([sys.executable, "-m", "ctrl_bio.cli", "benchmark", *overrides], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -64,10 +64,10 @@ def test_suite_end_to_end_on_the_slice(tmp_path):
         f"suite.oracle={tmp_path / 'oracle.safetensors'}",
         "data.n_pairs=60", "suite.properties=[gap]", "suite.n_eval=16", "suite.n_select=6", "suite.n_steps=3",
         "suite.batch_size=16", "suite.regressor.epochs=1", "suite.regressor.hidden=16",
-        "suite.regressor.edge_hidden=8", "suite.regressor.n_layers=1", "suite.method.pool_size=32",
-        "suite.method.sm_steps=2", "suite.method.sm_batch_size=8", "suite.method.eval_every=2",
-        "suite.method.eval_batch_size=4", "suite.method.steps=1", "suite.method.batch_size=2",
-        "suite.method.grad_last_k=1", "suite.cfg.steps=2", "suite.cfg.scales=[1.0,2.0]", "progress=false",
+        "suite.regressor.edge_hidden=8", "suite.regressor.n_layers=1", "method.pool_size=32",
+        "method.sm_steps=2", "method.sm_batch_size=8", "method.eval_every=2",
+        "method.eval_batch_size=4", "method.steps=1", "method.batch_size=2",
+        "method.grad_last_k=1", "suite.cfg.steps=2", "suite.cfg.scales=[1.0,2.0]", "progress=false",
         f"hydra.run.dir={run_dir}",
     ]
     root = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from ctrl_bio.training.runs import merge_metrics_after_resume, stash_metrics_bef
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["domain.dim=2", "domain.n_components=4", "domain.n_classes=2", "data.n_pairs=200", "progress=false",
         "reward=exact", "plugin.pathway.hidden=16", "plugin.pathway.depth=2", "method.pool_size=400",
-        "method.sm_batch_size=64", "method.batch_size=16", "method.eval_every=4", "+method.eval_batch_size=32",
+        "method.sm_batch_size=64", "method.batch_size=16", "method.eval_every=4", "method.eval_batch_size=32",
         "n_steps=8", "trainer.log_every_n_steps=1"]
 
 

@@ -7,7 +7,6 @@ domain), and writes into ``run_dir``. Only rank 0 writes the exported weights an
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from ctrl_bio.labels import (
 from ctrl_bio.model import check_labels
 from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.settings import settings_for
 from ctrl_bio.training.modules import CTRLModule
 from ctrl_bio.training.runs import (
     CHECKPOINT_DIR,
@@ -244,10 +244,8 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     torch.manual_seed(cfg.seed)
     n_classes = [pairs.n_classes for _, pairs in labelled]
     model = domain.augment(domain.pretrained_model(), n_classes)
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    unknown = set(method) - set(inspect.signature(CTRLModule).parameters)
-    if unknown:
-        raise ValueError(f"method: finetune does not take {sorted(unknown)} (its keys: those of method=ctrl)")
+    # Suite-only settings (pool, control_scales, ...) must be at their defaults: refused by name, never ignored.
+    method = settings_for(OmegaConf.to_container(cfg.method, resolve=True), CTRLModule, "ctrl-bio finetune")
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
                         t_end=cfg.t_end, spacing=time_spacing(cfg, domain), seed=cfg.seed, **method)
     if cfg.trainer.get("max_steps") not in (None, module.total_steps):

@@ -53,6 +53,7 @@ from ctrl_bio.plots import plot_reward_vs_queries, plot_training_curves
 from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, euler_maruyama, time_grid
+from ctrl_bio.settings import settings_for
 from domains.gmm.evaluation import LabelTask, combination_index, distribution_metrics, label_metrics
 from domains.gmm.labels import exact_guidance
 from domains.gmm.plots import plot_samples
@@ -324,7 +325,8 @@ class RowRunner:
     def train_ctrl(self, name: str, reward: LogLikelihoodReward, prior: LabelPrior) -> AugmentedScore:
         ctx = self.ctx
         model = self.new_model()
-        kwargs = {k: v for k, v in self.method.items() if k != "pool_size"}
+        # The pool is this suite's own pre-trained samples (pool: pretrained); no line search along the control.
+        kwargs = settings_for({k: v for k, v in self.method.items() if k != "pool_size"}, finetune, "suite gmm")
         pool = self.pool() if kwargs.get("estimator", "score_matching") != "pathwise" else None
         result = finetune(model, ctx.testbed.sde, reward, prior, ctx.x_shape, n_steps=ctx.n_steps, t_end=ctx.t_end,
                           seed=ctx.testbed.seed, checkpoint_path=self.run_dir / "checkpoints" / f"{name}.safetensors",
@@ -373,6 +375,7 @@ class RowRunner:
         ctx, cfg = self.ctx, self.baselines["policy_gradient"]
         settings = dict(cfg.get("settings") or {}) | ({"variant": variant} if variant == "ctrl_pg" else
                                                       dict(cfg.get("ddpo") or {}) | {"variant": "ddpo"})
+        settings["alpha"] = float(self.method.get("alpha", 1.0))  # the run's one KL weight
         if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
             settings |= {"reference_pool": 0, "reference_updates": 0}
         n_train = int(settings.pop("n_steps", 50))

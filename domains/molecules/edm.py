@@ -62,6 +62,7 @@ from ctrl_bio.guidance import classifier_free_guidance, fit_adam
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.objective import denoising_score_matching_loss
 from ctrl_bio.sampling import ScoreFn, sample_in_batches, time_grid
+from ctrl_bio.settings import settings_for
 from ctrl_bio.utils import rand
 from domains.molecules.data import PROPERTIES, UNITS, decode, encode, graph_types, to_smiles
 from domains.molecules.domain import MoleculeDomain
@@ -310,7 +311,8 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
             source = settings.pop("pool", "training")
             pool_size = int(settings.pop("pool_size", 8192))
             if source != "training":
-                raise ValueError(f"suite.method.pool must be 'training' for molecules_edm, got {source!r}")
+                raise ValueError(f"method.pool must be 'training' for molecules_edm, got {source!r}")
+            settings = settings_for(settings, finetune_continuous, "suite molecules_edm")
             train_x = domain.training_data()
             g = torch.Generator().manual_seed(seed + 7100)
             pool = train_x[torch.randperm(train_x.shape[0], generator=g)[:pool_size]]

@@ -1,0 +1,161 @@
+"""Typed settings of the ``method`` config group: one dataclass per config, one field per key.
+
+``configs/method/ctrl.yaml`` and ``ctrl_pg.yaml`` extend these dataclasses (Hydra's "structured config schema"
+pattern: the YAML's defaults list names the schema stored under the same group), so a misspelt or unknown key, or
+a value of the wrong type, fails when the config is composed, with one line naming it (``method.gamm=2``,
+``method.lr=abc``, ``method: {gamm: 4}`` in a suite file). A suite changes only the values that differ, as
+overrides of the top-level ``method`` node in its ``# @package _global_`` file.
+
+A new key is one field here with the default of the function that takes it. The suites pass every field to
+:func:`ctrl_bio.finetune.finetune` (the row runners read ``pool`` and ``control_scales`` themselves); a consumer that
+takes fewer keys (``ctrl-bio finetune``'s Lightning module, the continuous-label suite) gets them through
+:func:`settings_for`, which refuses, naming the key, a setting it would otherwise silently ignore.
+
+The dataclasses hold no Hydra: :func:`register` stores them in Hydra's ConfigStore and is called by the entry point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class CTRLSettings:
+    """CTRL's settings (``method=ctrl``): keyword arguments of :func:`ctrl_bio.finetune.finetune` plus the row's own.
+
+    Defaults are those of ``ctrl-bio finetune``; a suite overrides what differs (``configs/suite/<name>.yaml``).
+    docs/method.md says what each estimator does.
+    """
+
+    estimator: str = "score_matching"   # score_matching | pathwise | hybrid (score matching, then pathwise) | ...
+    warm_start: bool = False            # score matching for sm_steps before the on-policy estimator
+    alpha: float = 1.0                  # KL weight
+    gamma: float = 1.0                  # reward weight; the target is p_pre(x) p(y|x)^(gamma/alpha)
+    # Score matching on the reward-tilted pool.
+    sm_steps: int = 8000                # score-matching updates
+    sm_batch_size: int = 512
+    sm_lr: float = 2.0e-3
+    sm_target: str = "denoising"        # denoising | posterior | control (ctrl_bio.objective)
+    sm_spacing: str = "uniform"         # how score matching draws t: uniform | quadratic
+    pool: str = "pretrained"            # the pool tilted by p(y|x)^(gamma/alpha): pretrained (the model's samples)
+                                        # | training (its unlabelled training data; domain suites only)
+    pool_size: int = 20000              # pool samples
+    # On-policy estimators (pathwise, adjoint_matching, soft_value).
+    steps: int = 200                    # updates
+    batch_size: int = 128
+    lr: float = 1.0e-4
+    memory: str = "checkpoint"          # pathwise: full | checkpoint | truncate (the last grad_last_k steps)
+    grad_last_k: int = 10
+    grad_clip: float | None = 1.0    # null: no clipping
+    am_time_samples: int = 10           # adjoint matching: grid points per trajectory
+    max_adjoint: float | None = None  # adjoint matching: clip of the lean adjoint (null: none)
+    value_steps: int = 2000             # soft value: regression updates of V
+    value_batch_size: int = 256
+    value_lr: float = 2.0e-3
+    # Monitoring and the row's sampling.
+    eval_every: int = 500               # a no-grad estimate of J, reward and KL every this many updates
+    eval_batch_size: int = 512
+    control_fit_times: list[float] = field(default_factory=list)  # t where the control is compared with the pool's
+    control_scales: list[float] = field(default_factory=lambda: [1.0])  # suites: s_pre + w u, w chosen by J
+
+
+@dataclass
+class PolicyGradientSettings:
+    """The ``ctrl_pg`` / ``ddpo`` rows (``method=ctrl_pg`` in a suite's ``policy_gradient.settings``): keyword
+    arguments of :func:`ctrl_bio.policy_gradient.finetune_policy_gradient` (docs/policy_gradient.md). alpha is not
+    here: the rows take ``method.alpha``, the one KL weight of the run. Measured on four mixtures with
+    VectorPathway(hidden=256, depth=2): 150-158 s per row on one thread."""
+
+    variant: str = "ctrl_pg"            # ctrl_pg (path-level clipped ratio) | ddpo (per-step clipped ratios)
+    baseline: str = "x0_hat"            # x0_hat (value net of the denoised prediction) | learned | none
+    n_steps: int = 50                   # Euler-Maruyama steps of the training paths (grids jittered per batch)
+    t_end: float = 1.0e-3
+    iterations: int = 200               # batches of on-policy paths; each costs batch_size reward queries
+    batch_size: int = 128
+    updates_per_batch: int = 4          # updates each batch serves (clipped importance ratio)
+    clip: float = 0.2                   # eps of the ratio interval [1 - eps, 1 + eps]
+    lr: float = 3.0e-4
+    value_lr: float = 3.0e-3
+    restart_fraction: float | None = 0.0  # on-policy paths restarted from pre-trained states at a random step
+    reference_pool: int | None = 4096  # pre-trained paths scored once for the soft-optimal term (null: by variant)
+    reference_batch: int = 8192         # pool draws per update
+    reference_weight: float = 4.0       # weight of the soft-optimal term, in units of alpha
+    reference_updates: int | None = 1000  # warm-start updates on that term alone (null: by variant)
+    reference_lr: float = 2.0e-3
+    reference_estimator: str = "score_matching"  # score_matching | path (cross-entropy of path measures)
+    reference_replay: bool | None = True  # scored on-policy paths join the pool, weighted by dP*/dP_theta
+    grad_clip: float | None = 1.0
+    seed: int = 0
+
+
+#: (config group, name in the ConfigStore, dataclass): what ``configs/method/<config>.yaml`` lists as its schema.
+SCHEMAS = (("method", "ctrl_settings", CTRLSettings), ("method", "ctrl_pg_settings", PolicyGradientSettings))
+
+
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent); call before composing a config."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, name, node in SCHEMAS:
+        store.store(group=group, name=name, node=node)
+
+
+def settings_for(settings: Mapping[str, Any], consumer: Callable[..., Any], where: str,
+                 schema: type = CTRLSettings) -> dict[str, Any]:
+    """The settings ``consumer`` takes as keyword arguments; every other one must be at its schema default.
+
+    A setting the consumer does not take is dropped when it is at its default and refused, naming it, when it is
+    not: a key set on the command line is never silently ignored.
+
+    Args:
+        settings: the composed ``method`` node as a plain dict.
+        consumer: the function or class the settings go to.
+        where: what runs them, for the message (``ctrl-bio finetune``).
+        schema: the dataclass the settings were composed against.
+    """
+    taken = set(inspect.signature(consumer).parameters)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(schema)}
+    unknown = sorted(k for k in settings if k not in taken and k not in defaults)
+    if unknown:
+        raise ValueError(f"method: unknown key(s) {unknown} for {where}")
+    changed = [k for k in settings if k not in taken and settings[k] != defaults[k]]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"method.{k}={settings[k]!r} is not supported by {where} (only {defaults[k]!r}); "
+                         f"it takes: {', '.join(sorted(taken & set(defaults)))}")
+    return {k: v for k, v in settings.items() if k in taken}
+
+
+def unknown_keys(cfg: Any, path: str = "") -> list[tuple[str, str]]:
+    """(key, schema name) of every key of a composed config that its node's schema does not declare.
+
+    ``+method.gamm=2`` force-adds a key past the schema, so composition alone does not refuse it. The config is
+    walked without resolving it; nodes typed by one of :data:`SCHEMAS` are checked.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(cfg, DictConfig) or cfg._is_none() or cfg._is_missing() or cfg._is_interpolation():
+        return []
+    schema = OmegaConf.get_type(cfg)
+    found = []
+    if any(schema is node for _, _, node in SCHEMAS):
+        fields = {f.name for f in dataclasses.fields(schema)}
+        found += [(f"{path}{k}", schema.__name__) for k in cfg.keys() if k not in fields]
+    for key in cfg.keys():
+        if not (path == "" and key == "hydra"):
+            found += unknown_keys(cfg._get_node(key), f"{path}{key}.")
+    return found
+
+
+def check_keys(cfg: Any) -> None:
+    """Refuse, with one line naming it, a key that the typed schema of its node does not declare."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        key, schema = unknown[0]
+        raise ValueError(f"unknown config key '{key}' (not a field of ctrl_bio.settings.{schema})")
