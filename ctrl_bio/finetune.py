@@ -67,6 +67,7 @@ class FinetuneResult:
     pool_ess: float | None = None
     prepared: dict[str, dict] = field(default_factory=dict)
     stopped_by: dict[str, dict] = field(default_factory=dict)
+    control_fit: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -86,7 +87,6 @@ class Plateau:
         else:
             self.since_best += 1
         return self.since_best >= self.patience
-    control_fit: list[dict] = field(default_factory=list)
 
 
 def save_pathway_checkpoint(params: dict[str, Tensor], path: Path) -> None:
