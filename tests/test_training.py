@@ -93,9 +93,10 @@ def test_ctrl_module_trains_only_the_pathway_and_reaches_the_label(small_testbed
 
 
 def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
-    # Hybrid: 6 score-matching steps then 4 pathwise ones; checkpoint every 5, killed at step 7 (in the second
-    # phase, two steps after the last checkpoint), so the resumed run crosses the phase boundary from a checkpoint.
-    args = TINY + ["method.estimator=hybrid", "method.sm_steps=6", "method.steps=4", "checkpoint_every=5"]
+    # Hybrid: 6 score-matching steps then 4 pathwise ones; checkpoint every 4, killed at step 7 (in the second
+    # phase, three steps after the last checkpoint), so the resumed run crosses the phase boundary from a checkpoint.
+    # The evaluation after 4 steps is logged before the checkpoint of step 4: the resumed run must keep its row.
+    args = TINY + ["method.estimator=hybrid", "method.sm_steps=6", "method.steps=4", "checkpoint_every=4"]
     whole = start_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/whole"])
     killed = finish(start_cli(["finetune", *args, f"hydra.run.dir={tmp_path}/killed",
                                "callbacks=[{_target_:test_training.KillAt,step:7}]"]))
@@ -104,14 +105,14 @@ def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "killed/checkpoints/last.ckpt").is_file()
     assert not (tmp_path / "killed/pathway.safetensors").exists()
-    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 5
+    assert torch.load(tmp_path / "killed/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
     resumed = run_cli(["finetune", f"resume={tmp_path}/killed", "callbacks=[]"])
     assert resumed.returncode == 0, resumed.stderr
-    # One row per step: the killed process's rows before its checkpoint (0-4) are kept, and the resumed process
-    # logged 5-9 only, so it continued rather than restarted (a restart would log 0-4 a second time).
-    rows = csv.DictReader((tmp_path / "killed/metrics.csv").open())
-    steps = [int(row["step"]) for row in rows if row["loss"]]
-    assert steps == list(range(10))
+    # One row per step: the killed process's rows before its checkpoint (0-3) are kept, and the resumed process
+    # logged 4-9 only, so it continued rather than restarted (a restart would log 0-3 a second time).
+    rows = list(csv.DictReader((tmp_path / "killed/metrics.csv").open()))
+    assert [int(row["step"]) for row in rows if row["loss"]] == list(range(10))
+    assert [int(row["step"]) for row in rows if row["objective"]] == [4, 8]
     a, b = load_file(tmp_path / "whole/pathway.safetensors"), load_file(tmp_path / "killed/pathway.safetensors")
     assert a.keys() == b.keys() and len(a) > 0
     assert all(torch.equal(a[k], b[k]) for k in a)
