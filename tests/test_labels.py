@@ -125,3 +125,15 @@ def test_a_text_column_is_encoded_by_the_domain_and_bad_sequences_counted(tmp_pa
     assert pairs.x.shape == (3, 2, 2) and pairs.y.tolist() == [0, 1, 1]
     assert pairs.skipped == {"invalid x": 2}
     torch.testing.assert_close(pairs.x[0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+
+
+def test_values_beyond_float32_are_skipped_not_turned_into_inf(tmp_path):
+    """1e39 is finite in float64 but inf in float32: a row holding it would end training with a NaN loss."""
+
+    class ContinuousDomain(VectorDomain):
+        label_types = ("continuous",)
+
+    path = write_csv(tmp_path / "p.csv", ["0,0,0.5", "1e39,0,1.0", "1,1,-1e39", "2,2,2.5", "3,3,1e38"])
+    pairs = load_label(spec_for(path, type="continuous", classes=None), domain=ContinuousDomain())
+    assert pairs.skipped == {"x outside float32 range": 1, "y outside float32 range": 1}
+    assert torch.isfinite(pairs.x).all() and torch.isfinite(pairs.y).all() and len(pairs) == 3
