@@ -53,6 +53,7 @@ from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plo
 from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, sample_in_batches, time_grid
+from ctrl_bio.settings import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class SuiteContext(Protocol):
         pretrained: the frozen pre-trained score network.
         y_eval, y_select: evaluation requests, and the separate requests guidance scales are chosen on.
         x_train: the pre-trained model's unlabelled training data (``ctrl``'s ``pool: training``).
+        device: where the pre-trained network sits and paths are sampled (``device=``); data, requests, samples
+            and scores stay on the CPU, and every generator is a seeded CPU one.
     """
 
     domain: Domain
@@ -114,6 +117,7 @@ class SuiteContext(Protocol):
     y_eval: Tensor
     y_select: Tensor
     x_train: Tensor
+    device: str
 
     def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
                ) -> tuple[Tensor, Tensor]:
@@ -141,22 +145,27 @@ class BaseSuiteContext:
 
     def __init__(self, domain: Domain, specs: list[dict], pairs: list[LabelledPairs],
                  eval_fns: list[Callable[[Tensor], Tensor]], *, n_eval: int, n_select: int, n_steps: int,
-                 t_end: float, spacing: Spacing, seed: int, batch_size: int, gamma: float, alpha: float):
+                 t_end: float, spacing: Spacing, seed: int, batch_size: int, gamma: float, alpha: float,
+                 device: str = "cpu"):
         self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
+        self.device = resolve_device(device)
         self.names = [s["name"] for s in specs]
         self.n_classes = tuple(int(p.n_classes) for p in pairs)
         self.n_steps, self.t_end, self.spacing, self.seed, self.batch_size = n_steps, t_end, spacing, seed, batch_size
         self.gamma, self.alpha = gamma, alpha
         self.times = time_grid(n_steps, t_end, spacing=spacing)
-        self.pretrained = domain.pretrained_model()
+        self.pretrained = domain.pretrained_model().to(self.device)
         self.y_eval = balanced_requests(self.n_classes, n_eval)
         self.y_select = balanced_requests(self.n_classes, n_select)
 
     def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
                ) -> tuple[Tensor, Tensor]:
-        """Samples and path KLs for requests y, in batches (the same noise for every row at one offset)."""
+        """Samples and path KLs for requests y, in batches (the same noise for every row at one offset), computed on
+        ``device`` from a CPU generator and returned on the CPU."""
         g = torch.Generator().manual_seed(self.seed + seed_offset)
-        return sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size, g)
+        x, kl = sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size,
+                                  g, device=self.device)
+        return x.cpu(), kl.cpu()
 
     def real_requests(self, y: Tensor, seed: int) -> Tensor:
         """Held-out real samples with the requested labels, drawn per request (with replacement)."""

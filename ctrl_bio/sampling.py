@@ -156,17 +156,21 @@ def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_init: Tensor, times: Tensor, *
 
 @torch.no_grad()
 def sample_in_batches(sde: SDE, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, x_shape: tuple[int, ...],
-                      times: Tensor, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                      times: Tensor, batch_size: int, generator: torch.Generator,
+                      device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """Samples and path KLs for requests y, ``batch_size`` at a time, every batch from the same ``generator``.
 
     Args:
         score_fn_for: requests of one batch -> the score callable to sample that batch with.
         y: requests, (N, ...); only their count and batching matter here.
+        device: where the paths are computed (the score's device); None: the generator's. A CPU generator on a
+            CUDA device draws the same numbers as on the CPU (:func:`ctrl_bio.utils.randn`).
     """
     xs, kls = [], []
+    times = times.to(device) if device is not None else times
     for start in range(0, y.shape[0], batch_size):
-        yb = y[start:start + batch_size]
-        x_init = sde.prior_sampling((yb.shape[0], *x_shape), generator=generator)
+        yb = y[start:start + batch_size].to(device) if device is not None else y[start:start + batch_size]
+        x_init = sde.prior_sampling((yb.shape[0], *x_shape), generator=generator, device=device)
         out = euler_maruyama(sde, score_fn_for(yb), x_init, times, generator=generator, keep_trajectory=False)
         xs.append(out.x)
         kls.append(out.kl)

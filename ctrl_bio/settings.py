@@ -159,3 +159,73 @@ def check_keys(cfg: Any) -> None:
     if unknown:
         key, schema = unknown[0]
         raise ValueError(f"unknown config key '{key}' (not a field of ctrl_bio.settings.{schema})")
+
+
+# -- device and precision ---------------------------------------------------------------------------------------
+
+#: What ``device=`` takes, for messages.
+DEVICES = "auto, cpu, cuda or cuda:N"
+#: What ``precision=`` takes: full float32, or bfloat16 autocast with float32 weights (Lightning's names).
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def resolve_device(device: Any) -> str:
+    """``device=`` as a torch device string: ``auto`` is ``cuda`` when a GPU is visible, else ``cpu``.
+
+    A device this machine does not have, or a value outside :data:`DEVICES`, is a ``ValueError`` of one line that
+    names the key and what it takes.
+    """
+    import re
+
+    import torch
+
+    text = str(device)
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return text
+    match = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if match is None:
+        raise ValueError(f"device={text}: device takes {DEVICES}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={text}: this machine has no CUDA device (device takes {DEVICES}; auto uses a GPU "
+                         f"when there is one)")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"device={text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1} (device takes {DEVICES})")
+    return text
+
+
+def check_precision(precision: Any) -> str:
+    """``precision=`` as text (YAML reads 32 as a number), or a one-line ``ValueError`` naming what it takes."""
+    text = str(precision)
+    if text not in PRECISIONS:
+        raise ValueError(f"precision={text}: precision takes {' or '.join(PRECISIONS)}")
+    return text
+
+
+def lightning_device(device: str, precision: str, trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """``trainer.accelerator``, ``devices`` and ``precision`` for a resolved ``device`` and checked ``precision``.
+
+    What the run's ``trainer`` node sets explicitly (not null) wins: ``trainer.devices=2 trainer.strategy=ddp`` keeps
+    its two processes on the device's kind. ``cuda:N`` is the one GPU N.
+    """
+    kind, _, index = device.partition(":")
+    out = {"accelerator": trainer.get("accelerator") or ("gpu" if kind == "cuda" else "cpu"),
+           "devices": [int(index)] if index else trainer.get("devices") or 1,
+           "precision": trainer.get("precision") or ("32-true" if precision == "32" else precision)}
+    if index and trainer.get("devices") not in (None, 1, [int(index)]):
+        raise ValueError(f"device={device} is one GPU; trainer.devices={trainer['devices']} asks for several "
+                         f"(write device=cuda trainer.devices=N)")
+    return out
+
+
+def autocast(device: str, precision: str) -> Any:
+    """The autocast context of ``precision`` on ``device`` (bf16-mixed: bfloat16 matmuls, float32 weights)."""
+    import contextlib
+
+    import torch
+
+    if precision == "32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.partition(":")[0], dtype=torch.bfloat16)

@@ -113,7 +113,7 @@ def test_speed_suite_runs_from_the_command_line(tmp_path, monkeypatch: pytest.Mo
     run_dir = tmp_path / "run"
     code = main(["benchmark", "suite=speed", "suite.batch_size=2", "suite.n_steps=3", "suite.length=16",
                  "suite.hidden=16", "suite.n_blocks=2", "suite.emb_dim=16", "suite.repeats=1", "suite.label_blocks=1",
-                 "+suite.track_tensors=false", "suite.device=cpu", f"hydra.run.dir={run_dir}"])
+                 "+suite.track_tensors=false", "device=cpu", f"hydra.run.dir={run_dir}"])
     assert code == 0
     results = json.loads((run_dir / "results.json").read_text())
     (row,) = results["rows"]

@@ -33,7 +33,7 @@ from ctrl_bio.labels import (
 from ctrl_bio.model import check_labels
 from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import euler_maruyama, time_grid
-from ctrl_bio.settings import settings_for
+from ctrl_bio.settings import autocast, check_precision, lightning_device, resolve_device, settings_for
 from ctrl_bio.training.modules import CTRLModule
 from ctrl_bio.training.runs import (
     CHECKPOINT_DIR,
@@ -90,6 +90,8 @@ def check_settings(command: str, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False)
         if value is not KeyError and not ok(value):
             raise ValueError(f"{key} must be {wanted}, got {value!r}")
+    resolve_device(cfg.get("device") or "auto")  # device=cuda on a machine without one: one line, before any run
+    check_precision(cfg.get("precision") or 32)
 
 
 def run_length_key(command: str, cfg: DictConfig) -> str | None:
@@ -120,8 +122,12 @@ def is_rank_zero() -> bool:
 
 
 def _trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    return dict(trainer=OmegaConf.to_container(cfg.trainer, resolve=True), checkpoint_every=cfg.checkpoint_every,
-                progress=cfg.progress, callbacks=build_callbacks(cfg))
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # device= and precision= become the trainer's accelerator, devices and precision (an explicit trainer.* wins).
+    device, precision = resolve_device(cfg.get("device") or "auto"), check_precision(cfg.get("precision") or 32)
+    trainer |= lightning_device(device, precision, trainer)
+    return dict(trainer=trainer, checkpoint_every=cfg.checkpoint_every, progress=cfg.progress,
+                callbacks=build_callbacks(cfg))
 
 
 def run_pretrain(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
@@ -296,17 +302,19 @@ def run_sample(cfg: DictConfig, run_dir: Path, resume: Path | None = None) -> No
     domain = build_domain(ft_cfg.plugin)
     model = domain.augment(domain.pretrained_model(), [lab["n_classes"] for lab in labels])
     load_trainable(model, weights)
+    device, precision = resolve_device(cfg.get("device") or "auto"), check_precision(cfg.get("precision") or 32)
+    model.to(device)
     n_steps = cfg.n_steps or ft_cfg.n_steps
-    times = time_grid(n_steps, ft_cfg.t_end, spacing=time_spacing(ft_cfg, domain))
-    g = torch.Generator().manual_seed(cfg.seed)
+    times = time_grid(n_steps, ft_cfg.t_end, spacing=time_spacing(ft_cfg, domain), device=device)
+    g = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same samples whatever the device
     chunks = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         for start in range(0, cfg.n, cfg.batch_size):
             b = min(cfg.batch_size, cfg.n - start)
-            y = request.expand(b, -1)
-            x_init = domain.sde.prior_sampling((b, *domain.x_shape), generator=g)
+            y = request.expand(b, -1).to(device)
+            x_init = domain.sde.prior_sampling((b, *domain.x_shape), generator=g, device=device)
             chunks.append(euler_maruyama(domain.sde, model.conditioned(y), x_init, times, generator=g,
-                                         keep_trajectory=False).x)
+                                         keep_trajectory=False).x.float().cpu())
     x = torch.cat(chunks)
     path = domain.write_samples(x, request.expand(cfg.n, -1), [lab["name"] for lab in labels], run_dir)
     print(f"{cfg.n} samples with {dict(zip([lab['name'] for lab in labels], request.tolist()))}: {path}")

@@ -25,7 +25,6 @@ from ctrl_bio.objective import (
     WeightedPool,
     denoising_score_matching_loss,
     pathwise_loss,
-    weighted_score_matching_loss,
 )
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import Spacing
@@ -125,9 +124,10 @@ class ScoreMatchingModule(L.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         g = step_generator(self.seed, self.global_step, self.global_rank)
         idx = torch.randint(self.data.shape[0], (self.batch_size,), generator=g)
-        y = torch.full((self.batch_size, 1), NULL_LABEL, dtype=torch.long)
-        loss = denoising_score_matching_loss(lambda x, t, _y: self.net(x, t), self.sde, self.data[idx], y,
-                                             t_end=self.t_end, generator=g)
+        # The data stay where they were loaded (the CPU); each batch follows the network to its device.
+        y = torch.full((self.batch_size, 1), NULL_LABEL, dtype=torch.long, device=self.device)
+        loss = denoising_score_matching_loss(lambda x, t, _y: self.net(x, t), self.sde,
+                                             self.data[idx].to(self.device), y, t_end=self.t_end, generator=g)
         check_finite(self, loss, "score-matching")
         self.log("loss", loss, prog_bar=True)
         return loss
@@ -237,15 +237,28 @@ class CTRLModule(L.LightningModule):
                 return i
         return len(self.phases) - 1
 
-    def setup(self, stage: str) -> None:
+    def _reward_to(self, device: torch.device) -> None:
+        # The reward's classifiers are not submodules (they are not trained or checkpointed): moved by hand.
+        for f in self.reward.log_prob_fns:
+            if isinstance(f, nn.Module):
+                f.to(device)
+
+    def on_fit_start(self) -> None:
+        """Reward and pool on the module's device; the pool is built here, after Lightning has moved the model."""
+        self._reward_to(self.device)
         if self.pool is None and self.phases[0][0] == "score_matching":
             # The same pool on every rank and after every resume: it depends on the seed only (the pathway is
             # switched off by the null label, so the pool is the pre-trained model's whatever the parameters).
-            x0 = sample_pretrained_pool(self.model, self.sde, self.x_shape, self.pool_size, n_steps=self.n_steps,
-                                        t_end=self.t_end, spacing=self.spacing,
-                                        generator=step_generator(self.seed, 0, 0, POOL_STREAM))
+            # It is kept on the CPU, where its draws use the step's CPU generator; each draw moves to the device.
             with torch.no_grad():
-                self.pool = WeightedPool(x0, [f(x0) for f in self.reward.log_prob_fns], tilt=self.gamma / self.alpha)
+                x0 = sample_pretrained_pool(self.model, self.sde, self.x_shape, self.pool_size, n_steps=self.n_steps,
+                                            t_end=self.t_end, spacing=self.spacing,
+                                            generator=step_generator(self.seed, 0, 0, POOL_STREAM))
+                self.pool = WeightedPool(x0.cpu(), [f(x0).cpu() for f in self.reward.log_prob_fns],
+                                         tilt=self.gamma / self.alpha)
+
+    def on_fit_end(self) -> None:
+        self._reward_to(torch.device("cpu"))  # as Lightning does with the module itself
 
     def configure_optimizers(self):
         params = self.trainable()
@@ -271,8 +284,11 @@ class CTRLModule(L.LightningModule):
         sched = scheds[i] if isinstance(scheds, list) else scheds
         g = step_generator(self.seed, step, self.global_rank)
         if phase == "score_matching":
-            y = self.label_prior.sample(self.sm_batch_size, g).to(self.device)
-            loss = weighted_score_matching_loss(self.model, self.sde, self.pool, y, t_end=self.t_end, generator=g)
+            # weighted_score_matching_loss's denoising target, with the pool draw (CPU) moved to the device.
+            y = self.label_prior.sample(self.sm_batch_size, g)
+            x0 = self.pool.draw(y, g).to(self.device)
+            loss = denoising_score_matching_loss(self.model, self.sde, x0, y.to(self.device), t_end=self.t_end,
+                                                 generator=g)
         else:
             y = self.label_prior.sample(self.batch_size, g).to(self.device)
             loss = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, n_steps=self.n_steps,

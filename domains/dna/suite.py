@@ -53,9 +53,10 @@ class DNAContext(BaseSuiteContext):
 
     def __init__(self, domain: DNADomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
-                 motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0):
+                 motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
-                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha)
+                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
+                         device=device)
         table = domain.table
         test = table.of_split("test")
         self.x_test = one_hot(test.sequences)
@@ -118,7 +119,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
               n_select: int = 128, n_steps: int = 100, t_end: float = 1e-3, batch_size: int = 256,
               method: dict[str, Any] | None = None, alpha0: dict[str, Any] | None = None,
               baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
-              motifs: list[str] | None = None, seed: int = 0, progress: bool = True,
+              motifs: list[str] | None = None, seed: int = 0, progress: bool = True, device: str = "cpu",
               write_fasta: bool = True) -> SuiteResult:
     """Run the DNA suite's rows for one label task (one label, or several from separate pair sets).
 
@@ -135,6 +136,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
             ``grad_last_k`` of pathwise updates continued from ``ctrl``'s pathway.
         baselines: settings of ``cfg``, ``classifier_guidance``, ``dps`` and ``best_of_n``.
         motifs: JASPAR ids that ``motif_correlation`` counts (None: the domain's default list).
+        device: where the pre-trained network sits and the rows are sampled (``device=``; :class:`BaseSuiteContext`).
     """
     run_dir = Path(run_dir)
     method, baselines = dict(method or {}), dict(baselines or {})
@@ -142,7 +144,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     info |= {"n_eval": n_eval, "n_steps": n_steps}
     ctx = DNAContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end,
                      seed=seed, batch_size=batch_size, motif_ids=motifs, gamma=float(method.get("gamma", 1.0)),
-                     alpha=float(method.get("alpha", 1.0)))
+                     alpha=float(method.get("alpha", 1.0)), device=device)
     nat = ctx.markov.log_likelihood_per_base(ctx.x_test)
     # The spread of naturalness between real test sequences: the yardstick a row's loss of naturalness is read against.
     info["naturalness_real_test"] = {"mean": float(nat.mean()), "std": float(nat.std())}

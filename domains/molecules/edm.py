@@ -62,7 +62,7 @@ from ctrl_bio.guidance import classifier_free_guidance, fit_adam
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.objective import denoising_score_matching_loss
 from ctrl_bio.sampling import ScoreFn, sample_in_batches, time_grid
-from ctrl_bio.settings import settings_for
+from ctrl_bio.settings import resolve_device, settings_for
 from ctrl_bio.utils import rand
 from domains.molecules.data import PROPERTIES, UNITS, decode, encode, graph_types, to_smiles
 from domains.molecules.domain import MoleculeDomain
@@ -108,11 +108,12 @@ class EDMContext:
     """What the rows share: domain, frozen pre-trained network, requests, real test molecules, the sampler."""
 
     def __init__(self, domain: MoleculeDomain, *, n_eval: int, n_select: int, n_steps: int, t_end: float,
-                 batch_size: int, seed: int, oracle: str | Path | None = None):
+                 batch_size: int, seed: int, oracle: str | Path | None = None, device: str = "cpu"):
         self.domain, self.seed, self.batch_size, self.oracle = domain, seed, batch_size, oracle
+        self.device = resolve_device(device)  # the frozen network and the sampling; data and scores on the CPU
         self.n_eval, self.n_select, self.n_steps, self.t_end = n_eval, n_select, n_steps, t_end
         self.times = time_grid(n_steps, t_end)
-        self.pretrained = domain.pretrained_model()
+        self.pretrained = domain.pretrained_model().to(self.device)
         if not hasattr(self.pretrained, "emb_dim"):
             raise TypeError(f"suite molecules_edm needs a network with a time embedding (emb_dim, extra_emb), got "
                             f"{type(self.pretrained).__name__}")
@@ -132,8 +133,10 @@ class EDMContext:
     def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
                ) -> tuple[Tensor, Tensor]:
         """Samples and path KLs for requests y (B, 1), in batches; the same noise for every row at one offset."""
-        g = torch.Generator().manual_seed(self.seed + seed_offset)
-        return sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size, g)
+        g = torch.Generator().manual_seed(self.seed + seed_offset)  # on the CPU: the same paths on any device
+        x, kl = sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size,
+                                  g, device=self.device)
+        return x.cpu(), kl.cpu()
 
     def decoded(self, x: Tensor) -> tuple[Tensor, list, dict[str, Tensor], dict[str, float]]:
         """(valid mask, molecules, oracle predictions per property, generation metrics) of samples x."""
@@ -293,7 +296,7 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
         embedding = ContinuousLabelEmbedding(ctx.pretrained.emb_dim, 1, loc=prior.loc, scale=prior.scale)
         return GraphAugmentedScore(ctx.pretrained, lora_rank=domain.lora_rank, lora_targets=domain.lora_targets,
                                    train_copy=domain.train_copy,
-                                   embedding=embedding)
+                                   embedding=embedding).to(ctx.device)
 
     gamma, alpha = float(method.get("gamma", 1.0)), float(method.get("alpha", 1.0))
     for name in methods:
@@ -367,7 +370,8 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, properties: Sequen
               n_pairs: int = 5000, n_eval: int = 256, n_select: int = 64, n_steps: int = 100, t_end: float = 1e-3,
               batch_size: int = 256, method: dict[str, Any] | None = None, cfg: dict[str, Any] | None = None,
               regressor: dict[str, Any] | None = None, methods: Sequence[str] = METHODS, seed: int = 0,
-              oracle: str | None = None, progress: bool = True, labels: Any = None) -> SuiteResult:
+              oracle: str | None = None, progress: bool = True, labels: Any = None,
+              device: str = "cpu") -> SuiteResult:
     """Run the EDM conditional-generation protocol for each property (rows labelled by property).
 
     Args:
@@ -384,6 +388,7 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, properties: Sequen
         methods: the rows, in order (a subset of :data:`METHODS`).
         oracle: the evaluation oracle's checkpoint; None: the shipped one.
         labels: ignored (the properties are the labels); accepted so that a config passing it still runs.
+        device: where the frozen network, the trained models and the sampling run (``device=``).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -395,7 +400,7 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, properties: Sequen
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     ctx = EDMContext(domain, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end, batch_size=batch_size,
-                     seed=seed, oracle=oracle)
+                     seed=seed, oracle=oracle, device=device)
     info: dict[str, Any] = {"protocol": "EDM (Hoogeboom et al. 2022) sec. 4.2", "properties": list(properties),
                             "n_pairs": n_pairs, "n_eval": int(ctx.x_real.shape[0]), "n_select": n_select,
                             "n_steps": n_steps, "t_end": t_end, "method": dict(method or {}), "cfg": dict(cfg or {}),
