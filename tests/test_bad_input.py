@@ -220,6 +220,7 @@ def test_a_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
 # -- resume --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the run was copied out of the shared fixture
 def test_a_longer_resumed_run_follows_the_cosine_of_its_new_length(world, tmp_path):
     run = tmp_path / "pre"
     shutil.copytree(world["pre"], run)
@@ -230,6 +231,17 @@ def test_a_longer_resumed_run_follows_the_cosine_of_its_new_length(world, tmp_pa
     assert state["global_step"] == 8 and sched["T_max"] == 8
     assert group["lr"] == pytest.approx(0.0, abs=1e-12)
     assert "steps: 8" in (run / "config.yaml").read_text()
+
+
+def test_a_longer_resumed_finetune_stretches_only_its_last_phase(tmp_path):
+    run = tmp_path / "ft"
+    args = ["method.estimator=hybrid", "method.sm_steps=3", "method.steps=2", "method.batch_size=8"]
+    assert main(["finetune", *FT, *args, f"hydra.run.dir={run}"]) == 0
+    assert main(["finetune", f"resume={run}", "method.sm_steps=6"]) == 2  # not the last phase: refused
+    assert main(["finetune", f"resume={run}", "method.steps=6"]) == 0
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 9 and [s["T_max"] for s in state["lr_schedulers"]] == [3, 6]
+    assert state["optimizer_states"][1]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_resumed_run_keeps_the_evaluation_row_of_its_checkpoint_step(tmp_path):
