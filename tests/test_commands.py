@@ -123,6 +123,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     state = torch.load(ft / "checkpoints/last.ckpt", weights_only=True)
     assert state["global_step"] == 2 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
     assert not (ft / "pathway.safetensors").exists()
+    assert "stopped: score_matching loss became nan at step 3" in (ft / "run.log").read_text()
 
 
 @pytest.mark.parametrize("args,needle", [
