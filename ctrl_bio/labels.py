@@ -250,7 +250,7 @@ def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] |
     path = Path(pairs["file"])
     x_columns = [pairs["x_column"]] if "x_column" in pairs else list(pairs["x_columns"])
     xs, ys, skipped = [], [], Counter()
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's byte-order mark is no column name
         reader = csv.DictReader(fh)
         try:
             header = reader.fieldnames or []

@@ -79,6 +79,9 @@ CASES = [
          "score.json: class: 'os.system' is outside the trusted packages"),
     Case("classifier json naming a foreign _target_", ["finetune", *FT, "reward=classifier", "classifier={evil_clf}"],
          2, "classifier _target_: 'subprocess.call' is outside the trusted packages"),
+    Case("a damaged pathway.safetensors", ["sample", "run={damaged_ft}", "n=2"], 2,
+         "pathway.safetensors: not a readable .safetensors file"),
+    Case("a damaged pathway.json", ["sample", "run={bad_json}", "n=2"], 2, "pathway.json: not a readable JSON file"),
     Case("FASTA without a '>' header", ["pretrain", "domain=dna", "domain.data={no_header}", "steps=1"], 2,
          "no_header.fa: line 1: a FASTA file starts with a '>' header line"),
     Case("binary FASTA", ["pretrain", "domain=dna", "domain.data={binary_fasta}", "steps=1"], 2,
@@ -138,6 +141,14 @@ def world(tmp_path_factory):
     (clf / "component.json").write_text(json.dumps({"label": {"name": "component", "classifier": {
         "_target_": "subprocess.call", "args": ["touch", str(root / "pwned")]}}, "x_shape": [2], "n_classes": 2}))
     paths["evil_clf"] = clf.parent
+    for name, weights, meta in (("damaged_ft", os.urandom(256), '{"labels": [{"name": "component", "n_classes": 2}]}'),
+                                ("bad_json", b"", "{")):
+        run = root / name
+        run.mkdir()
+        shutil.copy(pre / "config.yaml", run / "config.yaml")
+        (run / "pathway.safetensors").write_bytes(weights)
+        (run / "pathway.json").write_text(meta)
+        paths[name] = run
     (root / "no_header.fa").write_text("ACGT" * 50 + "\n")
     (root / "binary.fa").write_bytes(b"\xff\xfe\x00>x\nACGT\n")
     paths["no_header"], paths["binary_fasta"] = root / "no_header.fa", root / "binary.fa"

@@ -137,3 +137,9 @@ def test_values_beyond_float32_are_skipped_not_turned_into_inf(tmp_path):
     pairs = load_label(spec_for(path, type="continuous", classes=None), domain=ContinuousDomain())
     assert pairs.skipped == {"x outside float32 range": 1, "y outside float32 range": 1}
     assert torch.isfinite(pairs.x).all() and torch.isfinite(pairs.y).all() and len(pairs) == 3
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes("x0,x1,y\n0,0,low\n1,1,high\n2,2,high\n".encode("utf-8-sig"))  # as spreadsheets save it
+    assert load_label(spec_for(path), domain=VectorDomain()).x.tolist() == [[0, 0], [1, 1], [2, 2]]

@@ -19,7 +19,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file
 
 from ctrl_bio.domain import Domain, check_domain
 from ctrl_bio.labels import (
@@ -44,6 +43,8 @@ from ctrl_bio.training.runs import (
     fit_classifier,
     fit_score_network,
     load_trainable,
+    read_meta,
+    read_weights,
     save_weights,
     trainable_state,
 )
@@ -200,14 +201,16 @@ def load_classifier(path: Path, spec: Mapping[str, Any], domain: Domain) -> Cali
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"classifier: no '{path}' (with its .json) for label '{spec['name']}'")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(meta_path)
+    if not {"label", "x_shape", "n_classes"} <= meta.keys():
+        raise ValueError(f"{meta_path}: not a classifier report of train-classifier (no label, x_shape or n_classes)")
     target = (meta["label"].get("classifier") or {}).get("_target_")
     if target is not None and target != (spec.get("classifier") or {}).get("_target_"):
         # A _target_ the run's own label config does not name is imported only from a trusted package.
         check_trusted(target, f"{meta_path}: classifier _target_")
     net = build_classifier(meta["label"], meta["x_shape"], meta["n_classes"])
     clf = CalibratedClassifier(net)
-    clf.load_state_dict(load_file(str(path)))
+    clf.load_state_dict(read_weights(path))
     return clf.requires_grad_(False).eval()
 
 
@@ -297,7 +300,9 @@ def run_sample(cfg: DictConfig, run_dir: Path, resume: Path | None = None) -> No
     if cfg.n < 1:
         raise ValueError(f"n must be a positive integer, got {cfg.n}")
     ft_cfg = OmegaConf.load(ft_dir / "config.yaml")
-    labels = json.loads(weights.with_suffix(".json").read_text())["labels"]
+    labels = read_meta(weights.with_suffix(".json")).get("labels")
+    if not labels:
+        raise ValueError(f"{weights.with_suffix('.json')}: names no labels (is it a finetune run's pathway.json?)")
     request = parse_request(cfg.y, labels)
     domain = build_domain(ft_cfg.plugin)
     model = domain.augment(domain.pretrained_model(), [lab["n_classes"] for lab in labels])

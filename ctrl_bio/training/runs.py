@@ -237,6 +237,25 @@ def save_weights(tensors: Mapping[str, Tensor], path: str | Path, meta: Mapping[
     return path
 
 
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file; a truncated or foreign file is one line naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+        raise ValueError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0][:160]})") from None
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON written beside exported weights; a damaged one is one line naming it."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    return meta
+
+
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """The trainable parameters of ``model`` by name (the label pathway of an augmented model)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -247,7 +266,7 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file '{path}'")
-    tensors = load_file(str(path))
+    tensors = read_weights(path)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
         raise ValueError(f"{path}: holds parameters {sorted(set(tensors) ^ expected)[:3]}... that the model "
@@ -278,13 +297,15 @@ def load_network(path: str | Path, sde: SDE) -> nn.Module:
     meta_path = path.with_suffix(".json")
     if not path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"no pre-trained network at '{path}' (need {path.name} and {meta_path.name})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(meta_path)
+    if meta.get("sde") is None or meta.get("class") is None:
+        raise ValueError(f"{meta_path}: not the description of an exported network (no 'class' or 'sde')")
     if meta["sde"] != sde_spec(sde):
         raise ValueError(f"{path}: the network was trained with SDE {meta['sde']}, the domain uses {sde_spec(sde)}")
     check_trusted(meta["class"], f"{meta_path}: class")  # a shared run directory must not choose what is imported
     module_name, _, cls_name = meta["class"].rpartition(".")
     net = getattr(importlib.import_module(module_name), cls_name)(sde, **meta["config"])
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(read_weights(path))
     return net.requires_grad_(False).eval()
 
 
