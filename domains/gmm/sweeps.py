@@ -65,7 +65,7 @@ def summarise_budgets(rows: list[Row], methods: list[str]) -> dict[str, Any]:
 def run_sweep(testbed: Testbed, *, run_dir: str | Path, sweep: dict[str, Any], method: dict[str, Any] | None = None,
               **suite_kwargs: Any) -> SuiteResult:
     """Run ``sweep['methods']`` of the gmm suite at each of ``sweep['values']`` and write a table and a plot."""
-    from domains.gmm.suite import RowRunner, SuiteContext, build_task, component_label_spec
+    from domains.gmm.runner import RowRunner, SuiteContext, build_task, component_label_spec
 
     name, values, methods = sweep["name"], list(sweep["values"]), list(sweep.get("methods", ["ctrl"]))
     if name not in ("n_pairs", "gamma"):
