@@ -56,8 +56,10 @@ class CTRLSettings:
     value_steps: int = 2000             # soft value: regression updates of V
     value_batch_size: int = 256
     value_lr: float = 2.0e-3
-    # Monitoring and the row's sampling.
+    # Monitoring, stopping and the row's sampling.
     eval_every: int = 500               # a no-grad estimate of J, reward and KL every this many updates
+    patience: int | None = None         # a phase stops when J has not improved in this many evaluations (null: never)
+    tolerance: float = 0.0              # an improvement of J must exceed this to count
     eval_batch_size: int = 512
     control_fit_times: list[float] = field(default_factory=list)  # t where the control is compared with the pool's
     control_scales: list[float] = field(default_factory=lambda: [1.0])  # suites: s_pre + w u, w chosen by J

@@ -127,6 +127,17 @@ def test_command_defaults_are_finetunes_except_where_the_command_sets_its_own() 
             assert default == (list(expected) if isinstance(expected, tuple) else expected), f.name
 
 
+#: finetune's keyword arguments that the suites and commands fill in themselves: the rest are ``method`` settings.
+PROVIDED = {"model", "sde", "reward", "label_prior", "x_shape", "n_steps", "t_end", "spacing", "seed", "progress",
+            "pool_x0", "checkpoint_path", "value_net"}
+
+
+def test_every_setting_of_finetune_is_a_typed_method_key() -> None:
+    """A keyword added to finetune needs its field in ctrl_bio.settings.CTRLSettings, or no config can set it."""
+    fields = {f.name for f in dataclasses.fields(CTRLSettings)}
+    assert set(inspect.signature(finetune).parameters) - PROVIDED <= fields
+
+
 def test_settings_for_drops_defaults_and_refuses_a_set_key_the_consumer_ignores() -> None:
     def consumer(*, gamma: float = 1.0, lr: float = 1e-3) -> None:
         return None
