@@ -12,6 +12,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ from ctrl_bio.labels import (
     load_label,
 )
 from ctrl_bio.model import check_labels
+from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
-from ctrl_bio.sampling import euler_maruyama, time_grid
+from ctrl_bio.sampling import ddim, euler_maruyama, time_grid
 from ctrl_bio.settings import autocast, check_precision, lightning_device, resolve_device, settings_for
 from ctrl_bio.training.modules import CTRLModule
 from ctrl_bio.training.runs import (
@@ -81,7 +83,8 @@ SETTINGS: dict[str, dict[str, Rule]] = {
                  "method.sm_steps": COUNT, "method.batch_size": POSITIVE_INT, "method.sm_batch_size": POSITIVE_INT,
                  "method.lr": POSITIVE, "method.sm_lr": POSITIVE, "method.pool_size": POSITIVE_INT,
                  "method.eval_every": COUNT, "method.alpha": POSITIVE},
-    "sample": {"n": POSITIVE_INT, "batch_size": POSITIVE_INT, "n_steps": OPTIONAL_POSITIVE_INT, "seed": COUNT},
+    "sample": {"n": POSITIVE_INT, "batch_size": POSITIVE_INT, "n_steps": OPTIONAL_POSITIVE_INT, "seed": COUNT,
+               "sampler": (lambda v: v in ("em", "ddim"), "em (Euler-Maruyama) or ddim")},
 }
 
 
@@ -268,6 +271,35 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
         path = save_weights(trainable_state(model), run_dir / "pathway.safetensors",
                             {"labels": labels, "steps": trainer.global_step})
         print(f"fine-tuned label pathway: {path}")
+        export_model(cfg, domain, model, labels, run_dir / MODEL_DIR)
+
+
+#: The sub-folder of a finetune run holding its model in the Hugging Face convention (:mod:`ctrl_bio.hub`).
+MODEL_DIR = "model"
+
+
+def export_model(cfg: DictConfig, domain: Domain, model: torch.nn.Module, labels: list[dict[str, Any]],
+                 folder: Path) -> Path | None:
+    """The fine-tuned model as a ``save_pretrained`` folder (config.json, model.safetensors, model card, ``base/``).
+
+    ``config.json["extra"]`` keeps what ``ctrl-bio sample run=<folder>`` needs besides the model: the domain's plugin
+    node, the sample shape, the sampler's grid and the labels. A model the hub cannot describe (a network without a
+    ``config``) is reported in one log line and not exported: ``pathway.safetensors`` is still the run's result.
+    """
+    from ctrl_bio.hub import save_pretrained
+
+    method = cfg.method
+    extra = {"plugin": OmegaConf.to_container(cfg.plugin, resolve=True), "x_shape": list(domain.x_shape),
+             "n_steps": cfg.n_steps, "t_end": cfg.t_end, "spacing": time_spacing(cfg, domain), "labels": labels}
+    try:
+        save_pretrained(model, folder, labels=labels, alpha=method.get("alpha"), gamma=method.get("gamma"),
+                        estimator=method.get("estimator"), extra=extra,
+                        training_data=", ".join(f"{lab['n_pairs']} pairs of label '{lab['name']}'" for lab in labels))
+    except TypeError as exc:
+        log.warning("model/ not written (the Hub-style folder): %s", exc)
+        return None
+    print(f"fine-tuned model (save_pretrained folder): {folder}")
+    return folder
 
 
 def parse_request(y: Any, labels: Sequence[Mapping[str, Any]]) -> torch.Tensor:
@@ -288,41 +320,143 @@ def parse_request(y: Any, labels: Sequence[Mapping[str, Any]]) -> torch.Tensor:
     return request
 
 
-def run_sample(cfg: DictConfig, run_dir: Path, resume: Path | None = None) -> None:
-    """Samples of a fine-tuned run with the requested labels, written in the domain's format."""
-    if cfg.run is None:
-        raise ValueError("sample needs run=<directory of a finetune run>")
-    ft_dir = Path(cfg.run)
+@dataclass
+class SampleSource:
+    """What ``ctrl-bio sample`` draws from: a fine-tuned model, its domain, labels and the sampler grid it was
+    fine-tuned with."""
+
+    model: torch.nn.Module
+    domain: Domain
+    labels: list[dict[str, Any]]
+    n_steps: int
+    t_end: float
+    spacing: str
+
+
+def load_finetune_run(ft_dir: Path) -> SampleSource:
+    """A finetune run directory: its saved config, ``pathway.safetensors`` and the domain's pre-trained model."""
     weights = ft_dir / "pathway.safetensors"
     for needed in (ft_dir / "config.yaml", weights, weights.with_suffix(".json")):
         if not needed.is_file():
-            raise FileNotFoundError(f"run={ft_dir}: no '{needed.name}' there (is it a finished finetune run?)")
-    if cfg.n < 1:
-        raise ValueError(f"n must be a positive integer, got {cfg.n}")
+            raise FileNotFoundError(f"run={ft_dir}: no '{needed.name}' there (is it a finished finetune run or a "
+                                    f"save_pretrained folder?)")
     ft_cfg = OmegaConf.load(ft_dir / "config.yaml")
     labels = read_meta(weights.with_suffix(".json")).get("labels")
     if not labels:
         raise ValueError(f"{weights.with_suffix('.json')}: names no labels (is it a finetune run's pathway.json?)")
-    request = parse_request(cfg.y, labels)
     domain = build_domain(ft_cfg.plugin)
     model = domain.augment(domain.pretrained_model(), [lab["n_classes"] for lab in labels])
     load_trainable(model, weights)
-    device, precision = resolve_device(cfg.get("device") or "auto"), check_precision(cfg.get("precision") or 32)
-    model.to(device)
-    n_steps = cfg.n_steps or ft_cfg.n_steps
-    times = time_grid(n_steps, ft_cfg.t_end, spacing=time_spacing(ft_cfg, domain), device=device)
-    g = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same samples whatever the device
+    return SampleSource(model, domain, labels, ft_cfg.n_steps, ft_cfg.t_end, time_spacing(ft_cfg, domain))
+
+
+def load_model_folder(folder: Path) -> SampleSource:
+    """A ``save_pretrained`` folder written by ``ctrl-bio finetune`` (``<run>/model``): the model, and the domain
+    rebuilt from ``config.json["extra"]``."""
+    from ctrl_bio.hub import from_pretrained, read_config
+
+    extra = read_config(folder).get("extra") or {}
+    missing = [k for k in ("plugin", "labels", "n_steps", "t_end") if k not in extra]
+    if missing:
+        raise ValueError(f"run={folder}: config.json has no extra {missing} (only folders written by ctrl-bio "
+                         f"finetune name their domain; sample others with the Python API, ctrl_bio.hub)")
+    model = from_pretrained(folder)
+    domain = build_domain(OmegaConf.create(extra["plugin"]))
+    return SampleSource(model, domain, extra["labels"], extra["n_steps"], extra["t_end"],
+                        extra.get("spacing") or "uniform")
+
+
+def load_sample_source(run: str | None) -> SampleSource:
+    """``run=`` of ``ctrl-bio sample``: a finetune run directory or a ``save_pretrained`` folder (``<run>/model``)."""
+    if run is None:
+        raise ValueError("sample needs run=<directory of a finetune run, or its model/ folder>")
+    path = Path(run)
+    if (path / "config.json").is_file():
+        return load_model_folder(path)
+    return load_finetune_run(path)
+
+
+#: ``sampler=`` of ``ctrl-bio sample``: em (Euler-Maruyama, the sampler CTRL fine-tunes with) or ddim (deterministic).
+SAMPLERS = ("em", "ddim")
+
+
+def draw_samples(source: SampleSource, request: torch.Tensor, *, n: int, batch_size: int, n_steps: int, seed: int,
+                 sampler: str = "em", device: torch.device | str = "cpu", precision: str | int = 32,
+                 progress: bool = False) -> torch.Tensor:
+    """n samples of ``source`` with the label request (K,), ``batch_size`` at a time, on the CPU.
+
+    Every batch's prior draw and noise come from one CPU generator seeded with ``seed``: the same samples on any
+    device. ``sampler="ddim"`` follows the deterministic DDIM step (:func:`ctrl_bio.sampling.ddim`), so its noise is
+    the prior draw alone.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    domain, model = source.domain, source.model
+    times = time_grid(n_steps, source.t_end, spacing=source.spacing, device=device)
+    g = torch.Generator().manual_seed(seed)
+    n_batches = -(-n // batch_size)
     chunks = []
-    with torch.no_grad(), autocast(device, precision):
-        for start in range(0, cfg.n, cfg.batch_size):
-            b = min(cfg.batch_size, cfg.n - start)
-            y = request.expand(b, -1).to(device)
+    with torch.no_grad(), autocast(device, precision), \
+            progress_bar(n_batches * n_steps, f"sampling ({sampler})", enabled=progress) as advance:
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            score_fn = model.conditioned(request.expand(b, -1).to(device))
+
+            def counted(x: torch.Tensor, t: torch.Tensor, score_fn=score_fn) -> Any:
+                advance()  # one score evaluation is one sampler step
+                return score_fn(x, t)
+
             x_init = domain.sde.prior_sampling((b, *domain.x_shape), generator=g, device=device)
-            chunks.append(euler_maruyama(domain.sde, model.conditioned(y), x_init, times, generator=g,
-                                         keep_trajectory=False).x.float().cpu())
-    x = torch.cat(chunks)
-    path = domain.write_samples(x, request.expand(cfg.n, -1), [lab["name"] for lab in labels], run_dir)
-    print(f"{cfg.n} samples with {dict(zip([lab['name'] for lab in labels], request.tolist()))}: {path}")
+            if sampler == "ddim":
+                x = ddim(domain.sde, counted, x_init, times)
+            else:
+                x = euler_maruyama(domain.sde, counted, x_init, times, generator=g, keep_trajectory=False).x
+            chunks.append(x.float().cpu())
+    return torch.cat(chunks)
+
+
+def plot_samples(domain: Domain, x: torch.Tensor, y: torch.Tensor, label_names: Sequence[str],
+                 run_dir: Path) -> Path:
+    """``samples.png`` beside the samples: the domain's own ``plot_samples(x, y, label_names, path)`` where it has one
+    (an optional hook, like ``project``), else a scatter of the first two coordinates."""
+    path = run_dir / "samples.png"
+    if hasattr(domain, "plot_samples"):
+        return Path(domain.plot_samples(x, y, label_names, path))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = x.reshape(x.shape[0], -1)
+    second = flat[:, 1] if flat.shape[1] > 1 else torch.zeros(flat.shape[0])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(flat[:, 0].numpy(), second.numpy(), s=3, alpha=0.5)
+    ax.set_xlabel("x[0]")
+    ax.set_ylabel("x[1]")
+    ax.set_title(", ".join(f"{name}={v}" for name, v in zip(label_names, y[0].tolist())), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_sample(cfg: DictConfig, run_dir: Path, resume: Path | None = None) -> None:
+    """Samples of a fine-tuned run (or its ``model/`` folder) with the requested labels, in the domain's format,
+    and a plot of them (``samples.png``)."""
+    source = load_sample_source(cfg.run)
+    labels = source.labels
+    names = [lab["name"] for lab in labels]
+    request = parse_request(cfg.y, labels)
+    device, precision = resolve_device(cfg.get("device") or "auto"), check_precision(cfg.get("precision") or 32)
+    source.model.to(device)
+    x = draw_samples(source, request, n=cfg.n, batch_size=cfg.batch_size, n_steps=cfg.n_steps or source.n_steps,
+                     seed=cfg.seed, sampler=cfg.get("sampler", "em"), device=device, precision=precision,
+                     progress=cfg.get("progress", False))
+    y = request.expand(cfg.n, -1)
+    path = source.domain.write_samples(x, y, names, run_dir)
+    print(f"{cfg.n} samples with {dict(zip(names, request.tolist()))}: {path}")
+    if cfg.get("plot", True):
+        print(f"plot: {plot_samples(source.domain, x, y, names, run_dir)}")
 
 
 COMMANDS = {"pretrain": run_pretrain, "train-classifier": run_train_classifier, "finetune": run_finetune,

@@ -27,6 +27,7 @@ from ctrl_bio.metrics import energy_distance
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.nets import VectorScoreNet
 from ctrl_bio.sampling import euler_maruyama, time_grid
+from domains.gmm.mixture import SavableMixtureScore
 from domains.gmm.testbed import Testbed
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,13 @@ class GMMDomain(Testbed):
                 writer.writerow([f"{v:.6g}" for v in xi] + yi)
         return path
 
+    def plot_samples(self, x: Tensor, y: Tensor, label_names: Sequence[str], path: Path) -> Path:
+        """``ctrl-bio sample``'s plot: the samples in the plane of the means' two principal axes, means marked."""
+        from domains.gmm.plots import plot_samples
+
+        request = ", ".join(f"{name}={v}" for name, v in zip(label_names, y[0].tolist()))
+        return plot_samples(self.mixture, {request: x}, y[:, 0], path)
+
     def evaluate_pretrained(self, score: ScoreModel, n: int = 2000, n_steps: int = 200,
                             seed: int = 0) -> dict[str, float]:
         """How close a pre-trained score's samples come to the mixture (:func:`pretrained_quality`)."""
@@ -105,8 +113,8 @@ def make_domain(testbed: Testbed, pretrained: Callable[..., ScoreModel] | None =
 
 
 def exact_pretrained(testbed: Testbed, cache_dir: str | None = None) -> ScoreModel:
-    """The mixture's exact score: a pre-trained model with no training error."""
-    return testbed.pretrained
+    """The mixture's exact score: a pre-trained model with no training error (savable by ``save_pretrained``)."""
+    return SavableMixtureScore.of(testbed.mixture, testbed.sde)
 
 
 def _cache_key(testbed: Testbed, settings: Mapping[str, Any]) -> str:

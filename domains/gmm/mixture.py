@@ -90,6 +90,28 @@ class MixtureScore(nn.Module):
         return self.mixture.score(x, self.sde, t)
 
 
+class SavableMixtureScore(MixtureScore):
+    """:class:`MixtureScore` built from the mixture's numbers, ``(sde, weights, means, variances)``, which it keeps
+    as its ``config``: the form :func:`ctrl_bio.hub.save_pretrained` describes and ``from_pretrained`` rebuilds, so
+    a CTRL model fine-tuned on the exact pre-trained model is saved with its base (a model with no weights). The
+    numbers are float32 written as JSON doubles, which read back exactly.
+    """
+
+    def __init__(self, sde: SDE, weights: list[float], means: list[list[float]], variances: list[list[float]]):
+        mixture = GaussianMixture(torch.tensor(weights, dtype=torch.float32), torch.tensor(means, dtype=torch.float32),
+                                  torch.tensor(variances, dtype=torch.float32))
+        super().__init__(mixture, sde)
+
+    @classmethod
+    def of(cls, mixture: GaussianMixture, sde: SDE) -> SavableMixtureScore:
+        return cls(sde, mixture.weights.tolist(), mixture.means.tolist(), mixture.variances.tolist())
+
+    @property
+    def config(self) -> dict[str, list]:
+        m = self.mixture
+        return {"weights": m.weights.tolist(), "means": m.means.tolist(), "variances": m.variances.tolist()}
+
+
 def make_mixture(dim: int, n_components: int, *, min_separation: float = 4.0,
                  std_range: tuple[float, float] = (0.5, 1.0),
                  generator: torch.Generator | None = None) -> GaussianMixture:
