@@ -235,7 +235,8 @@ def run_benchmark(cfg: DictConfig) -> None:
 #: Settings a resumed run may change: they decide how it runs (progress bar, checkpoints, processes), not what
 #: it computes. ``trainer.devices`` changes the effective batch (devices x batch size); docs/training.md says so.
 RESUME_FREE = ("progress", "callbacks", "checkpoint_every", "evaluate", "device", "trainer.devices",
-               "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.log_every_n_steps")
+               "trainer.num_nodes", "trainer.strategy", "trainer.accelerator", "trainer.log_every_n_steps",
+               "trainer.logger")
 
 
 def saved_command(cfg: DictConfig) -> str:

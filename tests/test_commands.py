@@ -142,3 +142,40 @@ def test_bad_input_is_one_line_and_nonzero(args, needle, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_trainer_logger_csv_and_tensorboard(tmp_path, capsys):
+    """trainer.logger=tensorboard writes event files beside metrics.csv, with the same loss values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pre = ["pretrain", *GMM, "steps=6", "batch_size=64", "plugin.n_train=500", "plugin.score_net.hidden=16",
+           "evaluate=false"]
+    assert main([*pre, f"hydra.run.dir={tmp_path / 'csv'}"]) == 0
+    assert (tmp_path / "csv/metrics.csv").is_file() and not (tmp_path / "csv/tensorboard").exists()
+    assert main([*pre, "trainer.logger=tensorboard", f"hydra.run.dir={tmp_path / 'tb'}"]) == 0
+    events = EventAccumulator(str(tmp_path / "tb/tensorboard"))
+    events.Reload()
+    rows = [r for r in csv.DictReader((tmp_path / "tb/metrics.csv").open()) if r.get("loss")]
+    logged = events.Scalars("loss")
+    assert len(logged) == len(rows) == 6
+    assert [round(e.value, 5) for e in logged] == [round(float(r["loss"]), 5) for r in rows]
+
+    capsys.readouterr()
+    assert main([*pre, "trainer.logger=mlflow", f"hydra.run.dir={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trainer.logger='mlflow': choose csv, tensorboard or wandb" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_trainer_logger_wandb_is_offline_or_names_its_extra(tmp_path, capsys):
+    import importlib.util
+
+    args = ["pretrain", *GMM, "steps=2", "batch_size=32", "plugin.n_train=200", "plugin.score_net.hidden=8",
+            "evaluate=false", "trainer.logger=wandb", f"hydra.run.dir={tmp_path / 'wb'}"]
+    if importlib.util.find_spec("wandb") is None:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "ctrl-bio: error: trainer.logger=wandb needs the wandb package: pip install 'ctrl-bio[wandb]'"
+    else:
+        assert main(args) == 0
+        assert list((tmp_path / "wb/wandb").glob("offline-run-*"))

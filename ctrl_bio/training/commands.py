@@ -45,6 +45,7 @@ from ctrl_bio.training.runs import (
     fit_classifier,
     fit_score_network,
     load_trainable,
+    logger_names,
     read_meta,
     read_weights,
     save_weights,
@@ -94,6 +95,8 @@ def check_settings(command: str, cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=KeyError, throw_on_resolution_failure=False)
         if value is not KeyError and not ok(value):
             raise ValueError(f"{key} must be {wanted}, got {value!r}")
+    if "trainer" in cfg:  # trainer.logger=wandb without wandb installed: one line, before any run directory
+        logger_names(cfg.trainer.get("logger"))
     resolve_device(cfg.get("device") or "auto")  # device=cuda on a machine without one: one line, before any run
     check_precision(cfg.get("precision") or 32)
 

@@ -1,6 +1,7 @@
 """Run plumbing of the training commands: trainers, checkpoints, resumption and exported weights.
 
-A run directory holds ``config.yaml``, ``run.log``, ``metrics.csv`` (Lightning's CSVLogger),
+A run directory holds ``config.yaml``, ``run.log``, ``metrics.csv`` (Lightning's CSVLogger; ``trainer.logger`` adds
+TensorBoard or offline wandb logs),
 ``checkpoints/last.ckpt`` plus the latest ``step=<k>.ckpt`` (full training state), and the final
 trainable weights as safetensors. ``resume=<run dir or .ckpt>`` continues from the checkpoint.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -63,10 +65,49 @@ def check_trainer_keys(kwargs: Mapping[str, Any]) -> None:
         raise ValueError(f"trainer.{unknown[0]}: not an argument of lightning.Trainer")
 
 
+#: ``trainer.logger=``: where training metrics go besides ``metrics.csv``, which every run writes (a resumed run
+#: merges it; the docs and tests read it). The extra of the package each needs, for the one-line error without it.
+LOGGERS = {"csv": None, "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def logger_names(value: str | Sequence[str] | None) -> list[str]:
+    """``trainer.logger``'s value (a name or a list of names) as a checked list, ``csv`` first and always present."""
+    names = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    names = [n for n in names if n is not None]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad:
+        raise ValueError(f"trainer.logger={bad[0]!r}: choose csv, tensorboard or wandb (or a list of them)")
+    for name in names:
+        needed = LOGGERS[name]
+        if needed is not None and importlib.util.find_spec(needed[0]) is None:
+            raise ValueError(f"trainer.logger={name} needs the {needed[0]} package: "
+                             f"pip install 'ctrl-bio[{needed[1]}]'")
+    return list(dict.fromkeys(["csv", *names]))
+
+
+def build_loggers(run_dir: Path, names: Sequence[str]) -> list[Any]:
+    """Lightning loggers into the run directory: ``metrics.csv``, TensorBoard events under ``tensorboard/``, a wandb
+    run in offline mode under ``wandb/`` (``wandb sync <run>/wandb/offline-run-*`` uploads it later)."""
+    loggers: list[Any] = []
+    for name in names:
+        if name == "csv":
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+        elif name == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
+                                             default_hp_metric=False))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(save_dir=str(run_dir), offline=True, project="ctrl-bio", name=run_dir.name))
+    return loggers
+
+
 def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max_steps: int,
                   checkpoint_every: int | None = 500, callbacks: Sequence[Callback] = (), progress: bool = True,
                   logs: bool = True) -> L.Trainer:
-    """A Lightning trainer that checkpoints into ``run_dir/checkpoints`` and logs CSV metrics into ``run_dir``.
+    """A Lightning trainer that checkpoints into ``run_dir/checkpoints`` and logs metrics into ``run_dir``.
 
     Args:
         run_dir: the run directory; None for a throw-away fit (no checkpoints, no logs).
@@ -74,8 +115,11 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
             ``max_steps`` wins over the command's own count when it is set.
         max_steps: the command's number of optimiser steps.
         checkpoint_every: save ``last.ckpt`` and ``step=<k>.ckpt`` every this many steps.
+
+    ``trainer["logger"]`` (``csv``, ``tensorboard``, ``wandb`` or a list) adds loggers beside ``metrics.csv``.
     """
     kwargs = {k: v for k, v in dict(trainer).items() if v is not None}
+    names = logger_names(kwargs.pop("logger", "csv"))
     check_trainer_keys(kwargs)
     kwargs["max_steps"] = int(kwargs.get("max_steps") or max_steps)
     cbs = list(callbacks)
@@ -85,7 +129,7 @@ def build_trainer(run_dir: str | Path | None, trainer: Mapping[str, Any], *, max
         run_dir = Path(run_dir)
         cbs.append(ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="{step}", save_last=True,
                                    save_top_k=1, every_n_train_steps=checkpoint_every or None))
-    logger = CSVLogger(save_dir=str(run_dir), name="", version="") if run_dir is not None and logs else False
+    logger = build_loggers(Path(run_dir), names) if run_dir is not None and logs else False
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # CSVLogger deletes an existing metrics.csv (Lightning >= 2.2); fit() keeps a resumed run's earlier rows.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
