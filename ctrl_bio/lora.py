@@ -17,7 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.model import NULL_LABEL, LabelEmbedding, check_labels
+from ctrl_bio.label_space import ContinuousLabels, label_space_of
+from ctrl_bio.model import LabelEmbedding
 
 
 def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
@@ -82,7 +83,8 @@ class LoRAAugmentedScore(nn.Module):
         lora_alpha: LoRA scaling numerator (updates are scaled by lora_alpha / lora_rank); None: the rank.
         lora_targets: suffixes of the module names that get adapters.
         embedding: a zero-initialised embedding of real-valued labels instead (e.g.
-            :class:`ctrl_bio.continuous.ContinuousLabelEmbedding`; NaN = no request); ``n_classes`` is then ignored.
+            :class:`ctrl_bio.model.ContinuousLabelEmbedding`; NaN = no request; one of your own needs ``labels`` or
+            ``n_labels``); ``n_classes`` is then ignored.
         label_time_features: sine/cosine features of t in the categorical label embedding (0: constant in t; see
             :class:`ctrl_bio.model.LabelEmbedding`).
         train_copy: train every weight of a copy of ``net`` instead of adapters (``lora_rank`` must be 0). The copy
@@ -106,6 +108,9 @@ class LoRAAugmentedScore(nn.Module):
         self.embedding = embedding if self.continuous else LabelEmbedding(n_classes, int(net.emb_dim),
                                                                           n_time_features=label_time_features)
         self.n_classes = None if self.continuous else self.embedding.n_classes
+        # an embedding of real values that does not name its label space has K = its n_labels, NaN for none
+        own = self.continuous and not hasattr(self.embedding, "labels")
+        self.labels = ContinuousLabels(self.embedding.n_labels) if own else label_space_of(self.embedding)
         if self.lora_rank > 0:
             inject_lora(self.net, self.lora_rank, float(lora_alpha or self.lora_rank), lora_targets)
 
@@ -127,7 +132,7 @@ class LoRAAugmentedScore(nn.Module):
 
     def _active(self, y: Tensor) -> Tensor:
         """Requests with at least one label asked for, (B,)."""
-        return (~torch.isnan(y)).any(dim=1) if self.continuous else (y != NULL_LABEL).any(dim=1)
+        return self.labels.requested(y).any(dim=1)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """s_theta alone: one network call unless a request is null."""
@@ -139,6 +144,5 @@ class LoRAAugmentedScore(nn.Module):
         return self.embedding(y, t) if getattr(self.embedding, "time_dependent", False) else self.embedding(y)
 
     def conditioned(self, y: Tensor) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        if not self.continuous:
-            check_labels(y, self.n_classes)
+        self.labels.check(y)
         return lambda x, t: self.score_and_control(x, t, y)

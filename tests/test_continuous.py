@@ -289,3 +289,19 @@ def test_hybrid_with_a_time_embedding_network_smoke():
     assert [r["phase"] for r in result.history] == ["init", "score_matching", "score_matching", "pathwise"]
     assert [r["step"] for r in result.history] == [0, 2, 3, 5]
     assert any(p.abs().sum() > 0 for m in model.embedding.mlps for p in m[-1].parameters())
+
+
+def test_shared_finetune_runs_the_continuous_score_matching_phase_bit_for_bit(testbed):
+    """One loop: finetune's score matching takes the continuous pool from the model's label space, and gives exactly
+    the parameters and J of finetune_continuous's warm start (same seed, same draws)."""
+    sde, pre = testbed
+    _, y_pairs = prior_of_y()
+    prior = ContinuousPrior(y_pairs)
+    kw = dict(sm_steps=30, sm_batch_size=64, pool_size=300, n_steps=10, eval_every=15, eval_batch_size=64,
+              progress=False, seed=5)
+    a, b = make_model(sde, pre, prior), make_model(sde, pre, prior)
+    shared = finetune(a, sde, exact_reward(), prior, (2,), estimator="score_matching", **kw)
+    own = finetune_continuous(b, sde, exact_reward(), prior, (2,), estimator="score_matching", **kw)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert [r["objective"] for r in shared.history] == [r["objective"] for r in own.history]
+    assert shared.pool_ess == own.ess["min"] and len(shared.history) == 3

@@ -82,3 +82,23 @@ def test_lora_on_a_dilated_convolution_adds_the_dilated_low_rank_branch():
     a = F.conv1d(x, layer.lora_A["ctrl"].weight, padding=4, dilation=4)
     expected = F.conv1d(x, base_w, base_b, padding=4, dilation=4) + F.conv1d(a, layer.lora_B["ctrl"].weight)
     assert torch.allclose(net(x), expected, atol=1e-5)
+
+
+def test_one_vector_pathway_for_both_label_spaces_gives_no_control_to_requests_for_nothing():
+    from ctrl_bio.label_space import CategoricalLabels, ContinuousLabels
+    from ctrl_bio.sde import VPSDE
+
+    sde = VPSDE()
+    x, t = torch.randn(3, 2), torch.full((3,), 0.5)
+    nan = float("nan")
+    for labels, y in ((CategoricalLabels((3, 2)), torch.tensor([[0, 1], [2, -1]])),
+                      (ContinuousLabels(2, loc=[1.0, 0.0], scale=[2.0, 1.0]), torch.tensor([[0.3, 1.0], [2.0, nan]]))):
+        model = AugmentedScore(lambda x, t: -x, VectorPathway(2, labels, hidden=8, depth=1), sde)
+        torch.nn.init.normal_(model.pathway.out.weight)
+        y3 = torch.cat([y, labels.none(1)])
+        assert labels.requested(y3).tolist() == [[True, True], [True, False], [False, False]]
+        _, u = model.score_and_control(x, t, y3)
+        assert torch.equal(u[2], torch.zeros(2)) and (u[:2].abs() > 0).all()
+        assert labels.features(y3).shape == (3, labels.n_features) and not labels.features(y3)[2].any()
+        with pytest.raises(ValueError, match="shape"):
+            model.conditioned(y3[:, :1])

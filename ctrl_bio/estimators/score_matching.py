@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.estimators.base import Problem
-from ctrl_bio.model import NULL_LABEL, ConditionalScore
+from ctrl_bio.label_space import label_space_of
+from ctrl_bio.model import ConditionalScore
 from ctrl_bio.objective import ScoreTarget, WeightedPool, weighted_score_matching_loss
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
@@ -26,13 +27,14 @@ from ctrl_bio.sde import SDE
 def sample_pretrained_pool(model: ConditionalScore, sde: SDE, x_shape: tuple[int, ...], n: int, *,
                            n_steps: int, t_end: float, batch_size: int = 4096, spacing: Spacing = "uniform",
                            generator: torch.Generator | None = None) -> Tensor:
-    """n samples of the pre-trained model: the augmented model with null labels (exactly s_pre)."""
+    """n samples of the pre-trained model: the augmented model asked for no label (exactly s_pre)."""
     device = next(model.parameters()).device
+    labels = label_space_of(model)
     times = time_grid(n_steps, t_end, spacing=spacing, device=device)
     chunks = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
-        y_null = torch.full((b, len(model.n_classes)), NULL_LABEL, dtype=torch.long, device=device)
+        y_null = labels.none(b, device)
         x_init = sde.prior_sampling((b, *x_shape), generator=generator, device=device)
         chunks.append(euler_maruyama(sde, model.conditioned(y_null), x_init, times, generator=generator,
                                      keep_trajectory=False).x)
@@ -47,18 +49,14 @@ def label_combinations(problem: Problem) -> Tensor:
 
 def tilted_pool(problem: Problem, pool_x0: Tensor | None, pool_size: int, generator: torch.Generator
                 ) -> WeightedPool:
-    """The pre-trained pool (``pool_x0``, or ``pool_size`` fresh samples) with its per-label class log-likelihoods,
-    tilted by gamma / alpha."""
+    """The pre-trained pool (``pool_x0``, or ``pool_size`` fresh samples) with the reward's likelihood of every
+    request, tilted by gamma / alpha: per label combination, or per requested value (the model's label space)."""
     p = problem
     x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(
         p.model, p.sde, p.x_shape, pool_size, n_steps=p.n_steps, t_end=p.t_end, spacing=p.spacing,
         generator=generator)
-    fns = getattr(p.reward, "log_prob_fns", None)
-    if fns is None:
-        raise TypeError("a pool is tilted by each label's class log-probabilities: the reward needs log_prob_fns (a "
-                        "LogLikelihoodReward); use estimator=pathwise or adjoint_matching for a plain reward")
     with torch.no_grad():
-        return WeightedPool(x0, [f(x0) for f in fns], tilt=p.objective.tilt)
+        return label_space_of(p.model).tilted_pool(x0, p.reward, p.objective.tilt)
 
 
 @dataclass
@@ -86,7 +84,8 @@ class ScoreMatching:
 
     def prepare(self, problem: Problem, generator: torch.Generator) -> dict:
         self.pool = tilted_pool(problem, self.pool_x0, self.pool_size, generator)
-        return {"pool_ess": min(self.pool.effective_sample_size(c) for c in label_combinations(problem)[:64])}
+        with torch.no_grad():
+            return label_space_of(problem.model).pool_summary(self.pool, problem.label_prior, generator)
 
     def loss(self, problem: Problem, y: Tensor, generator: torch.Generator) -> Tensor:
         if self.pool is None:
