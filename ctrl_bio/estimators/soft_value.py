@@ -30,6 +30,7 @@ from ctrl_bio.estimators.score_matching import label_combinations, tilted_pool
 from ctrl_bio.guidance import NoisyMLPClassifier
 from ctrl_bio.objective import WeightedPool
 from ctrl_bio.progress import progress_bar
+from ctrl_bio.sampling import Spacing
 from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
 
 
@@ -58,6 +59,8 @@ class SoftValue:
             and Fourier features of t (:class:`ctrl_bio.guidance.NoisyMLPClassifier`). A domain gives its noisy
             classifier's architecture here.
         pool_size, pool_x0: the pre-trained samples, as for score matching.
+        spacing: how t is drawn for both regressions, ``uniform`` on [t_end, 1] or ``quadratic`` (t_end + (1 - t_end)
+            u^2: most draws near the data, where a label that noise soon hides is readable at all).
         progress: show a progress bar while the value network is fitted.
     """
 
@@ -70,6 +73,7 @@ class SoftValue:
     value_net: nn.Module | None = field(default=None, repr=False)
     pool_size: int = 20000
     pool_x0: Tensor | None = field(default=None, repr=False)
+    spacing: Spacing = "uniform"
     progress: bool = True
     name: str = "soft_value"
     pool: WeightedPool | None = field(default=None, init=False, repr=False)
@@ -106,8 +110,9 @@ class SoftValue:
                 "value_seconds": time.perf_counter() - start}
 
     def _noised(self, problem: Problem, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """x_t = alpha_t x0 + sigma_t eps with t uniform on [t_end, 1], and t."""
-        t = problem.t_end + (1.0 - problem.t_end) * rand((x0.shape[0],), generator, device=x0.device, dtype=x0.dtype)
+        """x_t = alpha_t x0 + sigma_t eps with t drawn on [t_end, 1] by ``spacing``, and t."""
+        u = rand((x0.shape[0],), generator, device=x0.device, dtype=x0.dtype)
+        t = problem.t_end + (1.0 - problem.t_end) * (u if self.spacing == "uniform" else u**2)
         return problem.sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)), t
 
     def control(self, problem: Problem, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:

@@ -1,0 +1,68 @@
+"""How good is the learned soft value function on DNA cell type, before any distillation?
+
+Fits :class:`ctrl_bio.estimators.SoftValue`'s value network V(x_t, t, y) = log E[p(y|x0)^gamma | x_t] on the
+pre-trained model's training sequences (the suite's ``pool: training``), then samples the 50-step sampler guided by
+s_pre + grad V (no pathway) for 256 balanced requests and scores them with the evaluation oracle. What the pathway
+can reach by distilling grad V is at most this.
+
+    python benchmarks/dna/value_guidance.py --value-steps 1500 --spacing uniform
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ctrl_bio.estimators import Objective, Problem, SoftValue
+from ctrl_bio.labels import fit_reward_classifier, load_label
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.rows import balanced_requests
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from domains.dna.domain import DNADomain
+from domains.dna.oracle import load_oracle
+from domains.dna.suite import NoisySequenceCNN
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--value-steps", type=int, default=1500)
+parser.add_argument("--batch-size", type=int, default=128)
+parser.add_argument("--lr", type=float, default=2e-3)
+parser.add_argument("--hidden", type=int, default=64)
+parser.add_argument("--spacing", default="uniform")
+parser.add_argument("--gamma", type=float, default=4.0)
+parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 2.0])
+args = parser.parse_args()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+ROOT = Path(__file__).resolve().parents[2]
+domain = DNADomain()
+spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
+spec["pairs"]["n"] = 7877
+pairs = load_label(spec, domain=domain, seed=7919)
+classifier, report = fit_reward_classifier(pairs, spec, seed=17)
+reward = LogLikelihoodReward([classifier])
+prior = LabelPrior.from_labels([pairs.y], [4])
+x_train = domain.training_data()
+pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:8192]]
+model = domain.augment(domain.pretrained_model(), [4]).eval()
+problem = Problem(model, domain.sde, reward, prior, domain.x_shape, Objective(gamma=args.gamma), n_steps=50)
+sv = SoftValue(value_steps=args.value_steps, value_batch_size=args.batch_size, value_lr=args.lr, pool_x0=pool,
+               value_net=NoisySequenceCNN(4, hidden=args.hidden), spacing=args.spacing, progress=False)
+start = time.perf_counter()
+info = sv.prepare(problem, torch.Generator().manual_seed(1))
+fit_seconds = time.perf_counter() - start
+oracle = load_oracle()
+y = balanced_requests((4,), 256)
+pre = domain.pretrained_model()
+for scale in [0.0, *args.scales]:
+    def score(x, t, scale=scale):
+        s = pre(x, t)
+        return (s + scale * sv.control(problem, x, t, y), scale * sv.control(problem, x, t, y)) if scale else s
+    g = torch.Generator().manual_seed(2000)
+    out = euler_maruyama(domain.sde, score, domain.sde.prior_sampling((256, *domain.x_shape), generator=g),
+                         time_grid(50), generator=g, keep_trajectory=False)
+    with torch.no_grad():
+        acc = float((oracle(out.x.detach()).argmax(1) == y[:, 0]).float().mean())
+    print(f"value steps {args.value_steps} spacing {args.spacing} hidden {args.hidden} (fit {fit_seconds:.0f} s, "
+          f"loss {info['value_losses'][0]:.3f} -> {info['value_losses'][-1]:.3f}) | scale {scale}: oracle accuracy "
+          f"{acc:.3f}, KL {float(out.kl.mean()):.2f}", flush=True)
