@@ -41,7 +41,8 @@ Commands:
 
 Overrides use Hydra syntax (key=value, +key=value); every run writes into hydra.run.dir.
 Training commands: resume=<run dir or .ckpt> continues a killed run; trainer.strategy=ddp trainer.devices=2
-runs several processes. Options: -h/--help this text (also after a command); --version the package version;
+runs several processes. Sweeps: -m key=a,b (or range(0,3)) runs one job per combination, each in its own
+<hydra.sweep.dir>/<n>. Options: -h/--help this text (also after a command); --version the package version;
 --cfg print the composed config of a command and exit. Exit status: 0 done, 2 usage error, 1 failure;
 CTRL_BIO_DEBUG=1 shows the traceback of an error.
 """
@@ -395,6 +396,111 @@ def exit_status(exc: BaseException) -> int:
     return 1
 
 
+# -- multirun (-m): one job per combination of the sweep overrides ---------------------------------------------------
+
+MULTIRUN_FLAGS = ("-m", "--multirun")
+#: Where a multirun's jobs go when ``hydra.sweep.dir`` is not given: one numbered folder per job under it.
+SWEEP_DIR = "runs/multirun/{command}/{time:%Y-%m-%d_%H-%M-%S}"
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override lists of a sweep: every combination of ``key=a,b``, ``key=range(0,3)``, ``key=glob(*)`` values.
+
+    The expansion is Hydra's own (its parser and sweep iterators; Hydra's basic sweeper takes the same cartesian
+    product, the last override varying fastest). A list value (``suite.methods=[a,b]``) is one value, not a sweep.
+    """
+    import itertools
+
+    from hydra.core.override_parser.types import ValueType
+
+    choices: list[list[str]] = []
+    for o, text in zip(parse_overrides(overrides), overrides):
+        if o.is_sweep_override():
+            if o.value_type == ValueType.INTERVAL_SWEEP:
+                raise UsageError(f"'{text}': an interval is for a sweeper plugin (Optuna, Ax); list the values instead")
+            key = o.get_key_element()
+            if o.value_type == ValueType.GLOB_CHOICE_SWEEP:  # label=glob(logistic*): the group's files that match
+                group = config_dir() / o.key_or_group.replace(".", "/")
+                values = o.value().filter(sorted(p.stem for p in group.glob("*.yaml")))
+            else:
+                values = list(o.sweep_string_iterator())
+            choices.append([f"{key}={v}" for v in values])
+        else:
+            choices.append([text])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def run_multirun(command: str, overrides: list[str]) -> int:
+    """``ctrl-bio <command> -m key=a,b ...``: run every job of the sweep one after another, each in its own run
+    directory ``<hydra.sweep.dir>/<job number>``; one summary line per job and ``jobs.csv`` in the sweep folder.
+
+    A failing job does not stop the others; the exit status is the worst job's.
+    """
+    import csv
+    import time
+    from datetime import datetime
+
+    if any(o.startswith(("hydra.run.dir=", "resume=")) for o in overrides):
+        raise UsageError("with -m every job gets its own run directory <hydra.sweep.dir>/<n>: give hydra.sweep.dir "
+                         "instead of hydra.run.dir (and no resume=)")
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")]
+    rest = [o for o in overrides if not o.startswith("hydra.sweep.dir=")]
+    jobs = sweep_jobs(rest)
+    sweep_dir = Path(given[-1]) if given else unique_run_dir(SWEEP_DIR.format(command=command, time=datetime.now()))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    varied = [i for i in range(len(rest)) if len({job[i] for job in jobs}) > 1]
+    print(f"multirun: {len(jobs)} job(s) of ctrl-bio {command} in {sweep_dir}")
+    rows, worst = [], 0
+    for n, job in enumerate(jobs):
+        run_dir = sweep_dir / str(n)
+        start = time.perf_counter()
+        status = run_command(command, [*job, f"hydra.run.dir={run_dir}"])
+        seconds = time.perf_counter() - start
+        worst = max(worst, status)
+        what = " ".join(job[i] for i in varied) or "(no sweep)"
+        outcome = "done" if status == 0 else f"failed (exit {status})"
+        print(f"job {n}: {what}: {outcome} in {seconds:.1f} s, {run_dir}")
+        rows.append({"job": n, "overrides": " ".join(job), "status": status, "seconds": round(seconds, 2),
+                     "run_dir": str(run_dir)})
+    with (sweep_dir / "jobs.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"multirun: {sum(r['status'] == 0 for r in rows)}/{len(rows)} job(s) done; {sweep_dir / 'jobs.csv'}")
+    return worst
+
+
+def run_command(command: str, overrides: list[str], show_cfg: bool = False) -> int:
+    """One command with its overrides: its exit status, any error reported as one line on stderr."""
+    try:
+        sweeps = [text for o, text in zip(parse_overrides(overrides), overrides) if o.is_sweep_override()]
+        if sweeps:
+            raise UsageError(f"'{sweeps[0]}' is a sweep: add -m to run one job per value (ctrl-bio {command} -m ...)")
+        if command in TRAINING_COMMANDS and not show_cfg:
+            run_training_command(command, overrides)
+            return 0
+        parsed = parse_overrides(overrides)
+        cfg = compose_config(command, overrides)
+        check_override_types(command, parsed, overrides)
+        if show_cfg:
+            print(OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
+            return 0
+        COMMANDS[command](cfg)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one error boundary: every failure leaves as one readable line
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        status = exit_status(exc)
+        text = one_line(exc)
+        if status == 1 and not isinstance(exc, RuntimeError):  # RuntimeErrors of ours and torch's read alone
+            text = f"{type(exc).__name__}: {text}"
+        hint = f" (set {DEBUG_ENV}=1 for the traceback)" if status == 1 else ""
+        print(f"ctrl-bio: error: {text}{hint}", file=sys.stderr)
+        return status
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -414,31 +520,18 @@ def main(argv: list[str] | None = None) -> int:
         print(command_help(command))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    multirun = any(o in MULTIRUN_FLAGS for o in overrides)
+    overrides = [o for o in overrides if o not in MULTIRUN_FLAGS]
     try:
-        if command in TRAINING_COMMANDS and not show_cfg:
-            run_training_command(command, overrides)
-            return 0
-        parsed = parse_overrides(overrides)
-        cfg = compose_config(command, overrides)
-        check_override_types(command, parsed, overrides)
-        if show_cfg:
-            print(OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
-            return 0
-        COMMANDS[command](cfg)
+        if multirun and not show_cfg:
+            return run_multirun(command, overrides)
+        return run_command(command, overrides, show_cfg)
     except KeyboardInterrupt:
         print("ctrl-bio: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one error boundary: every failure leaves as one readable line
-        if os.environ.get(DEBUG_ENV) == "1":
-            raise
-        status = exit_status(exc)
-        text = one_line(exc)
-        if status == 1 and not isinstance(exc, RuntimeError):  # RuntimeErrors of ours and torch's read alone
-            text = f"{type(exc).__name__}: {text}"
-        hint = f" (set {DEBUG_ENV}=1 for the traceback)" if status == 1 else ""
-        print(f"ctrl-bio: error: {text}{hint}", file=sys.stderr)
-        return status
-    return 0
+    except UsageError as exc:  # the sweep itself cannot be read (a job's own errors are reported by run_command)
+        print(f"ctrl-bio: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
