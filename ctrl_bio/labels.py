@@ -49,20 +49,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ctrl_bio.label_spec import (  # re-exported: they were defined here
+    FLOAT32_MAX,
+    LABEL_TYPES,
+    LabelError,
+    check_label_spec,
+    class_of,
+    n_classes_of,
+    where,
+)
 from ctrl_bio.reward import CalibratedClassifier, ClassifierReport, LogLikelihoodReward, train_classifier
 
-LABEL_TYPES = ("categorical", "bins", "continuous")
-#: The largest float32: a value beyond it is finite in Python's float64 but becomes inf in a tensor.
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 #: Packages whose callables a saved file may name; more, comma-separated, in this environment variable.
 TRUSTED_PACKAGES = ("ctrl_bio", "domains")
 TRUSTED_ENV = "CTRL_BIO_TRUSTED_PACKAGES"
 
 log = logging.getLogger("ctrl_bio")
-
-
-class LabelError(ValueError):
-    """A label definition or its data is unusable; the message is one line naming the file and field."""
 
 
 @dataclass
@@ -142,99 +144,6 @@ def resolve_callable(path: str) -> Callable[..., Any]:
         raise LabelError(f"cannot import '{path}': {exc}") from exc
 
 
-def _where(spec: Mapping[str, Any], key: str) -> str:
-    return f"label '{spec.get('name', '?')}': field '{key}'"
-
-
-def check_label_spec(spec: Mapping[str, Any], *, domain_name: str | None = None,
-                     label_types: Sequence[str] = LABEL_TYPES) -> None:
-    """Validate a label definition without reading its data; raise :class:`LabelError` (one line)."""
-    for key in ("name", "type", "pairs"):
-        if spec.get(key) is None:
-            raise LabelError(f"{_where(spec, key)} is missing")
-    kind = spec["type"]
-    if kind not in LABEL_TYPES:
-        raise LabelError(f"{_where(spec, 'type')}: unknown type '{kind}' (one of {', '.join(LABEL_TYPES)})")
-    if kind not in label_types:
-        raise LabelError(f"{_where(spec, 'type')}: domain '{domain_name}' cannot take '{kind}' labels "
-                         f"(it takes {', '.join(label_types)})")
-    if domain_name is not None and spec.get("domain") not in (None, domain_name):
-        raise LabelError(f"{_where(spec, 'domain')}: the label is for domain '{spec['domain']}', "
-                         f"the run uses domain '{domain_name}'")
-    if kind == "categorical" and spec.get("classes") is None:
-        raise LabelError(f"{_where(spec, 'classes')} is missing (a count, or the list of class values)")
-    if kind == "bins":
-        edges = spec.get("bins")
-        if not edges or any(not isinstance(e, (int, float)) for e in edges) or list(edges) != sorted(edges):
-            raise LabelError(f"{_where(spec, 'bins')} must be a non-empty increasing list of numbers, got {edges}")
-    pairs = spec["pairs"]
-    if ("file" in pairs) == ("callable" in pairs):
-        raise LabelError(f"{_where(spec, 'pairs')} needs exactly one of 'file' or 'callable'")
-    if "file" in pairs:
-        if not Path(pairs["file"]).is_file():
-            raise LabelError(f"{_where(spec, 'pairs.file')}: no such file '{pairs['file']}'")
-        if ("x_columns" in pairs) == ("x_column" in pairs):
-            raise LabelError(f"{_where(spec, 'pairs')} needs exactly one of 'x_columns' or 'x_column'")
-        if not pairs.get("y_column"):
-            raise LabelError(f"{_where(spec, 'pairs.y_column')} is missing")
-    n = pairs.get("n")
-    if n is not None and (not isinstance(n, int) or n < 3):
-        raise LabelError(f"{_where(spec, 'pairs.n')} must be an integer >= 3 (or null for all rows), got {n}")
-    fraction = (spec.get("calibration") or {}).get("fraction", 0.2)
-    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 < fraction < 1.0:
-        raise LabelError(f"{_where(spec, 'calibration.fraction')} must lie in (0, 1), got {fraction!r}")
-    training = spec.get("training") or {}
-    for key in ("epochs", "batch_size"):
-        v = training.get(key, 1)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise LabelError(f"{_where(spec, 'training.' + key)} must be a positive integer, got {v!r}")
-    for key in ("lr", "weight_decay"):
-        v = training.get(key, 1.0)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0 or (
-                key == "lr" and v == 0):
-            wanted = "a positive" if key == "lr" else "a non-negative"
-            raise LabelError(f"{_where(spec, 'training.' + key)} must be {wanted} number, got {v!r}")
-
-
-def class_of(value: Any, spec: Mapping[str, Any]) -> int | float:
-    """Map a raw y value to its class index (categorical, bins) or float (continuous); ValueError if unusable."""
-    kind = spec["type"]
-    if kind == "continuous":
-        v = float(value)
-        if not math.isfinite(v):
-            raise ValueError("not a finite number")
-        if abs(v) > FLOAT32_MAX:
-            raise ValueError("y outside float32 range")
-        return v
-    if kind == "bins":
-        v = float(value)
-        if not math.isfinite(v):
-            raise ValueError("not a finite number")
-        return sum(v >= e for e in spec["bins"])
-    classes = spec["classes"]
-    if isinstance(classes, int):
-        c = float(value)
-        if c != int(c):
-            raise ValueError("not an integer")
-        return int(c)
-    values = [str(v) for v in classes]
-    text = str(value).strip()
-    if text in values:
-        return values.index(text)
-    try:  # a numeric column read as text ("1.0" for class value 1)
-        return values.index(str(int(float(text))))
-    except ValueError:
-        return -1
-
-
-def n_classes_of(spec: Mapping[str, Any]) -> int | None:
-    if spec["type"] == "categorical":
-        return spec["classes"] if isinstance(spec["classes"], int) else len(spec["classes"])
-    if spec["type"] == "bins":
-        return len(spec["bins"]) + 1
-    return None
-
-
 def _x_reason(values: Sequence[float]) -> str | None:
     """Why numeric x values are unusable, or None: non-finite ones, and finite ones float32 turns into inf."""
     if not all(math.isfinite(v) for v in values):
@@ -256,7 +165,7 @@ def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] |
             header = reader.fieldnames or []
             for col in [*x_columns, pairs["y_column"]]:
                 if col not in header:
-                    raise LabelError(f"{path}: {_where(spec, 'pairs')} names column '{col}', not in the header "
+                    raise LabelError(f"{path}: {where(spec, 'pairs')} names column '{col}', not in the header "
                                      f"({', '.join(header) or 'empty file'})")
             for row in reader:
                 if n is not None and len(ys) >= n:
@@ -277,13 +186,13 @@ def _read_csv(spec: Mapping[str, Any], encode_x: Callable[[list[str]], Tensor] |
                 xs.append(x)
                 ys.append(y_raw)
         except UnicodeDecodeError as exc:
-            raise LabelError(f"{path}: {_where(spec, 'pairs.file')}: not a UTF-8 text file (byte "
+            raise LabelError(f"{path}: {where(spec, 'pairs.file')}: not a UTF-8 text file (byte "
                              f"0x{exc.object[exc.start]:02x} at position {exc.start})") from None
         except csv.Error as exc:
             raise LabelError(f"{path}: line {reader.line_num + 1}: {exc}") from None  # the line it failed on
     if "x_column" in pairs:
         if encode_x is None:
-            raise LabelError(f"{_where(spec, 'pairs.x_column')}: this domain reads numeric x_columns only")
+            raise LabelError(f"{where(spec, 'pairs.x_column')}: this domain reads numeric x_columns only")
         x_tensor, bad = encode_x([x[0] for x in xs])
         reasons = getattr(bad, "reasons", {})
         for i in bad:
@@ -336,16 +245,16 @@ def load_label(spec: Mapping[str, Any], *, domain: Any = None, seed: int = 0) ->
         bad = ((y_t < 0) | (y_t >= n_classes)).nonzero()
         if bad.numel():
             i = int(bad[0])
-            raise LabelError(f"{source}: {_where(spec, pairs.get('y_column', 'y'))}: value {raw[keep[i]]!r} "
+            raise LabelError(f"{source}: {where(spec, pairs.get('y_column', 'y'))}: value {raw[keep[i]]!r} "
                              f"(pair {keep[i] + 1}) is outside the label's {n_classes} classes {spec.get('classes')}")
     else:
         y_t = torch.tensor(y, dtype=torch.float32)
     x_shape = getattr(domain, "x_shape", None)
     if x_shape is not None and tuple(x.shape[1:]) != tuple(x_shape):
-        raise LabelError(f"{source}: {_where(spec, 'pairs')}: x has shape {tuple(x.shape[1:])} per pair, "
+        raise LabelError(f"{source}: {where(spec, 'pairs')}: x has shape {tuple(x.shape[1:])} per pair, "
                          f"the domain's samples have {tuple(x_shape)}")
     if x.shape[0] < 3:
-        raise LabelError(f"{source}: {_where(spec, 'pairs')}: {x.shape[0]} usable pairs left "
+        raise LabelError(f"{source}: {where(spec, 'pairs')}: {x.shape[0]} usable pairs left "
                          f"({sum(skipped.values())} rows skipped: {dict(skipped)}); need at least 3")
     if skipped:
         log.warning("label '%s': skipped %d of %d rows of %s: %s", name, sum(skipped.values()),
@@ -373,7 +282,7 @@ def fit_reward_classifier(pairs: LabelledPairs, spec: Mapping[str, Any], *,
                           seed: int = 0) -> tuple[CalibratedClassifier, ClassifierReport]:
     """Train the label's classifier on clean pairs and temperature-scale it on its calibration split."""
     if pairs.n_classes is None:
-        raise LabelError(f"{_where(spec, 'type')}: continuous labels need a regressor, not a classifier")
+        raise LabelError(f"{where(spec, 'type')}: continuous labels need a regressor, not a classifier")
     torch.manual_seed(seed)
     net = build_classifier(spec, pairs.x.shape[1:], pairs.n_classes)
     training = dict(spec.get("training") or {})
@@ -435,7 +344,7 @@ def evaluation_log_prob(spec: Mapping[str, Any], domain: Any) -> Callable[[Tenso
         return exact
     oracle = spec.get("oracle")
     if not oracle:
-        raise LabelError(f"{_where(spec, 'exact')}: the label has neither 'exact' nor 'oracle', so a suite cannot "
+        raise LabelError(f"{where(spec, 'exact')}: the label has neither 'exact' nor 'oracle', so a suite cannot "
                          "score it")
     return resolve_callable(oracle["callable"])(domain, **dict(oracle.get("kwargs") or {}))
 

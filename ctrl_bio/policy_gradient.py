@@ -79,274 +79,45 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.model import ConditionalScore, fourier_features, one_hot_labels
+from ctrl_bio.estimators import Objective
+from ctrl_bio.finetune import save_pathway_checkpoint
+from ctrl_bio.model import ConditionalScore
 from ctrl_bio.objective import denoising_score_matching_loss
+from ctrl_bio.policy_losses import (
+    Baseline,
+    ReferenceEstimator,
+    SurrogateLoss,
+    ValueNetwork,
+    Variant,
+    evaluate_value,
+    reference_loss,
+    rewards_to_go,
+    soft_optimal_weights,
+    surrogate_loss,
+    value_at,
+    value_features,
+)
+from ctrl_bio.policy_paths import (
+    PathBatch,
+    collect_paths,
+    draw_reference_pool,
+    jittered_grid,
+    step_log_ratio,
+    transition_log_prob,
+)
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, Reward
-from ctrl_bio.sampling import Spacing, em_step, time_grid
+from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
-from ctrl_bio.utils import append_dims, sum_except_batch
 
-Variant = Literal["ctrl_pg", "ddpo"]
-Baseline = Literal["x0_hat", "learned", "none"]
-ReferenceEstimator = Literal["path", "score_matching"]
-
-
-def transition_log_prob(x_next: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """log N(x_next; mean, std^2 I) of one Euler-Maruyama transition, summed over dimensions, (batch_size,)."""
-    n = x_next[0].numel()
-    return -sum_except_batch((x_next - mean) ** 2) / (2.0 * std**2) - n * (torch.log(std) + 0.5 * math.log(2 * math.pi))
-
-
-def step_log_ratio(noise: Tensor, std: Tensor, du: Tensor) -> Tensor:
-    """log N(x_next; mean_theta) - log N(x_next; mean_old) for x_next = mean_old + std * noise, (batch_size,).
-
-    With mean_theta - mean_old = std^2 du (du = u_theta - u_old), the difference of the two Gaussian
-    log-densities is std noise . du - std^2 ||du||^2 / 2; written this way it has no cancellation of the
-    large log-density terms.
-
-    Args:
-        noise: standard normal increment of the step, (batch_size, ...).
-        std: sqrt(beta(t) h), a scalar tensor or (batch_size,).
-        du: control difference u_theta - u_old at the step's start state, (batch_size, ...).
-    """
-    std = append_dims(std, du.ndim) if std.ndim else std
-    return sum_except_batch(std * noise * du) - 0.5 * sum_except_batch((std * du) ** 2)
-
-
-class ValueNetwork(nn.Module):
-    """Baseline V(x_t, t, y) ~ E[reward-to-go | x_t], an MLP of (features, Fourier(t), one-hot y).
-
-    Args:
-        dim: number of features of one state (flattened).
-        n_classes: classes per label.
-        hidden: width; depth: number of hidden layers.
-    """
-
-    def __init__(self, dim: int, n_classes: tuple[int, ...], hidden: int = 128, depth: int = 2, n_fourier: int = 16):
-        super().__init__()
-        self.n_classes, self.n_fourier = tuple(n_classes), n_fourier
-        layers: list[nn.Module] = []
-        width = dim + n_fourier + sum(self.n_classes)
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, features: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        h = torch.cat([features.reshape(features.shape[0], -1), fourier_features(t, self.n_fourier),
-                       one_hot_labels(y, self.n_classes)], dim=1)
-        return self.net(h).squeeze(1)
-
-
-@dataclass
-class PathBatch:
-    """Paths of the behaviour process, detached, with what the surrogate needs (n = steps, B = paths).
-
-    Attributes:
-        y: labels, (B, K).
-        times: time grid of each path, (n + 1, B).
-        states: x_{t_k}, (n + 1, B, ...).
-        noises: standard normal increments z_k, (n, B, ...).
-        controls: u_old(x_k) of the snapshot policy, (n, B, ...) (also where the behaviour used u = 0).
-        x0_hat: the snapshot's denoised prediction at each state, (n, B, ...).
-        stds: sqrt(beta(t_k) h_k), (n, B).
-        active: steps taken by the policy (at or after the switch step), (n, B) bool.
-        on_policy: paths that followed the policy from t = 1, (B,) bool.
-    """
-
-    y: Tensor
-    times: Tensor
-    states: Tensor
-    noises: Tensor
-    controls: Tensor
-    x0_hat: Tensor
-    stds: Tensor
-    active: Tensor
-    on_policy: Tensor
-
-    @property
-    def x0(self) -> Tensor:
-        return self.states[-1]
-
-    def log_density_ratio(self) -> Tensor:
-        """log dP_behaviour/dP_pre of each path, (B,): the Girsanov density of the Euler-Maruyama chain.
-
-        A step x_{k+1} = mean_pre + std^2 u + std z has, under the pre-trained chain, the noise z + std u, so its
-        log-ratio is (||z + std u||^2 - ||z||^2) / 2 = std z . u + std^2 ||u||^2 / 2; steps the pre-trained score
-        took (before the switch step) contribute zero. Exact for the recorded chain, with no discretisation error.
-        """
-        std = append_dims(self.stds, self.controls.ndim)
-        drift = std * self.controls
-        per_step = (self.noises * drift).flatten(2).sum(2) + 0.5 * (drift**2).flatten(2).sum(2)
-        return (per_step * self.active).sum(0)
-
-    @property
-    def kl_steps(self) -> Tensor:
-        """Closed-form transition KL of the snapshot against the pre-trained model, h beta ||u||^2 / 2, (n, B)."""
-        sq = torch.stack([sum_except_batch(u**2) for u in self.controls])
-        return 0.5 * self.stds**2 * sq * self.active
-
-
-@torch.no_grad()
-def collect_paths(model: ConditionalScore, sde: SDE, y: Tensor, x_shape: tuple[int, ...], times: Tensor, *,
-                  switch_step: Tensor | None = None, generator: torch.Generator | None = None) -> PathBatch:
-    """Roll out the behaviour process: the pre-trained score before ``switch_step``, the model's after it.
-
-    Args:
-        switch_step: per path the first step taken by the policy, (B,) long; None or 0 is fully on-policy.
-    """
-    n, b = times.shape[0] - 1, y.shape[0]
-    device = times.device
-    switch_step = torch.zeros(b, dtype=torch.long, device=device) if switch_step is None else switch_step
-    score_fn = model.conditioned(y)
-    x = sde.prior_sampling((b, *x_shape), generator=generator, device=device)
-    states, noises, controls, x0_hats, stds, actives = [x], [], [], [], [], []
-    for k in range(n):
-        t, h = times[k], times[k] - times[k + 1]
-        active = switch_step <= k
-        s_theta, u = score_fn(x, t.expand(b))
-        gate = append_dims(active.to(x.dtype), x.ndim)
-        z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        # The behaviour's score is s_pre + gate * u, i.e. exactly s_pre before the switch step.
-        behaviour = (s_theta - (1 - gate) * u, gate * u)
-        x_next, _, _ = em_step(sde, lambda _x, _t, out=behaviour: out, x, t, h, z)
-        x0_hats.append(sde.denoise(x, t.expand(b), s_theta))
-        controls.append(u)
-        noises.append(z)
-        stds.append(torch.sqrt(sde.beta(t) * h))
-        actives.append(active)
-        states.append(x_next)
-        x = x_next
-    return PathBatch(y=y, times=times[:, None].expand(n + 1, b), states=torch.stack(states), noises=torch.stack(noises),
-                     controls=torch.stack(controls), x0_hat=torch.stack(x0_hats),
-                     stds=torch.stack(stds)[:, None].expand(n, b),
-                     active=torch.stack(actives), on_policy=switch_step == 0)
-
-
-def rewards_to_go(reward: Tensor, kl_steps: Tensor, alpha: float) -> Tensor:
-    """R_k = r - alpha sum_{i > k} c_i: what the action at step k can still change, (n, B)."""
-    later = kl_steps.flip(0).cumsum(0).flip(0) - kl_steps
-    return reward[None] - alpha * later
-
-
-def value_features(batch: PathBatch, baseline: Baseline) -> Tensor:
-    """Inputs of the value network at every step: x0_hat or x_t, (n, B, ...)."""
-    return batch.x0_hat if baseline == "x0_hat" else batch.states[:-1]
-
-
-def evaluate_value(value: ValueNetwork, batch: PathBatch, baseline: Baseline) -> Tensor:
-    """V at every (step, path), (n, B)."""
-    n, b = batch.active.shape
-    feats = value_features(batch, baseline).reshape(n * b, -1)
-    t = batch.times[:-1].reshape(-1)
-    y = batch.y[None].expand(n, *batch.y.shape).reshape(n * b, -1)
-    return value(feats, t, y).reshape(n, b)
-
-
-@dataclass
-class SurrogateLoss:
-    """One evaluation of the clipped surrogate (scalars are means over valid paths)."""
-
-    loss: Tensor
-    clip_fraction: float
-    max_log_ratio: float
-
-
-def surrogate_loss(model: ConditionalScore, batch: PathBatch, advantages: Tensor, valid: Tensor, *,
-                   variant: Variant, alpha: float, clip: float) -> SurrogateLoss:
-    """-(clipped policy-gradient surrogate - alpha KL) of the current parameters on a batch of paths.
-
-    Args:
-        advantages: A_k per (step, path), (n, B), detached.
-        valid: paths with a finite reward, (B,) bool.
-        variant: ``ctrl_pg`` clips the cumulative path ratio, ``ddpo`` each step's ratio (module docstring).
-        clip: eps of the ratio interval [1 - eps, 1 + eps].
-    """
-    n, b = batch.active.shape
-    mask = batch.active & valid[None]
-    k_idx, p_idx = mask.nonzero(as_tuple=True)
-    x, t, y = batch.states[k_idx, p_idx], batch.times[k_idx, p_idx], batch.y[p_idx]
-    _, u = model.conditioned(y)(x, t)
-    du = u - batch.controls[k_idx, p_idx]
-    std = batch.stds[k_idx, p_idx]
-    rho = torch.zeros(n, b, dtype=u.dtype, device=u.device)
-    rho = rho.index_put((k_idx, p_idx), step_log_ratio(batch.noises[k_idx, p_idx], std, du))
-    if variant == "ctrl_pg":
-        before = (rho.detach().cumsum(0) - rho.detach())  # log w_{<k}: only step k's own term carries a gradient
-        ratio = torch.exp(before + rho)
-    elif variant == "ddpo":
-        ratio = torch.exp(rho)
-    else:
-        raise ValueError(f"variant must be 'ctrl_pg' or 'ddpo', got {variant!r}")
-    clipped = ratio.clamp(1.0 - clip, 1.0 + clip)
-    surrogate = torch.minimum(ratio * advantages, clipped * advantages) * mask
-    kl = torch.zeros(n, b, dtype=u.dtype, device=u.device)
-    kl = kl.index_put((k_idx, p_idx), 0.5 * std**2 * sum_except_batch(u**2))
-    per_path = surrogate.sum(0) - alpha * kl.sum(0)
-    n_valid = mask.any(0).sum().clamp_min(1)
-    outside = ((ratio.detach() - 1).abs() > clip) & mask
-    return SurrogateLoss(loss=-(per_path * mask.any(0)).sum() / n_valid,
-                         clip_fraction=float(outside.sum() / mask.sum().clamp_min(1)),
-                         max_log_ratio=float((before + rho).detach().abs().max()) if variant == "ctrl_pg"
-                         else float(rho.detach().abs().max()))
-
-
-def soft_optimal_weights(reward: Tensor, y: Tensor, alpha: float, log_density_ratio: Tensor | None = None) -> Tensor:
-    """Self-normalised weights dP*/dP_behaviour of scored paths within each label combination, (B,).
-
-    dP*/dP_pre = exp(r / alpha) / Z(y) (the soft-optimal path measure of KL-regularised RL); normalising within
-    each requested y removes Z(y). Paths of another behaviour process (the policy being trained) are weighted by
-    dP*/dP_beh = exp(r / alpha - log dP_beh/dP_pre) / Z(y) (``log_density_ratio``, :meth:`PathBatch.log_density_ratio`;
-    zero for pre-trained paths). The weights average to one over the batch, each label group keeping its share.
-    """
-    log_w = reward.double() / alpha
-    if log_density_ratio is not None:
-        log_w = log_w - log_density_ratio.double()
-    weights = torch.zeros_like(reward)
-    _, group = torch.unique(y, dim=0, return_inverse=True)
-    for g in group.unique():
-        rows = group == g
-        weights[rows] = torch.softmax(log_w[rows], dim=0).to(reward.dtype) * rows.sum()
-    return weights
-
-
-def reference_loss(model: ConditionalScore, batch: PathBatch, weights: Tensor, k_idx: Tensor, p_idx: Tensor,
-                   weight_baseline: Tensor | None = None) -> Tensor:
-    """Cross-entropy -E_i[w_i log dP_theta/dP_pre(tau_i)] of the soft-optimal path measure, on pre-trained paths.
-
-    log dP_theta/dP_pre along a pre-trained path is the sum of per-step Gaussian log-ratios (Girsanov),
-    sum_k sqrt(beta_k h) z_k . u_theta - h beta_k ||u_theta||^2 / 2; weighted by w = dP*/dP_pre its gradient is
-    that of KL(P* || P_theta), which pulls the policy toward every mode that P* keeps. Since z_k has mean zero
-    given x_k under the pre-trained process, the noise term may use w - b(x_k) for any baseline b of the state
-    (unbiased); b(x_k) ~ E_pre[w | x_k] = h_t(x_k, y) / Z(y) removes most of the noise near t = 0, where the
-    path's end point and hence w are nearly decided. The sum over steps is estimated from a uniform random
-    subset of (step, path) pairs (unbiased), which spreads a fixed cost over more paths.
-
-    Args:
-        weights: soft-optimal weight (mean one) of the path of each selected pair, (M,).
-        k_idx, p_idx: step and path index of each selected pair, (M,) long each.
-        weight_baseline: b(x_k) at each pair, (M,), detached; None for none.
-    """
-    n = batch.active.shape[0]
-    _, u = model.conditioned(batch.y[p_idx])(batch.states[k_idx, p_idx], batch.times[k_idx, p_idx])
-    std = append_dims(batch.stds[k_idx, p_idx], u.ndim)
-    noise_term = sum_except_batch(std * batch.noises[k_idx, p_idx] * u)
-    drift_term = 0.5 * sum_except_batch((std * u) ** 2)
-    noise_weight = weights if weight_baseline is None else weights - weight_baseline
-    return -n * (noise_weight * noise_term - weights * drift_term).mean()
-
-
-def value_at(value: ValueNetwork, batch: PathBatch, baseline: Baseline, k_idx: Tensor, p_idx: Tensor) -> Tensor:
-    """V at the selected (step, path) pairs, (M,)."""
-    feats = value_features(batch, baseline)[k_idx, p_idx]
-    return value(feats, batch.times[k_idx, p_idx], batch.y[p_idx])
+__all__ = ["Baseline", "PathBatch", "PolicyGradientResult", "ReferenceEstimator", "SurrogateLoss", "ValueNetwork",
+           "Variant", "apply_update", "collect_paths", "draw_reference_pool", "evaluate_value",
+           "finetune_policy_gradient", "jittered_grid", "reference_loss", "rewards_to_go", "soft_optimal_weights",
+           "step_log_ratio", "surrogate_loss", "transition_log_prob", "value_at", "value_features"]
 
 
 @dataclass
@@ -368,79 +139,10 @@ class PolicyGradientResult:
 
 
 def _save(model: nn.Module, value: nn.Module | None, path: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"model.{k}": v for k, v in model.named_parameters() if v.requires_grad}
     if value is not None:
         tensors |= {f"value.{k}": v for k, v in value.named_parameters()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-
-
-def _select(batch: PathBatch, idx: Tensor) -> PathBatch:
-    """The paths ``idx`` of a batch."""
-    per_path = ("y", "on_policy")
-    return PathBatch(**{name: getattr(batch, name)[idx] if name in per_path else getattr(batch, name)[:, idx]
-                        for name in ("y", "times", "states", "noises", "controls", "x0_hat", "stds", "active",
-                                     "on_policy")})
-
-
-def jittered_grid(n_steps: int, t_end: float, generator: torch.Generator, *, spacing: Spacing = "uniform",
-                  device: torch.device | str | None = None) -> Tensor:
-    """A decreasing grid from 1 to t_end whose interior points are drawn uniformly within their cells, (n + 1,).
-
-    Training on random grids keeps the learnt control right at every t, not only at the points of one fixed
-    grid, so that the fine-tuned model can be sampled with any step count (step-count independence). The jitter is
-    drawn in the grid's own coordinate u in [0, 1] (:func:`ctrl_bio.sampling.time_grid`: t = t_end + (1 - t_end) u
-    for ``uniform``, u^2 for ``quadratic``), so a quadratic grid keeps its fine steps near the data.
-    """
-    if spacing == "uniform":
-        # Jittered in t directly, in float32: the arithmetic every recorded uniform-grid run was made with.
-        grid = time_grid(n_steps, t_end, device=device)
-        shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(grid) * ((1.0 - t_end) / n_steps)
-        return torch.cat([grid[:1], grid[1:-1] + shift, grid[-1:]])
-    if spacing != "quadratic":
-        raise ValueError(f"spacing must be 'uniform' or 'quadratic', got {spacing!r}")
-    u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
-    shift = (torch.rand(n_steps - 1, generator=generator) - 0.5).to(torch.float64) / n_steps
-    u = torch.cat([u[:1], u[1:-1] + shift, u[-1:]])
-    return (t_end + (1.0 - t_end) * u**2).to(device=device, dtype=torch.float32)
-
-
-def _concat(batches: list[PathBatch]) -> PathBatch:
-    """Paths of several batches side by side."""
-    return PathBatch(**{name: torch.cat([getattr(b, name) for b in batches], dim=0 if name in ("y", "on_policy") else 1)
-                        for name in ("y", "times", "states", "noises", "controls", "x0_hat", "stds", "active",
-                                     "on_policy")})
-
-
-def _reference_pool(model: ConditionalScore, sde: SDE, reward: Reward, label_prior: LabelPrior,
-                    x_shape: tuple[int, ...], n_steps: int, t_end: float, size: int,
-                    generator: torch.Generator, chunk: int = 256, spacing: Spacing = "uniform",
-                    keep_paths: bool = True) -> tuple[PathBatch | None, Tensor, Tensor, Tensor]:
-    """Pre-trained paths (no policy step) on random grids: ``(paths, x0, y, reward)``, failed rewards left out.
-
-    Scored once (one query per path) and reused by every update. With ``keep_paths=False`` only the end points and
-    labels are kept (``paths`` is None): the score-matching term reads nothing else, and a whole path is ``n_steps``
-    times the memory of its end point.
-    """
-    device = next(model.parameters()).device
-    chunks, x0, y = [], [], []
-    for start in range(0, size, chunk):
-        b = min(chunk, size - start)
-        y_chunk = label_prior.sample(b, generator).to(device)
-        times = jittered_grid(n_steps, t_end, generator, spacing=spacing, device=device)
-        paths = collect_paths(model, sde, y_chunk, x_shape, times, generator=generator,
-                              switch_step=torch.full((b,), n_steps, dtype=torch.long, device=device))
-        x0.append(paths.x0.clone())  # a copy: the view paths.x0 would keep the chunk's whole states tensor alive
-        y.append(paths.y)
-        if keep_paths:
-            chunks.append(paths)
-    x0_all, y_all = torch.cat(x0), torch.cat(y)
-    with torch.no_grad():
-        r = reward(x0_all, y_all).detach().to(device=device, dtype=torch.float32).reshape(-1)
-    keep = torch.isfinite(r).nonzero().squeeze(1)
-    return (_select(_concat(chunks), keep) if keep_paths else None), x0_all[keep], y_all[keep], r[keep]
+    save_pathway_checkpoint(tensors, path)
 
 
 def apply_update(loss: Tensor, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
@@ -519,6 +221,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
         raise ValueError(f"baseline must be 'x0_hat', 'learned' or 'none', got {baseline!r}")
     if alpha <= 0 or not 0 < clip < 1:
         raise ValueError(f"need alpha > 0 and 0 < clip < 1, got {alpha}, {clip}")
+    objective = Objective(alpha=alpha)  # gamma is 1: the reward values are already gamma log p (a black box)
     restart = 0.0 if restart_fraction is None else float(restart_fraction)
     if not 0.0 <= restart < 1.0:
         raise ValueError(f"restart_fraction must lie in [0, 1), got {restart}")
@@ -546,7 +249,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
     pool, pool_weights, weight_value = None, None, None
     use_reference = pool_size > 0 and reference_weight > 0
     if use_reference:
-        pool, pool_x0, pool_y, pool_reward = _reference_pool(
+        pool, pool_x0, pool_y, pool_reward = draw_reference_pool(
             model, sde, reward, label_prior, x_shape, n_steps, t_end, pool_size, generator, spacing=spacing,
             keep_paths=reference_estimator == "path")
         queries += pool_size
@@ -639,7 +342,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             r_on = float(r[on].mean()) if on.any() else float("nan")
             kl_on = float(kl[on].mean()) if on.any() else float("nan")
             result.history.append({"step": step, "reward_queries": queries, "reward": r_on, "kl": kl_on,
-                                   "objective": r_on - alpha * kl_on, "dropped": dropped,
+                                   "objective": objective.value(r_on, kl_on), "dropped": dropped,
                                    "clip_fraction": clip_fraction}
                                   | ({"reference_ess": float(ends["weights"].sum() ** 2 / (ends["weights"] ** 2).sum())}
                                      if use_reference else {}))

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ctrl_bio.estimators import Objective
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.model import EmbeddingAugmentedScore
 from ctrl_bio.nets import ConvScoreNet
@@ -265,9 +266,9 @@ def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    method = dict(method or {})
+    objective = Objective.of(method or {})
     cfg = SpeedConfig(batch_size, length, channels, hidden, n_blocks, emb_dim, device, seed, label_blocks,
-                      alpha=float(method.get("alpha", 1.0)), gamma=float(method.get("gamma", 1.0)))
+                      alpha=objective.alpha, gamma=objective.gamma)
     if device == "cpu":
         times = in_fresh_process("measure_times", CACHING_MALLOC_ENV if cpu_caching_allocator else None,
                                  cfg=cfg, n_steps=n_steps, repeats=repeats)

@@ -7,8 +7,8 @@ from ctrl_bio.blackbox import label_likelihood_black_box
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.objective import pathwise_loss
 from ctrl_bio.policy_gradient import (
-    _reference_pool,
     collect_paths,
+    draw_reference_pool,
     finetune_policy_gradient,
     rewards_to_go,
     soft_optimal_weights,
@@ -215,7 +215,7 @@ def test_end_point_pool_matches_the_path_pool(small_testbed):
         r[::4] = float("nan")
         return r
 
-    pools = [_reference_pool(model, tb.sde, flaky, prior, (2,), 6, 1e-3, 40, torch.Generator().manual_seed(1),
+    pools = [draw_reference_pool(model, tb.sde, flaky, prior, (2,), 6, 1e-3, 40, torch.Generator().manual_seed(1),
                              chunk=16, keep_paths=keep) for keep in (True, False)]
     (paths, x0, y, r), (no_paths, x0_e, y_e, r_e) = pools
     assert no_paths is None and x0.shape == (30, 2)

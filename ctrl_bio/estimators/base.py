@@ -11,6 +11,7 @@ whose maximiser samples p_pre(x_0) p(y | x_0)^(gamma/alpha). A new estimator is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,6 +39,11 @@ class Objective:
     def __post_init__(self) -> None:
         if not self.alpha > 0:
             raise ValueError(f"alpha (the KL weight) must be positive, got {self.alpha}")
+
+    @classmethod
+    def of(cls, method: Mapping[str, Any]) -> Objective:
+        """alpha and gamma of a run's ``method`` settings (:class:`ctrl_bio.settings.CTRLSettings`), defaults these."""
+        return cls(alpha=float(method.get("alpha", cls.alpha)), gamma=float(method.get("gamma", cls.gamma)))
 
     @property
     def tilt(self) -> float:

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ctrl_bio.estimators import Objective
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.plots import plot_reward_vs_queries, plot_training_curves
 from domains.gmm.evaluation import combination_index
@@ -106,8 +107,9 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
     method, pathway, baselines = dict(method or {}), dict(pathway or {}), dict(baselines or {})
     specs = copy.deepcopy(labels) if labels else [component_label_spec(testbed, n_pairs)]
     task, pairs, info = build_task(testbed, specs, oracle_fraction)
+    objective = Objective.of(method)
     ctx = SuiteContext(testbed, task, pairs, specs, n_eval=n_eval, n_steps=n_steps, t_end=t_end,
-                       alpha=float(method.get("alpha", 1.0)), gamma=float(method.get("gamma", 1.0)),
+                       alpha=objective.alpha, gamma=objective.gamma,
                        n_floor_draws=n_floor_draws, n_joint_pairs=n_joint_pairs)
     rows, samples, histories = [], {}, {}
     if ctx.target is not None:

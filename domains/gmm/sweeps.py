@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ctrl_bio.estimators import Objective  # noqa: E402
 from ctrl_bio.harness import Row, SuiteResult  # noqa: E402
 from domains.gmm.testbed import Testbed  # noqa: E402
 
@@ -80,9 +81,10 @@ def run_sweep(testbed: Testbed, *, run_dir: str | Path, sweep: dict[str, Any], m
         task, pairs, info = build_task(testbed, copy.deepcopy(specs), suite_kwargs["oracle_fraction"], budget)
         n_pairs = len(pairs[0])
         m = method | ({"gamma": float(value)} if name == "gamma" else {})
+        objective = Objective.of(m)
         ctx = SuiteContext(testbed, task, pairs, specs, n_eval=suite_kwargs["n_eval"], n_steps=suite_kwargs["n_steps"],
-                           t_end=suite_kwargs["t_end"], alpha=float(m.get("alpha", 1.0)),
-                           gamma=float(m.get("gamma", 1.0)), n_floor_draws=suite_kwargs["n_floor_draws"],
+                           t_end=suite_kwargs["t_end"], alpha=objective.alpha, gamma=objective.gamma,
+                           n_floor_draws=suite_kwargs["n_floor_draws"],
                            n_joint_pairs=min(n_pairs, suite_kwargs["n_joint_pairs"]) if len(specs) > 1 else n_pairs)
         runner = RowRunner(ctx, m, dict(suite_kwargs.get("pathway") or {}), dict(suite_kwargs.get("baselines") or {}),
                            run_dir / f"{name}_{value}", suite_kwargs.get("progress", True), info, {}, pool=pool)
