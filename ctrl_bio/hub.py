@@ -16,7 +16,8 @@ weights) and a generated ``README.md`` model card. Three kinds, told apart by ``
 The folder is written and read through huggingface_hub's ``ModelHubMixin`` (config, model card, Hub downloads) and
 uploaded whole, ``base/`` included, by ``save_pretrained(..., push_to_hub=True)``.
 Nothing downloads unless a Hub id is named: a local folder is read from disk. Classes named in a ``config.json`` are
-imported only from trusted packages (:func:`ctrl_bio.labels.check_trusted`).
+imported only from trusted packages (:func:`ctrl_bio.labels.check_trusted`). What rebuilds a module is in
+:mod:`ctrl_bio.hub_spec`, the model card in :mod:`ctrl_bio.hub_card`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,14 @@ from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_do
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ctrl_bio.interop import NetworkScore
-from ctrl_bio.labels import check_trusted, resolve_callable
+from ctrl_bio.hub_card import CARD_TEMPLATE, SUMMARIES, ModelCardInfo
+from ctrl_bio.hub_spec import build_module, build_sde, class_path, class_path_of, jsonable, module_spec, sde_spec
 from ctrl_bio.lora import LoRAAugmentedScore
-from ctrl_bio.model import AugmentedScore, VectorPathway
-from ctrl_bio.nets import SequencePathway
+from ctrl_bio.model import AugmentedScore
 from ctrl_bio.reward import CalibratedClassifier
-from ctrl_bio.sde import SDE, DiscreteScheduleSDE
+
+__all__ = ["HubFolder", "ModelCardInfo", "build_module", "build_sde", "from_pretrained", "load_folder", "module_spec",
+           "read_config", "save_pretrained", "sde_spec"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -56,222 +57,6 @@ FORMAT_VERSION = 1
 #: Where ``save_pretrained`` puts a CTRL model's base model when no other reference is given.
 DEFAULT_BASE_DIR = "base"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# What rebuilds a module: {"class": "pkg.module.Class", "config": {...}} (+ "sde": true when the SDE comes first)
-
-
-def _class_path_of(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _class_path(obj: Any) -> str:
-    return _class_path_of(type(obj))
-
-
-def _jsonable(value: Any) -> Any:
-    if is_dataclass(value):
-        value = asdict(value)
-    return json.loads(json.dumps(value))
-
-
-def sde_spec(sde: SDE) -> dict[str, Any]:
-    """The SDE's class and constructor arguments: its public attributes, or a schedule's ``alphas_cumprod``."""
-    if type(sde) is DiscreteScheduleSDE:
-        return {"class": _class_path(sde), "alphas_cumprod": sde.alphas_cumprod.tolist()}
-    return {"class": _class_path(sde), **_jsonable({k: v for k, v in vars(sde).items() if not k.startswith("_")})}
-
-
-def build_sde(spec: Mapping[str, Any]) -> SDE:
-    """The SDE of :func:`sde_spec`."""
-    spec = dict(spec)
-    path = spec.pop("class")
-    check_trusted(path, "config.json: sde class")
-    return resolve_callable(path)(**spec)
-
-
-def _sequential_spec(seq: nn.Sequential) -> list[list[Any]]:
-    layers: list[list[Any]] = []
-    for layer in seq:
-        if isinstance(layer, nn.Linear):
-            layers.append(["Linear", layer.in_features, layer.out_features, layer.bias is not None])
-        elif isinstance(layer, nn.Flatten):
-            layers.append(["Flatten", layer.start_dim, layer.end_dim])
-        elif isinstance(layer, nn.Dropout):
-            layers.append(["Dropout", layer.p])
-        elif type(layer) in _ACTIVATIONS.values():
-            layers.append([type(layer).__name__])
-        elif type(layer) is nn.Sequential:  # flat_mlp_classifier: Flatten, then mlp_classifier's Sequential
-            layers.append(["Sequential", _sequential_spec(layer)])
-        else:
-            raise TypeError(f"cannot describe a {type(layer).__name__} inside nn.Sequential for config.json")
-    return layers
-
-
-_ACTIVATIONS = {cls.__name__: cls for cls in (nn.SiLU, nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.Identity)}
-
-
-def _build_sequential(layers: Sequence[Sequence[Any]]) -> nn.Sequential:
-    modules: list[nn.Module] = []
-    for name, *args in layers:
-        if name == "Linear":
-            modules.append(nn.Linear(args[0], args[1], bias=args[2]))
-        elif name == "Flatten":
-            modules.append(nn.Flatten(*args))
-        elif name == "Dropout":
-            modules.append(nn.Dropout(*args))
-        elif name in _ACTIVATIONS:
-            modules.append(_ACTIVATIONS[name]())
-        elif name == "Sequential":
-            modules.append(_build_sequential(args[0]))
-        else:
-            raise ValueError(f"config.json: unknown layer {name!r} in an nn.Sequential")
-    return nn.Sequential(*modules)
-
-
-def _pathway_config(pathway: nn.Module) -> dict[str, Any]:
-    """Constructor arguments of the core's label pathways, read back from their layers."""
-    if isinstance(pathway, VectorPathway):
-        linears = [m for m in pathway.body if isinstance(m, nn.Linear)]
-        return {"dim": pathway.dim, "n_classes": list(pathway.n_classes), "hidden": pathway.out.in_features,
-                "depth": len(linears), "n_fourier": pathway.n_fourier}
-    if isinstance(pathway, SequencePathway):
-        return {"channels": pathway.conv_out.out_channels, "n_classes": list(pathway.n_classes),
-                "hidden": pathway.conv_in.out_channels, "n_blocks": len(pathway.blocks),
-                "emb_dim": pathway.label_emb.out_features, "kernel_size": pathway.conv_in.kernel_size[0],
-                "n_fourier": pathway.n_fourier}
-    raise TypeError(f"cannot describe a {type(pathway).__name__} label pathway for config.json")
-
-
-def module_spec(module: nn.Module, builder: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What rebuilds ``module``: its class and constructor arguments.
-
-    Networks of the toolkit keep their constructor arguments in a ``config`` dict (or dataclass) and, for score
-    networks, take the SDE as first argument (``sde``); the core's label pathways and plain ``nn.Sequential`` MLPs
-    (:func:`ctrl_bio.reward.mlp_classifier`) are read back from their layers. Any other module is described by the
-    caller's ``builder``, a Hydra-style ``{"_target_": "pkg.module.factory", **kwargs}`` (what a label config's
-    ``classifier`` node holds, with ``x_shape`` and ``n_classes``).
-
-    Raises:
-        TypeError: for a module none of these describes.
-    """
-    if builder is not None:
-        builder = _jsonable(dict(builder))
-        return {"target": builder.pop("_target_"), "kwargs": builder}
-    if type(module) is nn.Sequential:
-        return {"class": "torch.nn.Sequential", "layers": _sequential_spec(module)}
-    if isinstance(module, (VectorPathway, SequencePathway)):
-        return {"class": _class_path(module), "config": _pathway_config(module)}
-    if type(module) is NetworkScore:  # wrap_network: the network's own spec and how its output becomes the score
-        if callable(module.time):
-            raise TypeError("cannot save a wrap_network score whose time input is a callable: use 't' or 'timestep'")
-        return {"class": _class_path(module), "network": module_spec(module.net),
-                "predicts": module.predicts, "time": module.time}
-    config = getattr(module, "config", None)
-    if isinstance(config, Mapping) or is_dataclass(config):
-        return {"class": _class_path(module), "config": _jsonable(config), "sde": hasattr(module, "sde")}
-    raise TypeError(f"cannot save a {type(module).__name__}: give it a `config` dict of its constructor arguments "
-                    "(and take the SDE as first argument `sde`), as ctrl_bio.nets.VectorScoreNet does, or pass "
-                    "save_pretrained(..., network={'_target_': 'pkg.module.factory', ...})")
-
-
-def build_module(spec: Mapping[str, Any], sde: SDE | None = None) -> nn.Module:
-    """The module of :func:`module_spec`, freshly initialised (load its weights afterwards)."""
-    if "target" in spec:
-        check_trusted(spec["target"], "config.json: network _target_")
-        return resolve_callable(spec["target"])(**spec["kwargs"])
-    if spec["class"] == "torch.nn.Sequential":
-        return _build_sequential(spec["layers"])
-    if spec["class"] == _class_path_of(NetworkScore):
-        if sde is None:
-            raise ValueError("config.json: a wrap_network score needs its SDE")
-        return NetworkScore(build_module(spec["network"], sde), sde, spec["predicts"], spec["time"])
-    check_trusted(spec["class"], "config.json: network class")
-    cls = resolve_callable(spec["class"])
-    config = dict(spec.get("config") or {})
-    if spec.get("sde"):
-        if sde is None:
-            raise ValueError(f"config.json: {spec['class']} needs an SDE and the config gives none")
-        return cls(sde, **config)
-    return cls(**config)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The model card
-
-
-@dataclass
-class ModelCardInfo:
-    """What the generated ``README.md`` says about a model beyond its config (all optional).
-
-    Attributes:
-        labels: the labels a CTRL model or classifier was trained for, e.g. ``[{"name": "gc", "n_classes": 3}]``.
-        alpha: CTRL's KL weight; gamma: its reward weight.
-        estimator: how the label pathway was fitted (``score_matching``, ``pathwise``, ...).
-        training_data: where the pairs / samples came from (free text).
-        metrics: measured numbers, e.g. ``{"accuracy": 0.97, "kl": 2.1}``.
-        description: a paragraph of free text.
-    """
-
-    labels: list[dict[str, Any]] = field(default_factory=list)
-    alpha: float | None = None
-    gamma: float | None = None
-    estimator: str | None = None
-    training_data: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    description: str | None = None
-
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ title }}
-
-{{ summary }}
-{% if description %}
-{{ description }}
-{% endif %}
-| | |
-|---|---|
-| kind | `{{ kind }}` |
-{% if base_model %}| base model | `{{ base_model }}` |
-{% endif %}{% if labels %}| labels | {{ labels }} |
-{% endif %}{% if alpha is not none %}| alpha (KL weight) | {{ alpha }} |
-{% endif %}{% if gamma is not none %}| gamma (reward weight) | {{ gamma }} |
-{% endif %}{% if estimator %}| estimator | `{{ estimator }}` |
-{% endif %}{% if training_data %}| training data | {{ training_data }} |
-{% endif %}| network | `{{ network }}` |
-{% if sde %}| SDE | `{{ sde }}` |
-{% endif %}
-{% if metrics %}## Measured
-
-| metric | value |
-|---|---|
-{% for name, value in metrics.items() %}| {{ name }} | {{ value }} |
-{% endfor %}{% endif %}
-## Use
-
-```python
-from ctrl_bio.hub import from_pretrained
-
-model = from_pretrained("{{ load_name }}")
-```
-
-Written by ctrl-bio. CTRL: Zhao et al. 2024, "Adding Conditional Control to
-Diffusion Models with Reinforcement Learning" ([arXiv:2406.12120](https://arxiv.org/abs/2406.12120)).
-"""
-
-_SUMMARIES = {
-    "score_network": "A pre-trained diffusion model's score network s(x, t) on the SDE below (data at t = 0, noise "
-                     "at t = 1).",
-    "reward_classifier": "A calibrated reward classifier p(y | x) on clean samples (temperature-scaled), the reward "
-                         "log p(y | x) of CTRL fine-tuning.",
-    "ctrl_model": "A CTRL fine-tuned diffusion model: the frozen base model plus a label pathway, sampling "
-                  "p(x | y) proportional to p_base(x) p(y | x)^(gamma / alpha). Only the label pathway is stored "
-                  "here; the base model is loaded from its reference.",
-}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,7 +94,7 @@ def _lora_pathway_spec(model: LoRAAugmentedScore) -> dict[str, Any]:
         raise TypeError(f"cannot save this {type(model).__name__}: save_pretrained takes LoRAAugmentedScore itself "
                         "with categorical labels and adapters (no continuous embedding, no trained copy)")
     alpha, targets = _lora_layout(model.net) if model.lora_rank > 0 else (None, [])
-    return {"class": _class_path(model),
+    return {"class": class_path(model),
             "config": {"n_classes": list(model.n_classes), "lora_rank": model.lora_rank, "lora_alpha": alpha,
                        "lora_targets": targets, "label_time_features": model.embedding.n_time_features}}
 
@@ -348,7 +133,7 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
     def __init__(self, model: nn.Module, card: ModelCardInfo | None = None, base_model: str | None = None,
                  network: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None):
         self.model, self.card, self.base_model, self.network = model, card or ModelCardInfo(), base_model, network
-        self.extra = _jsonable(dict(extra)) if extra else None
+        self.extra = jsonable(dict(extra)) if extra else None
         self.kind = _kind(model)
 
     def config(self) -> dict[str, Any]:
@@ -365,7 +150,7 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         else:
             out |= {"base_model": self.base_model, "pathway": module_spec(m.pathway, self.network),
                     "sde": sde_spec(m.sde), "n_classes": list(m.n_classes)}
-        card = _jsonable(self.card)
+        card = jsonable(self.card)
         out |= {k: v for k, v in card.items() if v not in (None, [], {}) and k != "description"}
         if self.extra:
             out["extra"] = self.extra
@@ -398,7 +183,7 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
                            for i, lab in enumerate(card.labels))
         return ModelCard.from_template(
             card_data, template_str=CARD_TEMPLATE, title=f"ctrl-bio {self.kind.replace('_', ' ')}",
-            summary=_SUMMARIES[self.kind], description=card.description, kind=self.kind, base_model=base,
+            summary=SUMMARIES[self.kind], description=card.description, kind=self.kind, base_model=base,
             labels=labels, alpha=card.alpha, gamma=card.gamma, estimator=card.estimator,
             training_data=card.training_data, network=network, sde=config.get("sde", {}).get("class"),
             metrics=card.metrics, load_name=kwargs.get("load_name", "path/to/this/folder"))
@@ -490,7 +275,7 @@ def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[s
     if getattr(base, "sde", None) is not None and sde_spec(base.sde) != sde_spec(sde):
         raise ValueError(f"{folder}: the base model's SDE {sde_spec(base.sde)['class']} differs from the one the "
                          "CTRL model was fine-tuned with")
-    if config["pathway"]["class"] == _class_path_of(LoRAAugmentedScore):
+    if config["pathway"]["class"] == class_path_of(LoRAAugmentedScore):
         return _load_lora_model(folder, config, base, weights, map_location)
     pathway = build_module(config["pathway"])
     pathway.load_state_dict(weights)

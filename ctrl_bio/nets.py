@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ctrl_bio.model import NULL_LABEL, fourier_features, one_hot_labels
+from ctrl_bio.label_space import CategoricalLabels, LabelSpace
+from ctrl_bio.model import fourier_features
 from ctrl_bio.reward import mlp_classifier
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims
@@ -206,7 +207,7 @@ class SequencePathway(nn.Module):
 
     Args:
         channels: channels C of the data (4 for one-hot DNA).
-        n_classes: classes of each label.
+        n_classes: classes of each label, or a label space (:mod:`ctrl_bio.label_space`; real values, NaN for none).
         hidden: channels of the residual stream.
         n_blocks: residual blocks (dilations 1, 2, 4, 8, ...).
         emb_dim: width of the time + label embedding.
@@ -214,13 +215,13 @@ class SequencePathway(nn.Module):
         n_fourier: Fourier features of t.
     """
 
-    def __init__(self, channels: int, n_classes: Sequence[int], hidden: int = 64, n_blocks: int = 4,
+    def __init__(self, channels: int, n_classes: Sequence[int] | LabelSpace, hidden: int = 64, n_blocks: int = 4,
                  emb_dim: int = 64, kernel_size: int = 5, n_fourier: int = 32):
         super().__init__()
-        self.n_classes = tuple(int(n) for n in n_classes)
+        self.labels = n_classes if hasattr(n_classes, "features") else CategoricalLabels(n_classes)
         self.n_fourier = n_fourier
         self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Linear(sum(self.n_classes), emb_dim, bias=False)
+        self.label_emb = nn.Linear(self.labels.n_features, emb_dim, bias=False)
         self.conv_in = nn.Conv1d(3 * channels, hidden, kernel_size, padding=kernel_size // 2)
         self.blocks = nn.ModuleList(ResidualConvBlock(hidden, emb_dim, kernel_size, dilation=2 ** (i % 4))
                                     for i in range(n_blocks))
@@ -235,10 +236,15 @@ class SequencePathway(nn.Module):
         eps_pre = -sigma * s_pre
         x0_hat = (x - sigma * eps_pre) / alpha
         emb = F.silu(self.time_mlp(fourier_features(t_vec.to(x.dtype), self.n_fourier))
-                     + self.label_emb(one_hot_labels(y, self.n_classes)))
+                     + self.label_emb(self.labels.features(y)))
         h = self.conv_in(torch.cat([x, eps_pre, x0_hat], dim=1))
         for block in self.blocks:
             h = block(h, emb)
         eps_u = self.conv_out(F.silu(self.norm_out(h)))
-        active = append_dims((y != NULL_LABEL).any(dim=1).to(x.dtype), x.ndim)  # a null request gets no control
+        active = append_dims(self.labels.requested(y).any(dim=1).to(x.dtype), x.ndim)  # none asked: no control
         return -active * eps_u / sigma
+
+    @property
+    def n_classes(self) -> tuple[int, ...]:
+        """Classes per label (categorical labels only)."""
+        return self.labels.n_classes
