@@ -5,6 +5,9 @@ Classification scores (macro-F1, expected calibration error) are torchmetrics' o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -97,3 +100,34 @@ def tilted_objective(log_p: Tensor, gamma: float) -> float:
     n = torch.tensor(float(log_p.shape[0]), dtype=torch.float64)
     per_class = torch.logsumexp(gamma * log_p.double(), dim=0) - n.log()
     return float(per_class.mean())
+
+
+def label_metrics(log_probs: Sequence[Tensor], y: Tensor, names: Sequence[str], n_classes: Sequence[int]
+                  ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Accuracy and macro-F1 of the evaluation likelihoods' argmax against the requests (averaged over labels, and
+    per label when there are several), with per-class accuracies and confusion matrices as details."""
+    metrics: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    accs, f1s = [], []
+    for k, (name, n, lp) in enumerate(zip(names, n_classes, log_probs)):
+        pred = lp.argmax(1)
+        accs.append(accuracy(pred, y[:, k]))
+        f1s.append(macro_f1(pred, y[:, k], n))
+        details[f"per_class_accuracy_{name}"] = [accuracy(pred[y[:, k] == c], y[y[:, k] == c, k])
+                                                 if (y[:, k] == c).any() else None for c in range(n)]
+        details[f"confusion_{name}"] = torch.bincount(y[:, k] * n + pred, minlength=n * n).reshape(n, n).tolist()
+        if len(names) > 1:
+            metrics[f"accuracy_{name}"] = accs[-1]
+    metrics["accuracy"] = float(sum(accs) / len(accs))
+    metrics["macro_f1"] = float(sum(f1s) / len(f1s))
+    return metrics, details
+
+
+def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, gamma: float, alpha: float
+                      ) -> dict[str, float]:
+    """``kl`` and J = gamma log p_eval(y|x) - alpha KL under the evaluation likelihoods (nothing for a row with no
+    path, such as ``real_data``)."""
+    if kl is None:
+        return {}
+    log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))
+    return {"kl": float(kl.mean()), "objective": float((gamma * log_likelihood - alpha * kl).mean())}

@@ -34,23 +34,18 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.blackbox import CallableReward
+from ctrl_bio.baseline_rows import BaselineRows, RowOutput
 from ctrl_bio.domain import Domain
 from ctrl_bio.finetune import finetune
 from ctrl_bio.guidance import (
     classifier_free_guidance,
-    classifier_guidance,
-    reconstruction_guidance,
-    train_conditional_pathway,
-    train_noisy_classifier,
 )
 from ctrl_bio.harness import Row
-from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, exact_log_prob, fit_reward_classifiers, load_label
-from ctrl_bio.metrics import accuracy, macro_f1
+from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, fit_reward_classifiers, load_label
+from ctrl_bio.metrics import label_metrics, objective_metrics  # noqa: F401  (the suites import them from here)
 from ctrl_bio.objective import WeightedPool
-from ctrl_bio.optimum import add_fraction_of_optimum, draw_tilted
+from ctrl_bio.optimum import add_fraction_of_optimum, ctrl_pool, draw_tilted
 from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plot_training_curves
-from ctrl_bio.policy_gradient import finetune_policy_gradient
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, sample_in_batches, time_grid
 from ctrl_bio.settings import resolve_device
@@ -62,8 +57,6 @@ METHODS = ("pretrained", "optimum", "ctrl", "ctrl_alpha0", "cfg", "classifier_gu
 #: Rows a suite runs only when asked (``suite.methods``): policy gradients on the exact label as a black-box reward.
 POLICY_GRADIENT_METHODS = ("ctrl_pg", "ddpo")
 KNOWN_METHODS = METHODS + POLICY_GRADIENT_METHODS
-#: (samples, path KL to the pre-trained model or None, extra metrics) of one row.
-RowOutput = tuple[Tensor, Tensor | None, dict[str, float]]
 
 
 def load_task(labels: Sequence[dict[str, Any]], domain: Any, seed: int
@@ -180,58 +173,7 @@ class BaseSuiteContext:
         return out
 
 
-def label_metrics(log_probs: Sequence[Tensor], y: Tensor, names: Sequence[str], n_classes: Sequence[int]
-                  ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Accuracy and macro-F1 of the evaluation likelihoods' argmax against the requests (averaged over labels, and
-    per label when there are several), with per-class accuracies and confusion matrices as details."""
-    metrics: dict[str, float] = {}
-    details: dict[str, Any] = {}
-    accs, f1s = [], []
-    for k, (name, n, lp) in enumerate(zip(names, n_classes, log_probs)):
-        pred = lp.argmax(1)
-        accs.append(accuracy(pred, y[:, k]))
-        f1s.append(macro_f1(pred, y[:, k], n))
-        details[f"per_class_accuracy_{name}"] = [accuracy(pred[y[:, k] == c], y[y[:, k] == c, k])
-                                                 if (y[:, k] == c).any() else None for c in range(n)]
-        details[f"confusion_{name}"] = torch.bincount(y[:, k] * n + pred, minlength=n * n).reshape(n, n).tolist()
-        if len(names) > 1:
-            metrics[f"accuracy_{name}"] = accs[-1]
-    metrics["accuracy"] = float(sum(accs) / len(accs))
-    metrics["macro_f1"] = float(sum(f1s) / len(f1s))
-    return metrics, details
-
-
-def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, gamma: float, alpha: float
-                      ) -> dict[str, float]:
-    """``kl`` and J = gamma log p_eval(y|x) - alpha KL under the evaluation likelihoods (nothing for a row with no
-    path, such as ``real_data``)."""
-    if kl is None:
-        return {}
-    log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))
-    return {"kl": float(kl.mean()), "objective": float((gamma * log_likelihood - alpha * kl).mean())}
-
-
-def ctrl_pool(ctx: SuiteContext, source: str, pool_size: int) -> Tensor:
-    """The unlabelled pool ``ctrl``'s score matching tilts by p(y|x)^gamma, (pool_size, *x_shape).
-
-    ``training``: pool_size of the pre-trained model's training samples, a fixed random subset. ``pretrained``:
-    pool_size samples of the pre-trained model, the target CTRL's theory names (p_pre tilted), passed through the
-    domain's ``project`` where it has one: for discrete data the sampler's continuous end points lie off the
-    lattice the network was trained on, and matching them near t = 0 costs a large control (on QM9 graphs a path
-    KL of about 200 nats against 1-2 with the snapped pool; benchmarks/molecules/README.md).
-    """
-    if source == "training":
-        g = torch.Generator().manual_seed(ctx.seed + 7100)
-        return ctx.x_train[torch.randperm(ctx.x_train.shape[0], generator=g)[:pool_size]]
-    if source == "pretrained":
-        pool = ctx.sample(lambda _y: ctx.pretrained, torch.zeros(pool_size, len(ctx.n_classes), dtype=torch.long),
-                          seed_offset=7100)[0]
-        project = getattr(ctx.domain, "project", None)
-        return project(pool) if project is not None else pool
-    raise ValueError(f"suite.method.pool must be 'training' or 'pretrained', got {source!r}")
-
-
-class RowRunner:
+class RowRunner(BaselineRows):
     """Builds, trains and samples each row; the reward classifiers and the pre-trained samples are shared.
 
     Args:
@@ -393,131 +335,6 @@ class RowRunner:
         self.info["ctrl_alpha0"] = {k: s[k] for k in s} | {"train_seconds": result.seconds}
         x, kl = ctx.sample(model.conditioned, ctx.y_eval)
         return x, kl, {"score_evals": ctx.n_steps, "alpha": float(s["alpha"])} | self.shared_seconds()
-
-    def row_cfg(self) -> RowOutput:
-        ctx, cfg = self.ctx, {"steps": 600, "batch_size": 128, "lr": 2e-3, "label_dropout": 0.1} | dict(
-            self.baselines.get("cfg", {}))
-        scales = list(cfg.pop("scales", [1.0, 2.0, 4.0]))
-        x_pairs, y_pairs = self.joint_pairs()
-        model = self.new_model()
-        record = train_conditional_pathway(model, ctx.domain.sde, x_pairs, y_pairs, t_end=ctx.t_end,
-                                           generator=torch.Generator().manual_seed(ctx.seed + 8000),
-                                           progress=self.progress, **cfg)
-        best, per_scale = self.select_scale(lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
-        self.info["cfg"] = {"pairs": int(x_pairs.shape[0]), "per_scale_reward_J": per_scale, "losses": record.losses}
-        x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": int(x_pairs.shape[0])}
-
-    def joint_pairs(self) -> tuple[Tensor, Tensor]:
-        """Pairs carrying every label at once, what cfg and classifier guidance learn from.
-
-        One label: its own pairs. Several: the first label's pair inputs with every other label read off by that
-        label's exact function (only exact labels can be added this way; CTRL itself needs none of it).
-        """
-        ctx = self.ctx
-        x = ctx.pairs[0].x
-        ys = [ctx.pairs[0].y]
-        for spec in ctx.specs[1:]:
-            exact = exact_log_prob(spec, ctx.domain)
-            if exact is None:
-                raise ValueError(f"cfg with several labels needs joint pairs; label '{spec['name']}' has no exact "
-                                 "function to label the first label's inputs with")
-            ys.append(exact(x).argmax(1))
-        return x, torch.stack(ys, 1)
-
-    def row_classifier_guidance(self) -> RowOutput:
-        ctx = self.ctx
-        cg = {"steps": 1500, "batch_size": 128, "lr": 2e-3} | dict(self.baselines.get("classifier_guidance", {}))
-        scales = list(cg.pop("scales", [1.0, 2.0, 4.0]))
-        net_kwargs = {k: cg.pop(k) for k in list(cg) if k not in ("steps", "batch_size", "lr")}
-        x_pairs, y_pairs = self.joint_pairs()
-        nets = []
-        for k, n in enumerate(ctx.n_classes):
-            torch.manual_seed(ctx.seed + k)
-            net = ctx.noisy_classifier(n, **net_kwargs)
-            train_noisy_classifier(net, ctx.domain.sde, x_pairs, y_pairs[:, k], t_end=ctx.t_end,
-                                   generator=torch.Generator().manual_seed(ctx.seed + 8100 + k),
-                                   progress=self.progress, **cg)
-            nets.append(net)
-
-        def noisy_ll(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return sum(net(x, t).log_softmax(1).gather(1, y[:, k:k + 1]).squeeze(1) for k, net in enumerate(nets))
-
-        pre = ctx.pretrained
-        best, per_scale = self.select_scale(lambda w: lambda y: classifier_guidance(pre, noisy_ll, y, w), scales)
-        self.info["classifier_guidance"] = {"pairs": int(x_pairs.shape[0]), "per_scale_reward_J": per_scale}
-        x, kl = ctx.sample(lambda y: classifier_guidance(pre, noisy_ll, y, best), ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best, "pairs_used": int(x_pairs.shape[0])}
-
-    def row_dps(self) -> RowOutput:
-        ctx = self.ctx
-        scales = list(self.baselines.get("dps", {}).get("scales", [0.3, 1.0, 3.0]))
-        reward, pre, sde = self.reward(), ctx.pretrained, ctx.domain.sde
-        best, per_scale = self.select_scale(lambda w: lambda y: reconstruction_guidance(pre, sde, reward, y, w),
-                                            scales)
-        self.info["dps"] = {"per_scale_reward_J": per_scale}
-        x, kl = ctx.sample(lambda y: reconstruction_guidance(pre, sde, reward, y, best), ctx.y_eval)
-        # A forward and a backward pass through the score network per step: about three evaluations.
-        return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
-
-    def exact_reward(self) -> CallableReward:
-        """gamma * sum_k log p_k(y_k | x0) of the labels' exact functions, as values only (a counted black box)."""
-        ctx, gamma = self.ctx, float(self.method.get("gamma", 1.0))
-        exact = [exact_log_prob(spec, ctx.domain) for spec in ctx.specs]
-        missing = [spec["name"] for spec, f in zip(ctx.specs, exact) if f is None]
-        if missing:
-            raise ValueError(f"ctrl_pg and ddpo query the label's exact function as their reward; label(s) {missing} "
-                             "have none (a reward from the evaluation oracle would grade its own homework)")
-
-        def values(x0: Tensor, y: Tensor) -> Tensor:
-            return gamma * sum(f(x0).gather(1, y[:, k:k + 1]).squeeze(1) for k, f in enumerate(exact))
-
-        return CallableReward(values, decode=lambda x0: x0.detach())
-
-    def policy_gradient_row(self, variant: str) -> RowOutput:
-        """``ctrl_pg`` or ``ddpo``: the label pathway trained from reward values only (no reward gradient)."""
-        ctx, cfg = self.ctx, dict(self.baselines.get("policy_gradient") or {})
-        settings = dict(cfg.get("settings") or {}) | {"alpha": float(self.method.get("alpha", 1.0))}
-        if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
-            settings |= dict(cfg.get("ddpo") or {}) | {"reference_pool": 0, "reference_updates": 0}
-        for key in ("variant", "seed", "progress", "checkpoint_path", "t_end", "spacing"):
-            settings.pop(key, None)
-        model = self.new_model()
-        result = finetune_policy_gradient(model, ctx.domain.sde, self.exact_reward(), self.label_prior(),
-                                          ctx.domain.x_shape, variant=variant, t_end=ctx.t_end, spacing=ctx.spacing,
-                                          seed=ctx.seed,
-                                          progress=self.progress,
-                                          checkpoint_path=self.run_dir / "checkpoints" / f"{variant}.safetensors",
-                                          **settings)
-        self.histories[variant] = result.history
-        self.info[variant] = {"settings": settings, "train_seconds": result.seconds}
-        x, kl = ctx.sample(model.conditioned, ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "failed_rewards": result.failed_rewards,
-                       "reward_queries": result.history[-1]["reward_queries"] if result.history else 0}
-
-    def row_ctrl_pg(self) -> RowOutput:
-        return self.policy_gradient_row("ctrl_pg")
-
-    def row_ddpo(self) -> RowOutput:
-        return self.policy_gradient_row("ddpo")
-
-    def row_best_of_n(self) -> RowOutput:
-        """N pre-trained samples per request, the one the reward classifier likes best; selection has no path KL.
-
-        The candidates are the ``pretrained`` row's samples plus N - 1 more sets; their sampling time is charged here.
-        """
-        ctx, reward = self.ctx, self.reward()
-        n = int(self.baselines.get("best_of_n", {}).get("n", 4))
-        b = ctx.y_eval.shape[0]
-        reused = 0 in self._chunks
-        candidates = torch.stack([self.pretrained_chunk(k) for k in range(n)])  # (n, b, ...)
-        with torch.no_grad():
-            scores = torch.stack([reward(c, ctx.y_eval) for c in candidates])
-        x = candidates[scores.argmax(0), torch.arange(b)]
-        extra = {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()
-        if reused:  # the pretrained row drew chunk 0 and was charged for it; so is this row
-            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + self._chunk_seconds[0]
-        return x, None, extra
 
 
 def run_rows(runner: RowRunner, methods: Sequence[str], label: str,

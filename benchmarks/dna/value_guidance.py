@@ -31,6 +31,7 @@ parser.add_argument("--hidden", type=int, default=64)
 parser.add_argument("--spacing", default="uniform")
 parser.add_argument("--gamma", type=float, default=4.0)
 parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 2.0])
+parser.add_argument("--pool-size", type=int, default=8192, help="training sequences V is fitted on (39,254: all)")
 args = parser.parse_args()
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -43,7 +44,7 @@ classifier, report = fit_reward_classifier(pairs, spec, seed=17)
 reward = LogLikelihoodReward([classifier])
 prior = LabelPrior.from_labels([pairs.y], [4])
 x_train = domain.training_data()
-pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:8192]]
+pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:args.pool_size]]
 model = domain.augment(domain.pretrained_model(), [4]).eval()
 problem = Problem(model, domain.sde, reward, prior, domain.x_shape, Objective(gamma=args.gamma), n_steps=50)
 sv = SoftValue(value_steps=args.value_steps, value_batch_size=args.batch_size, value_lr=args.lr, pool_x0=pool,
@@ -63,6 +64,6 @@ for scale in [0.0, *args.scales]:
                          time_grid(50), generator=g, keep_trajectory=False)
     with torch.no_grad():
         acc = float((oracle(out.x.detach()).argmax(1) == y[:, 0]).float().mean())
-    print(f"value steps {args.value_steps} spacing {args.spacing} hidden {args.hidden} (fit {fit_seconds:.0f} s, "
+    print(f"pool {pool.shape[0]} value steps {args.value_steps} spacing {args.spacing} hidden {args.hidden} (fit {fit_seconds:.0f} s, "
           f"loss {info['value_losses'][0]:.3f} -> {info['value_losses'][-1]:.3f}) | scale {scale}: oracle accuracy "
           f"{acc:.3f}, KL {float(out.kl.mean()):.2f}", flush=True)

@@ -1,0 +1,48 @@
+"""The optimum of J as a row: importance resampling of a pool by p(y|x)^tilt, its KL, and fraction_of_optimum."""
+
+import math
+
+import torch
+
+from ctrl_bio.harness import Row
+from ctrl_bio.objective import WeightedPool
+from ctrl_bio.optimum import add_fraction_of_optimum, draw_tilted
+
+
+def test_tilted_draw_matches_the_weights_and_its_kl_is_that_of_the_reweighting():
+    """A pool of two points, p(y=0 | x) = 0.8 / 0.2: tilted by 2 the first point has weight 16/17 for y = 0; the KL of
+    the reweighted law to the uniform pool is sum_i w_i log(2 w_i); the ESS is Kish's."""
+    x0 = torch.tensor([[1.0], [-1.0]])
+    log_probs = torch.tensor([[0.8, 0.2], [0.2, 0.8]]).log()
+    pool = WeightedPool(x0, [log_probs], tilt=2.0)
+    y = torch.zeros(20000, 1, dtype=torch.long)
+    draw = draw_tilted(pool, y, torch.Generator().manual_seed(0))
+    w = torch.tensor([16 / 17, 1 / 17], dtype=torch.float64)
+    assert abs(float((draw.x[:, 0] == 1.0).double().mean()) - float(w[0])) < 0.01
+    assert math.isclose(float(draw.kl[0]), float((w * (2 * w).log()).sum()), rel_tol=1e-5)
+    assert math.isclose(draw.ess, float(1 / (w**2).sum()), rel_tol=1e-6)
+    both = draw_tilted(pool, torch.tensor([[0], [1]]), torch.Generator().manual_seed(0))
+    assert torch.allclose(both.kl[0], both.kl[1])  # the two labels are mirror images
+
+
+def test_fraction_of_optimum_is_the_share_of_the_optimums_gain_for_learned_rows_only():
+    rows = [Row("pretrained", "a", {"accuracy": 0.3}), Row("optimum", "a", {"accuracy": 0.7}),
+            Row("ctrl", "a", {"accuracy": 0.6}), Row("real_data", "a", {"accuracy": 0.9}),
+            Row("cfg", "a", {"accuracy": 0.2}), Row("ctrl", "b", {"accuracy": 0.5})]
+    add_fraction_of_optimum(rows)
+    assert math.isclose(rows[2].metrics["fraction_of_optimum"], 0.75)
+    assert math.isclose(rows[4].metrics["fraction_of_optimum"], -0.25)
+    assert "fraction_of_optimum" not in rows[0].metrics | rows[1].metrics | rows[3].metrics
+    assert "fraction_of_optimum" not in rows[5].metrics  # label b has no reference rows
+
+
+def test_the_plot_shows_the_rows_between_floor_and_optimum_and_needs_both(tmp_path):
+    from ctrl_bio.plots import plot_fraction_of_optimum
+
+    rows = [Row("pretrained", "a", {"accuracy": 0.3}), Row("optimum", "a", {"accuracy": 0.7}),
+            Row("ctrl", "a", {"accuracy": 0.6})]
+    add_fraction_of_optimum(rows)
+    path = plot_fraction_of_optimum(rows, tmp_path / "f.png")
+    assert path is not None and path.stat().st_size > 1000
+    assert plot_fraction_of_optimum(rows[:1] + rows[2:], tmp_path / "g.png") is None
+    assert not (tmp_path / "g.png").exists()
