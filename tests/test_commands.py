@@ -179,3 +179,61 @@ def test_trainer_logger_wandb_is_offline_or_names_its_extra(tmp_path, capsys):
     else:
         assert main(args) == 0
         assert list((tmp_path / "wb/wandb").glob("offline-run-*"))
+
+
+class TinyEpsNet(torch.nn.Module):
+    """A user's own eps-network, named on the command line by domain.network._target_=test_commands.TinyEpsNet."""
+
+    def __init__(self, dim: int, hidden: int = 32):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim + 1, hidden), torch.nn.SiLU(), torch.nn.Linear(hidden, dim))
+
+    def forward(self, x, t):
+        return self.mlp(torch.cat([x, t[:, None]], dim=1))
+
+
+def test_own_network_and_data_file_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """domain=custom: pretrain a user's nn.Module on a .npy file, fine-tune a label on it, sample; no Domain class."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[2.0, 2.0], [-2.0, -2.0]])
+    x = centres[torch.randint(0, 2, (2000,), generator=g)] + 0.4 * torch.randn(2000, 2, generator=g)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.savez(tmp_path / "pairs.npz", x=x[:300].numpy(), y=(x[:300, 0] > 0).long().numpy())
+    (tmp_path / "label").mkdir()
+    (tmp_path / "label" / "right.yaml").write_text(f"""# @package label.right
+name: right
+domain: custom
+type: categorical
+classes: 2
+pairs: {{callable: "domains.custom.domain:file_pairs", kwargs: {{file: {tmp_path / 'pairs.npz'}}}}}
+training: {{epochs: 20}}
+""")
+    own = ["domain=custom", f"domain.data={tmp_path / 'x.npy'}", "domain.network._target_=test_commands.TinyEpsNet",
+           "+domain.network.dim=2", "progress=false"]
+    pre = tmp_path / "pre"
+    assert main(["pretrain", *own, "steps=300", "batch_size=256", "evaluate=false", f"hydra.run.dir={pre}"]) == 0
+    assert json.loads((pre / "score.json").read_text())["config"]["network"]["_target_"] == "test_commands.TinyEpsNet"
+    ft = tmp_path / "ft"
+    assert main(["finetune", *own, f"domain.checkpoint={pre}", "label=right", f"hydra.searchpath=[file://{tmp_path}]",
+                 "n_steps=30", "method.sm_steps=200", "method.sm_lr=1e-2", "method.pool_size=2000",
+                 "method.eval_every=0", "domain.pathway.hidden=32", f"hydra.run.dir={ft}"]) == 0
+    assert (ft / "model/config.json").is_file()
+    shares = {}
+    for y in (0, 1):
+        out = tmp_path / f"s{y}"
+        assert main(["sample", f"run={ft}", f"y={y}", "n=400", "progress=false", f"hydra.run.dir={out}"]) == 0
+        rows = list(csv.DictReader((out / "samples.csv").open()))
+        shares[y] = sum(float(r["x0"]) > 0 for r in rows) / len(rows)
+        assert (out / "samples.safetensors").is_file() and (out / "samples.png").is_file()
+    assert shares[1] > 0.8 and shares[0] < 0.2, shares
+    # The exported folder samples the same; its network's package must be trusted to be imported from a file.
+    model = ft / "model"
+    capsys.readouterr()
+    assert main(["sample", f"run={model}", "y=1", f"hydra.run.dir={tmp_path / 'refused'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'test_commands.TinyEpsNet' is outside the trusted packages" in err and len(err.splitlines()) == 1
+    monkeypatch.setenv("CTRL_BIO_TRUSTED_PACKAGES", "test_commands")
+    assert main(["sample", f"run={model}", "y=1", "n=400", "progress=false", f"hydra.run.dir={tmp_path / 'm'}"]) == 0
+    assert (tmp_path / "m/samples.csv").read_text() == (tmp_path / "s1/samples.csv").read_text()

@@ -353,6 +353,18 @@ def load_finetune_run(ft_dir: Path) -> SampleSource:
     return SampleSource(model, domain, labels, ft_cfg.n_steps, ft_cfg.t_end, time_spacing(ft_cfg, domain))
 
 
+def check_targets(node: Any, where: str) -> None:
+    """Every ``_target_`` of a config read from a file lies in a trusted package (``check_trusted``)."""
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            check_trusted(str(node["_target_"]), f"{where} _target_")
+        for value in node.values():
+            check_targets(value, where)
+    elif isinstance(node, list):
+        for value in node:
+            check_targets(value, where)
+
+
 def load_model_folder(folder: Path) -> SampleSource:
     """A ``save_pretrained`` folder written by ``ctrl-bio finetune`` (``<run>/model``): the model, and the domain
     rebuilt from ``config.json["extra"]``."""
@@ -363,6 +375,7 @@ def load_model_folder(folder: Path) -> SampleSource:
     if missing:
         raise ValueError(f"run={folder}: config.json has no extra {missing} (only folders written by ctrl-bio "
                          f"finetune name their domain; sample others with the Python API, ctrl_bio.hub)")
+    check_targets(extra["plugin"], f"{folder}/config.json: extra.plugin")  # a shared folder names what is imported
     model = from_pretrained(folder)
     domain = build_domain(OmegaConf.create(extra["plugin"]))
     return SampleSource(model, domain, extra["labels"], extra["n_steps"], extra["t_end"],
