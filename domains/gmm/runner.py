@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.blackbox import CallableReward
+from ctrl_bio.estimators import Objective
 from ctrl_bio.finetune import finetune, sample_pretrained_pool
 from ctrl_bio.guidance import (
     NoisyMLPClassifier,
@@ -268,7 +269,7 @@ class RowRunner:
         ctx, cfg = self.ctx, self.baselines["policy_gradient"]
         settings = dict(cfg.get("settings") or {}) | ({"variant": variant} if variant == "ctrl_pg" else
                                                       dict(cfg.get("ddpo") or {}) | {"variant": "ddpo"})
-        settings["alpha"] = float(self.method.get("alpha", 1.0))  # the run's one KL weight
+        settings["alpha"] = Objective.of(self.method).alpha  # the run's one KL weight
         if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
             settings |= {"reference_pool": 0, "reference_updates": 0}
         n_train = int(settings.pop("n_steps", 50))
