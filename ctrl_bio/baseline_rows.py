@@ -155,12 +155,12 @@ class BaselineRows:
         ctx, reward = self.ctx, self.reward()
         n = int(self.baselines.get("best_of_n", {}).get("n", 4))
         b = ctx.y_eval.shape[0]
-        reused = 0 in self._chunks
+        reused = self.reused_chunk_seconds(range(n))
         candidates = torch.stack([self.pretrained_chunk(k) for k in range(n)])  # (n, b, ...)
         with torch.no_grad():
             scores = torch.stack([reward(c, ctx.y_eval) for c in candidates])
         x = candidates[scores.argmax(0), torch.arange(b)]
         extra = {"score_evals": n * ctx.n_steps, "n": n} | self.shared_seconds()
-        if reused:  # the pretrained row drew chunk 0 and was charged for it; so is this row
-            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + self._chunk_seconds[0]
+        if reused:  # chunks another row drew (pretrained, optimum) and was charged for; so is this row
+            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + reused
         return x, None, extra

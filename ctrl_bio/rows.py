@@ -3,18 +3,12 @@
 A domain suite (DNA, images, ...) supplies a :class:`SuiteContext`: its domain, labels and pairs, requests, sampler
 and real held-out data. :class:`RowRunner` builds each row on it (DESIGN.md's method names):
 
-- ``pretrained``: the frozen network; the floor.
+- ``pretrained``: the frozen network; the floor. ``real_data``: held-out real samples with the requested labels.
+- ``optimum``: J's optimum, pre-trained samples tilted by p(y|x)^(gamma/alpha) (:mod:`ctrl_bio.optimum`).
 - ``ctrl``: :func:`ctrl_bio.finetune.finetune` with one calibrated reward classifier per label, each from its own pairs.
 - ``ctrl_alpha0``: ``ctrl``'s pathway continued by pathwise gradients with the KL weight near zero (what the KL holds).
-- ``cfg``: the same zero-initialised pathway trained by denoising score matching on the labelled pairs, scale swept.
-- ``classifier_guidance``: a classifier of noisy x_t trained on the same pairs (the domain gives its network).
-- ``dps``: the reward classifier at Tweedie's x0_hat.
-- ``best_of_n``: N pre-trained samples per request, the reward classifier picks.
-- ``real_data``: held-out real samples with the requested labels; the ceiling.
-- ``ctrl_pg``, ``ddpo`` (not in the default rows): policy gradients from reward *values* only
-  (:func:`ctrl_bio.policy_gradient.finetune_policy_gradient`); the reward is the label's exact function on the decoded
-  sample (an RDKit property, a real JPEG size) queried as a black box, so they answer "what if the reward had no
-  gradient" on labels whose truth is known.
+- the baselines ``cfg``, ``classifier_guidance``, ``dps``, ``best_of_n`` and, when asked, ``ctrl_pg`` and ``ddpo``
+  (:mod:`ctrl_bio.baseline_rows`).
 
 Guidance scales are chosen by the reward classifier's J = gamma E[log p(y|x)] - alpha KL on requests of their own,
 CTRL's own objective with its gamma and alpha: the evaluation oracle or exact label is never consulted for a choice.
@@ -202,13 +196,6 @@ class RowRunner(BaselineRows):
         self._chunks: dict[int, Tensor] = {}
         self._chunk_seconds: dict[int, float] = {}
         self._ctrl = None
-        self._pools: dict[tuple[str, int], Tensor] = {}
-
-    def pool(self, source: str, size: int) -> Tensor:
-        """:func:`ctrl_pool`, drawn once per (source, size), so that ``optimum`` and ``ctrl`` can share it."""
-        if (source, size) not in self._pools:
-            self._pools[(source, size)] = ctrl_pool(self.ctx, source, size)
-        return self._pools[(source, size)]
 
     def tilt(self) -> float:
         """gamma / alpha of ``method``: the exponent of p(y|x) in the optimum of J."""
@@ -246,6 +233,11 @@ class RowRunner(BaselineRows):
             self._chunk_seconds[k] = time.perf_counter() - start
         return self._chunks[k]
 
+    def reused_chunk_seconds(self, chunks: Sequence[int]) -> float:
+        """Sampling seconds of those of ``chunks`` already drawn by an earlier row (charged again to the row reusing
+        them, so that each row's seconds are what it would cost alone)."""
+        return sum(self._chunk_seconds[k] for k in chunks if k in self._chunks)
+
     def new_model(self):
         torch.manual_seed(self.ctx.seed)
         return self.ctx.domain.augment(self.ctx.pretrained, self.ctx.n_classes)
@@ -280,7 +272,7 @@ class RowRunner(BaselineRows):
         source = settings.pop("pool", "training")
         pool_size = int(settings.pop("pool_size", 8192))
         scales = [float(w) for w in settings.pop("control_scales", [1.0])]
-        pool = self.pool(source, pool_size)
+        pool = ctrl_pool(ctx, source, pool_size)
         if settings.get("estimator") == "soft_value":  # V has the domain's noisy-classifier architecture
             hidden = {k: v for k, v in self.baselines.get("classifier_guidance", {}).items() if k == "hidden"}
             torch.manual_seed(ctx.seed + 7300)
@@ -308,15 +300,23 @@ class RowRunner(BaselineRows):
     def row_optimum(self) -> RowOutput:
         """J's optimum with this pre-trained model and reward classifier: ``n`` pre-trained samples (projected onto
         the data's support where the domain can) resampled per request with weights p(y|x)^(gamma/alpha)
-        (:mod:`ctrl_bio.optimum`). Its KL is the tilted pool's, its cost the pool's sampling."""
-        ctx, n = self.ctx, int(self.baselines.get("optimum", {}).get("n", 4096))
+        (:mod:`ctrl_bio.optimum`). Its KL is the tilted pool's. The pool holds the ``pretrained`` row's and
+        ``best_of_n``'s pre-trained samples and more, drawn once for the three rows."""
+        ctx, n = self.ctx, int(self.baselines.get("optimum", {}).get("n", 2048))
         reward = self.reward()
-        pool = self.pool("pretrained", n)
+        chunks = range(math.ceil(n / ctx.y_eval.shape[0]))  # best_of_n's candidates are the first of these
+        reused = self.reused_chunk_seconds(chunks)
+        pool = torch.cat([self.pretrained_chunk(k) for k in chunks])[:n]
+        project = getattr(ctx.domain, "project", None)
+        pool = project(pool) if project is not None else pool
         with torch.no_grad():
             weighted = WeightedPool(pool, [f(pool) for f in reward.log_prob_fns], tilt=self.tilt())
         draw = draw_tilted(weighted, ctx.y_eval, torch.Generator().manual_seed(ctx.seed + 7200))
         self.info["optimum"] = {"pool_size": n, "tilt": self.tilt(), "ess": draw.ess}
-        return draw.x, draw.kl, {"effective_sample_size": draw.ess, "score_evals": ctx.n_steps} | self.shared_seconds()
+        extra = {"effective_sample_size": draw.ess, "score_evals": ctx.n_steps} | self.shared_seconds()
+        if reused:
+            extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + reused
+        return draw.x, draw.kl, extra
 
     def row_ctrl_alpha0(self) -> RowOutput:
         """CTRL's pathway, then pathwise updates of J with alpha ~ 0: the reward alone, no KL to hold it."""

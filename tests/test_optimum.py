@@ -46,3 +46,32 @@ def test_the_plot_shows_the_rows_between_floor_and_optimum_and_needs_both(tmp_pa
     assert path is not None and path.stat().st_size > 1000
     assert plot_fraction_of_optimum(rows[:1] + rows[2:], tmp_path / "g.png") is None
     assert not (tmp_path / "g.png").exists()
+
+
+def test_the_optimum_row_tilts_n_pre_trained_samples_shared_with_best_of_n(tmp_path):
+    """``baselines.optimum.n`` reaches the row: its pool is that many pre-trained samples (the ``pretrained`` row's
+    and best_of_n's chunks first, projected), tilted by p(y|x)^(gamma/alpha) of the reward."""
+    from types import SimpleNamespace
+
+    from ctrl_bio.reward import LogLikelihoodReward
+    from ctrl_bio.rows import RowRunner
+
+    calls = []
+
+    def sample(score_fn_for, y, seed_offset=2000):
+        calls.append(seed_offset)
+        g = torch.Generator().manual_seed(seed_offset)
+        return torch.randn(y.shape[0], 1, generator=g), torch.zeros(y.shape[0])
+
+    ctx = SimpleNamespace(domain=SimpleNamespace(project=torch.sign), seed=0, n_classes=(2,), pretrained=None,
+                          sample=sample, n_steps=5, y_eval=torch.tensor([[0], [1], [0], [1]]))
+    runner = RowRunner(ctx, {"gamma": 8.0, "alpha": 2.0}, {}, {"optimum": {"n": 10}}, tmp_path, False, {})
+    runner._reward = LogLikelihoodReward([lambda x: torch.cat([x, -x], 1).mul(3.0).log_softmax(1)])
+    x, kl, extra = runner.row_optimum()
+    assert calls == [7000, 7001, 7002]  # ceil(10 / 4) chunks of the pretrained row's seeds
+    assert runner.info["optimum"] == {"pool_size": 10, "tilt": 4.0, "ess": extra["effective_sample_size"]}
+    assert set(x.unique().tolist()) <= {-1.0, 1.0}  # projected
+    assert (x[:, 0] == torch.tensor([1.0, -1.0, 1.0, -1.0])).float().mean() >= 0.75  # label 0 wants x > 0
+    assert (kl > 0).all()
+    runner.pretrained_chunk(0)
+    assert calls == [7000, 7001, 7002]  # best_of_n reuses them
