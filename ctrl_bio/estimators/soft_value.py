@@ -27,9 +27,8 @@ from torch import Tensor, nn
 
 from ctrl_bio.estimators.base import Problem
 from ctrl_bio.estimators.score_matching import label_combinations, tilted_pool
-from ctrl_bio.guidance import NoisyMLPClassifier
+from ctrl_bio.guidance import NoisyMLPClassifier, fit_adam
 from ctrl_bio.objective import WeightedPool
-from ctrl_bio.progress import progress_bar
 from ctrl_bio.sampling import Spacing
 from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
 
@@ -86,28 +85,19 @@ class SoftValue:
         if self.value_net is None:
             self.value_net = NoisyMLPClassifier(math.prod(problem.x_shape), combos.shape[0])
         net = self.value_net.to(self.pool.x0.device).train().requires_grad_(True)
-        opt = torch.optim.Adam(net.parameters(), lr=self.value_lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.value_steps, 1))
-        losses = []
         x0_all = self.pool.x0
-        with progress_bar(self.value_steps, "ctrl soft value V", enabled=self.progress) as advance:
-            for step in range(self.value_steps):
-                idx = torch.randint(0, x0_all.shape[0], (self.value_batch_size,), generator=generator)
-                x_t, t = self._noised(problem, x0_all[idx.to(x0_all.device)], generator)
-                v = net(x_t, t).clamp(max=30.0)  # exp(V) fits a mean of weights of mean 1: 30 is far outside
-                loss = (v.exp() - weights[idx] * v).sum(1).mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"soft value loss became {loss.item()} at update {step}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                advance(loss=loss.item())
-                if step % max(self.value_steps // 20, 1) == 0:
-                    losses.append(loss.item())
+
+        def loss_fn(_: int) -> Tensor:
+            idx = torch.randint(0, x0_all.shape[0], (self.value_batch_size,), generator=generator)
+            x_t, t = self._noised(problem, x0_all[idx.to(x0_all.device)], generator)
+            v = net(x_t, t).clamp(max=30.0)  # exp(V) fits a mean of weights of mean 1: 30 is far outside
+            return (v.exp() - weights[idx] * v).sum(1).mean()
+
+        record = fit_adam(list(net.parameters()), loss_fn, self.value_steps, self.value_lr, "ctrl soft value V",
+                          self.progress)
         net.eval().requires_grad_(False)
-        return {"pool_ess": min(self.pool.effective_sample_size(c) for c in combos[:64]), "value_losses": losses,
-                "value_seconds": time.perf_counter() - start}
+        return {"pool_ess": min(self.pool.effective_sample_size(c) for c in combos[:64]),
+                "value_losses": record.losses, "value_seconds": time.perf_counter() - start}
 
     def _noised(self, problem: Problem, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """x_t = alpha_t x0 + sigma_t eps with t drawn on [t_end, 1] by ``spacing``, and t."""
