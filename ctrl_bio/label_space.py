@@ -74,6 +74,11 @@ class LabelSpace(Protocol):
         ...
 
 
+def as_label_space(labels: Sequence[int] | LabelSpace) -> LabelSpace:
+    """A label space as given, or categorical labels from their class counts (what a pathway's constructor takes)."""
+    return labels if hasattr(labels, "features") else CategoricalLabels(labels)
+
+
 def label_space_of(model: Any) -> LabelSpace:
     """The model's ``labels``; a model that only names its ``n_classes`` has categorical labels."""
     labels = getattr(model, "labels", None)

@@ -26,6 +26,7 @@ from ctrl_bio.label_space import (
     CategoricalLabels,
     ContinuousLabels,
     LabelSpace,
+    as_label_space,
     check_labels,
     label_space_of,
     one_hot_labels,
@@ -63,11 +64,6 @@ def fourier_features(t: Tensor, n_features: int) -> Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def _labels(labels: Sequence[int] | LabelSpace) -> LabelSpace:
-    """A label space as given, or categorical labels from their class counts."""
-    return labels if hasattr(labels, "features") else CategoricalLabels(labels)
-
-
 class VectorPathway(nn.Module):
     """Label pathway u(x_t, t, y) for vector data, an MLP with a zero last layer.
 
@@ -90,7 +86,7 @@ class VectorPathway(nn.Module):
     def __init__(self, dim: int, n_classes: Sequence[int] | LabelSpace, hidden: int = 128, depth: int = 3,
                  n_fourier: int = 16):
         super().__init__()
-        self.dim, self.labels, self.n_fourier = dim, _labels(n_classes), n_fourier
+        self.dim, self.labels, self.n_fourier = dim, as_label_space(n_classes), n_fourier
         layers: list[nn.Module] = []
         width = 3 * dim + n_fourier + self.labels.n_features
         for _ in range(depth):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ctrl_bio.label_space import CategoricalLabels, LabelSpace
+from ctrl_bio.label_space import LabelSpace, as_label_space
 from ctrl_bio.model import fourier_features
 from ctrl_bio.reward import mlp_classifier
 from ctrl_bio.sde import SDE
@@ -218,7 +218,7 @@ class SequencePathway(nn.Module):
     def __init__(self, channels: int, n_classes: Sequence[int] | LabelSpace, hidden: int = 64, n_blocks: int = 4,
                  emb_dim: int = 64, kernel_size: int = 5, n_fourier: int = 32):
         super().__init__()
-        self.labels = n_classes if hasattr(n_classes, "features") else CategoricalLabels(n_classes)
+        self.labels = as_label_space(n_classes)
         self.n_fourier = n_fourier
         self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Linear(self.labels.n_features, emb_dim, bias=False)
