@@ -34,8 +34,8 @@ Commands:
                     e.g. ctrl-bio train-classifier label=component data.n_pairs=2000
   finetune          CTRL: fine-tune a zero-initialised label pathway on the frozen pre-trained model
                     e.g. ctrl-bio finetune label=component pretrained=learned method.sm_steps=2000
-  sample            write samples of a fine-tuned run with the requested labels
-                    e.g. ctrl-bio sample run=runs/finetune/<date> y=2 n=1000
+  sample            write samples of a fine-tuned run (or its model/ folder) with the requested labels
+                    e.g. ctrl-bio sample run=runs/finetune/<date> y=2 n=1000 sampler=ddim
   benchmark         run a benchmark suite and write results.json, results.md and plots
                     e.g. ctrl-bio benchmark suite=gmm domain.dim=8 seed=1
 

@@ -44,3 +44,16 @@ def test_sweep_expansion_and_a_sweep_without_m(tmp_path, capsys):
     assert err == "ctrl-bio: error: 'seed=0,1' is a sweep: add -m to run one job per value (ctrl-bio benchmark -m ...)"
     assert main(["benchmark", "-m", *SMOKE, "seed=0,1", f"hydra.run.dir={tmp_path / 'r'}"]) == 2
     assert "give hydra.sweep.dir instead" in capsys.readouterr().err
+
+
+def test_a_training_command_sweeps_too(tmp_path, capsys):
+    """finetune -m: each job a finished run of its own (pathway, model/ folder, its own config), not one shared."""
+    sweep = tmp_path / "sweep"
+    tiny = ["domain.dim=2", "domain.n_components=4", "domain.n_classes=2", "progress=false", "reward=exact",
+            "plugin.pathway.hidden=16", "plugin.pathway.depth=1", "method.pool_size=300", "method.sm_batch_size=64",
+            "n_steps=10", "method.eval_every=0", "data.n_pairs=100", "method.sm_steps=3"]
+    assert main(["finetune", "-m", *tiny, "method.gamma=1.0,2.0", f"hydra.sweep.dir={sweep}"]) == 0
+    assert "job 0: method.gamma=1.0: done" in capsys.readouterr().out
+    for n, gamma in ((0, 1.0), (1, 2.0)):
+        assert (sweep / str(n) / "pathway.safetensors").is_file() and (sweep / str(n) / "model/config.json").is_file()
+        assert json.loads((sweep / str(n) / "model/config.json").read_text())["gamma"] == gamma
