@@ -211,11 +211,11 @@ def run_benchmark(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     from ctrl_bio.harness import markdown_table, write_results
-    from ctrl_bio.settings import autocast, check_precision, resolve_device
+    from ctrl_bio.settings import check_precision, resolve_device
 
     # device=auto becomes the device it stands for here, once: what the suite node's ${device} reads.
-    precision = check_precision(cfg.get("precision") or 32)
-    cfg.device = device = resolve_device(cfg.get("device") or "auto")
+    cfg.precision = check_precision(cfg.get("precision") or 32)
+    cfg.device = resolve_device(cfg.get("device") or "auto")
     node = OmegaConf.to_container(cfg.suite, resolve=True)
     name = node.pop("name")
     run = instantiate(node)  # builds the domain first, so bad settings fail before any run directory exists
@@ -223,8 +223,7 @@ def run_benchmark(cfg: DictConfig) -> None:
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
     with open_run(run_dir, OmegaConf.create(OmegaConf.to_container(plain, resolve=True)), "benchmark", fresh=True):
         log.info("suite %s, run directory %s", name, run_dir)
-        with autocast(device, precision):
-            result = run(run_dir=run_dir)
+        result = run(run_dir=run_dir)
         path = write_results(result, run_dir)
     print(markdown_table(result.rows))
     print(f"results: {path}")

@@ -42,7 +42,7 @@ from ctrl_bio.optimum import add_fraction_of_optimum, ctrl_pool, draw_tilted
 from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plot_training_curves
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import ScoreFn, Spacing, sample_in_batches, time_grid
-from ctrl_bio.settings import resolve_device
+from ctrl_bio.settings import autocast, check_precision, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class SuiteContext(Protocol):
         x_train: the pre-trained model's unlabelled training data (``ctrl``'s ``pool: training``).
         device: where the pre-trained network sits and paths are sampled (``device=``); data, requests, samples
             and scores stay on the CPU, and every generator is a seeded CPU one.
+        precision: ``32``, or ``bf16-mixed``: sampling under bfloat16 autocast, samples returned in float32.
     """
 
     domain: Domain
@@ -105,6 +106,7 @@ class SuiteContext(Protocol):
     y_select: Tensor
     x_train: Tensor
     device: str
+    precision: str
 
     def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
                ) -> tuple[Tensor, Tensor]:
@@ -133,9 +135,9 @@ class BaseSuiteContext:
     def __init__(self, domain: Domain, specs: list[dict], pairs: list[LabelledPairs],
                  eval_fns: list[Callable[[Tensor], Tensor]], *, n_eval: int, n_select: int, n_steps: int,
                  t_end: float, spacing: Spacing, seed: int, batch_size: int, gamma: float, alpha: float,
-                 device: str = "cpu"):
+                 device: str = "cpu", precision: str = "32"):
         self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
-        self.device = resolve_device(device)
+        self.device, self.precision = resolve_device(device), check_precision(precision)
         self.names = [s["name"] for s in specs]
         self.n_classes = tuple(int(p.n_classes) for p in pairs)
         self.n_steps, self.t_end, self.spacing, self.seed, self.batch_size = n_steps, t_end, spacing, seed, batch_size
@@ -150,9 +152,10 @@ class BaseSuiteContext:
         """Samples and path KLs for requests y, in batches (the same noise for every row at one offset), computed on
         ``device`` from a CPU generator and returned on the CPU."""
         g = torch.Generator().manual_seed(self.seed + seed_offset)
-        x, kl = sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times, self.batch_size,
-                                  g, device=self.device)
-        return x.cpu(), kl.cpu()
+        with autocast(self.device, self.precision):
+            x, kl = sample_in_batches(self.domain.sde, score_fn_for, y, self.domain.x_shape, self.times,
+                                      self.batch_size, g, device=self.device)
+        return x.float().cpu(), kl.float().cpu()
 
     def real_requests(self, y: Tensor, seed: int) -> Tensor:
         """Held-out real samples with the requested labels, drawn per request (with replacement)."""

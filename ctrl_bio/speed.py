@@ -59,6 +59,7 @@ from ctrl_bio.nets import ConvScoreNet
 from ctrl_bio.objective import MemoryMode, pathwise_loss
 from ctrl_bio.reward import CalibratedClassifier, LogLikelihoodReward
 from ctrl_bio.sde import VPSDE
+from ctrl_bio.settings import autocast, check_precision
 from ctrl_bio.utils import append_dims
 
 N_CLASSES = 4
@@ -82,6 +83,7 @@ class SpeedConfig:
     label_blocks: int | None = None
     alpha: float = 1.0
     gamma: float = 1.0
+    precision: str = "32"
 
 
 class SpeedSetup:
@@ -109,9 +111,10 @@ class SpeedSetup:
     def finetune_step(self, n_steps: int, memory: MemoryMode, batch_size: int | None = None) -> None:
         """One CTRL step: -J by the pathwise estimator, backward, Adam on the label embedding."""
         self.optimizer.zero_grad(set_to_none=True)
-        est = pathwise_loss(self.model, self.sde, self.reward, self.y[:batch_size],
-                            (self.cfg.channels, self.cfg.length), n_steps=n_steps, memory=memory,
-                            alpha=self.cfg.alpha, gamma=self.cfg.gamma, generator=self.generator)
+        with autocast(self.cfg.device, self.cfg.precision):
+            est = pathwise_loss(self.model, self.sde, self.reward, self.y[:batch_size],
+                                (self.cfg.channels, self.cfg.length), n_steps=n_steps, memory=memory,
+                                alpha=self.cfg.alpha, gamma=self.cfg.gamma, generator=self.generator)
         est.loss.backward()
         self.optimizer.step()
 
@@ -120,9 +123,11 @@ class SpeedSetup:
         self.train_net.zero_grad(set_to_none=True)
         t = 1e-3 + (1 - 1e-3) * torch.rand(self.cfg.batch_size, generator=self.generator, device=self.device)
         eps = torch.randn(self.x0.shape, generator=self.generator, device=self.device)
-        score = self.train_net(self.sde.perturb(self.x0, t, eps), t)
-        sigma = append_dims(self.sde.sigma(t), self.x0.ndim)
-        ((sigma * score + eps) ** 2).mean().backward()
+        with autocast(self.cfg.device, self.cfg.precision):
+            score = self.train_net(self.sde.perturb(self.x0, t, eps), t)
+            sigma = append_dims(self.sde.sigma(t), self.x0.ndim)
+            loss = ((sigma * score + eps) ** 2).mean()
+        loss.backward()
 
 
 def _seconds(fn: Callable[[], None], device: torch.device) -> float:
@@ -238,7 +243,8 @@ def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200
                     hidden: int = 128, n_blocks: int = 8, emb_dim: int = 128, repeats: int = 3,
                     device: str = "auto", seed: int = 0, cpu_caching_allocator: bool = True,
                     track_tensors: bool = True, label_blocks: int | None = None,
-                    method: dict[str, Any] | None = None, run_dir: str | Path | None = None) -> SuiteResult:
+                    method: dict[str, Any] | None = None, precision: str = "32",
+                    run_dir: str | Path | None = None) -> SuiteResult:
     """Overhead and memory ratios of CTRL's pathwise fine-tuning step, in one row ``ctrl``.
 
     The defaults (batch 8, 25 sampler steps, a 0.95M-parameter network over (8, 4, 200)) take about
@@ -262,13 +268,15 @@ def run_speed_suite(*, batch_size: int = 8, n_steps: int = 25, length: int = 200
             of DESIGN.md); the blocks before it are evaluated once for the model and the reference.
         method: CTRL's settings (the top-level ``method``): the step's J = gamma log p(y|x) - alpha KL takes its
             ``alpha`` and ``gamma`` (they change no cost; the step is the one a suite's ``ctrl`` row takes).
+        precision: ``32``, or ``bf16-mixed``: both kinds of step under bfloat16 autocast (the ratios compare like
+            with like).
         run_dir: the run directory the harness writes the results into (this suite adds no files).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     objective = Objective.of(method or {})
     cfg = SpeedConfig(batch_size, length, channels, hidden, n_blocks, emb_dim, device, seed, label_blocks,
-                      alpha=objective.alpha, gamma=objective.gamma)
+                      alpha=objective.alpha, gamma=objective.gamma, precision=check_precision(precision))
     if device == "cpu":
         times = in_fresh_process("measure_times", CACHING_MALLOC_ENV if cpu_caching_allocator else None,
                                  cfg=cfg, n_steps=n_steps, repeats=repeats)

@@ -88,6 +88,43 @@ def test_sampling_on_a_named_cpu_device_is_bit_identical() -> None:
     assert all(torch.equal(a, b) for a, b in zip(plain, placed))
 
 
+class LinearScore(torch.nn.Module):
+    """s(x, t) = -x through a matrix product, so that bfloat16 autocast rounds it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3, bias=False)
+        with torch.no_grad():
+            self.lin.weight.copy_(-torch.eye(3) + 0.01 * torch.randn(3, 3))
+
+    def forward(self, x, t):
+        return self.lin(x)
+
+
+def test_suite_context_samples_on_its_device_and_precision() -> None:
+    """The suites' shared context: float32 on the CPU is the plain seeded sampler's, bit for bit; bf16-mixed samples
+    under autocast (rounded, close) and still hands float32 CPU samples to the scores."""
+    from types import SimpleNamespace
+
+    from ctrl_bio.rows import BaseSuiteContext
+
+    net = LinearScore()
+    domain = SimpleNamespace(pretrained_model=lambda: net, sde=VPSDE(), x_shape=(3,))
+    kwargs = dict(n_eval=6, n_select=2, n_steps=10, t_end=1e-3, spacing="uniform", seed=0, batch_size=4, gamma=1.0,
+                  alpha=1.0, device="cpu")
+    out = {}
+    for precision in ("32", "bf16-mixed"):
+        ctx = BaseSuiteContext(domain, [{"name": "a"}], [SimpleNamespace(n_classes=2)], [], precision=precision,
+                               **kwargs)
+        out[precision] = ctx.sample(lambda _y: net, ctx.y_eval)
+    plain = sample_in_batches(VPSDE(), lambda _y: net, ctx.y_eval, (3,), time_grid(10), 4,
+                              torch.Generator().manual_seed(2000))
+    assert all(torch.equal(a, b) for a, b in zip(out["32"], plain))
+    x16, x32 = out["bf16-mixed"][0], out["32"][0]
+    assert x16.dtype == torch.float32 and not torch.equal(x16, x32)
+    torch.testing.assert_close(x16, x32, atol=0.1, rtol=0.05)
+
+
 def test_pretrain_finetune_sample_on_device_cpu(tmp_path: Path) -> None:
     """The three training commands with device=cpu (bfloat16 autocast for pretrain), tiny."""
     pre, ft, out = tmp_path / "pre", tmp_path / "ft", tmp_path / "out"
@@ -103,9 +140,9 @@ def test_pretrain_finetune_sample_on_device_cpu(tmp_path: Path) -> None:
 
 def test_gmm_benchmark_on_device_cpu(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    assert main(["benchmark", "suite=gmm", *GMM, "device=cpu", "data.n_pairs=100", "suite.n_eval=50",
-                 "suite.n_steps=5", "method.sm_steps=5", "method.pool_size=200", "suite.pathway.hidden=16",
-                 "label.component.training.epochs=2", "suite.methods=[pretrained,ctrl]",
+    assert main(["benchmark", "suite=gmm", *GMM, "device=cpu", "precision=bf16-mixed", "data.n_pairs=100",
+                 "suite.n_eval=50", "suite.n_steps=5", "method.sm_steps=5", "method.pool_size=200",
+                 "suite.pathway.hidden=16", "label.component.training.epochs=2", "suite.methods=[pretrained,ctrl]",
                  f"hydra.run.dir={run_dir}"]) == 0
     rows = json.loads((run_dir / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["pretrained", "ctrl"]

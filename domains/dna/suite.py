@@ -53,10 +53,11 @@ class DNAContext(BaseSuiteContext):
 
     def __init__(self, domain: DNADomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
-                 motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu"):
+                 motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu",
+                 precision: str = "32"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
                          t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
-                         device=device)
+                         device=device, precision=precision)
         table = domain.table
         test = table.of_split("test")
         self.x_test = one_hot(test.sequences)
@@ -120,6 +121,7 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
               method: dict[str, Any] | None = None, alpha0: dict[str, Any] | None = None,
               baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
               motifs: list[str] | None = None, seed: int = 0, progress: bool = True, device: str = "cpu",
+              precision: str = "32",
               write_fasta: bool = True) -> SuiteResult:
     """Run the DNA suite's rows for one label task (one label, or several from separate pair sets).
 
@@ -136,7 +138,8 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
             ``grad_last_k`` of pathwise updates continued from ``ctrl``'s pathway.
         baselines: settings of ``cfg``, ``classifier_guidance``, ``dps`` and ``best_of_n``.
         motifs: JASPAR ids that ``motif_correlation`` counts (None: the domain's default list).
-        device: where the pre-trained network sits and the rows are sampled (``device=``; :class:`BaseSuiteContext`).
+        device, precision: where the pre-trained network sits and the rows are sampled, and whether under
+            bfloat16 autocast (``device=``, ``precision=``; :class:`ctrl_bio.rows.BaseSuiteContext`).
     """
     run_dir = Path(run_dir)
     method, baselines = dict(method or {}), dict(baselines or {})
@@ -144,7 +147,8 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     info |= {"n_eval": n_eval, "n_steps": n_steps}
     ctx = DNAContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end,
                      seed=seed, batch_size=batch_size, motif_ids=motifs, gamma=float(method.get("gamma", 1.0)),
-                     alpha=float(method.get("alpha", 1.0)), device=device)
+                     alpha=float(method.get("alpha", 1.0)), device=device,
+                     precision=precision)
     nat = ctx.markov.log_likelihood_per_base(ctx.x_test)
     # The spread of naturalness between real test sequences: the yardstick a row's loss of naturalness is read against.
     info["naturalness_real_test"] = {"mean": float(nat.mean()), "std": float(nat.std())}

@@ -58,6 +58,7 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
               method: dict[str, Any] | None = None, pathway: dict[str, Any] | None = None,
               baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS,
               oracle_fraction: float = 0.3, n_floor_draws: int = 5, progress: bool = True, device: str = "cpu",
+              precision: str = "32",
               sweep: dict[str, Any] | None = None,
               pretrained: Callable[..., Callable[[Tensor, Tensor], Tensor]] | None = None,
               policy_gradient: dict[str, Any] | None = None) -> SuiteResult:
@@ -85,11 +86,12 @@ def run_suite(testbed: Testbed, *, run_dir: str | Path, labels: list[dict[str, A
             model (``pretrained=learned``: a network trained on mixture samples, as users have in practice).
             Targets, labels and evaluation stay exact; ``exact_guidance`` then adds the exact h-transform to
             the learned score, so it is no longer the limit.
-        device: recorded only: the testbed's exact score and its low-dimensional paths run on the CPU, where a
-            GPU would add kernel-launch latency and no speed (the suite accepts every ``device=``).
+        device, precision: accepted and logged only: the testbed's exact score and its low-dimensional paths run on
+            the CPU in float32, where a GPU would add kernel-launch latency and no speed.
     """
-    if device != "cpu":
-        log.info("suite gmm runs on the CPU (device=%s is for the network domains)", device)
+    if (device, str(precision)) != ("cpu", "32"):
+        log.info("suite gmm runs on the CPU in float32 (device=%s precision=%s are for the network domains)", device,
+                 precision)
     if pretrained is not None:
         testbed = dataclasses.replace(testbed, pretrained=pretrained(testbed, cache_dir=str(run_dir)))
     if sweep and sweep.get("name") not in (None, "none"):

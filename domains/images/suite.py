@@ -65,10 +65,11 @@ class ImageContext(BaseSuiteContext):
 
     def __init__(self, domain: ImageDomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, spacing: Spacing, seed: int,
-                 batch_size: int, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu"):
+                 batch_size: int, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu",
+                 precision: str = "32"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
                          t_end=t_end, spacing=spacing, seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
-                         device=device)
+                         device=device, precision=precision)
         self.x_test = load_patches("test").x
         self.test_labels = torch.stack([f(self.x_test).argmax(1) for f in eval_fns], 1)
         self.x_train = domain.training_data()
@@ -101,7 +102,8 @@ def run_suite(domain: ImageDomain, *, run_dir: str | Path, labels: list[dict[str
               n_select: int = 64, n_steps: int = 50, t_end: float = 1e-3, spacing: Spacing = "quadratic",
               batch_size: int = 256, method: dict[str, Any] | None = None, alpha0: dict[str, Any] | None = None,
               baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS, seed: int = 0,
-              progress: bool = True, write_samples: bool = True, device: str = "cpu") -> SuiteResult:
+              progress: bool = True, write_samples: bool = True, device: str = "cpu",
+              precision: str = "32") -> SuiteResult:
     """Run the image suite's rows for one label task (one label, or several from separate pair sets).
 
     Args:
@@ -113,7 +115,8 @@ def run_suite(domain: ImageDomain, *, run_dir: str | Path, labels: list[dict[str
         method, alpha0, baselines: settings of ``ctrl``, ``ctrl_alpha0`` and the baselines (:class:`RowRunner`).
         write_samples: write each row's patches (``samples/<method>.npz``: uint8 images and requested labels) and a
             grid per row (``samples/<method>.png``).
-        device: where the pre-trained network sits and the rows are sampled (``device=``; :class:`BaseSuiteContext`).
+        device, precision: where the pre-trained network sits and the rows are sampled, and whether under
+            bfloat16 autocast (``device=``, ``precision=``; :class:`ctrl_bio.rows.BaseSuiteContext`).
     """
     run_dir = Path(run_dir)
     method, baselines = dict(method or {}), dict(baselines or {})
@@ -121,7 +124,8 @@ def run_suite(domain: ImageDomain, *, run_dir: str | Path, labels: list[dict[str
     info |= {"n_eval": n_eval, "n_steps": n_steps, "spacing": spacing}
     ctx = ImageContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
                        t_end=t_end, spacing=spacing, seed=seed, batch_size=batch_size,
-                       gamma=float(method.get("gamma", 1.0)), alpha=float(method.get("alpha", 1.0)), device=device)
+                       gamma=float(method.get("gamma", 1.0)), alpha=float(method.get("alpha", 1.0)), device=device,
+                       precision=precision)
     info["test_patches"] = int(ctx.x_test.shape[0])
     runner = RowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
     title = " + ".join(f"{n} ({c} classes)" for n, c in zip(ctx.names, ctx.n_classes))

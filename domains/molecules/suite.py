@@ -67,10 +67,11 @@ class MoleculeContext(BaseSuiteContext):
 
     def __init__(self, domain: MoleculeDomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
-                 gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu"):
+                 gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu",
+                 precision: str = "32"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
                          t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
-                         device=device)
+                         device=device, precision=precision)
         table = domain.table
         test = table.of_split("test")
         self.x_test = test.x()
@@ -146,7 +147,8 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, labels: list[dict[
               n_select: int = 128, n_steps: int = 100, t_end: float = 1e-3, batch_size: int = 256,
               method: dict[str, Any] | None = None, alpha0: dict[str, Any] | None = None,
               baselines: dict[str, Any] | None = None, methods: tuple[str, ...] = METHODS, seed: int = 0,
-              progress: bool = True, write_samples: bool = True, device: str = "cpu") -> SuiteResult:
+              progress: bool = True, write_samples: bool = True, device: str = "cpu",
+              precision: str = "32") -> SuiteResult:
     """Run the molecule suite's rows for one label task (one label, or several from separate pair sets).
 
     Args:
@@ -157,7 +159,8 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, labels: list[dict[
         n_steps, t_end: the sampler of every row.
         method, alpha0, baselines: settings of ``ctrl``, ``ctrl_alpha0`` and the baselines (:class:`RowRunner`).
         write_samples: write each row's molecules under ``samples/`` (CSV, SDF, PNG grid).
-        device: where the pre-trained network sits and the rows are sampled (``device=``; :class:`BaseSuiteContext`).
+        device, precision: where the pre-trained network sits and the rows are sampled, and whether under
+            bfloat16 autocast (``device=``, ``precision=``; :class:`ctrl_bio.rows.BaseSuiteContext`).
     """
     run_dir = Path(run_dir)
     method, baselines = dict(method or {}), dict(baselines or {})
@@ -165,7 +168,8 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, labels: list[dict[
     info |= {"n_eval": n_eval, "n_steps": n_steps}
     ctx = MoleculeContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
                           t_end=t_end, seed=seed, batch_size=batch_size, gamma=float(method.get("gamma", 1.0)),
-                          alpha=float(method.get("alpha", 1.0)), device=device)
+                          alpha=float(method.get("alpha", 1.0)), device=device,
+                          precision=precision)
     info["test_molecules"] = int(ctx.x_test.shape[0])
     runner = RowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
     title = " + ".join(f"{n} ({c} classes)" for n, c in zip(ctx.names, ctx.n_classes))
