@@ -10,7 +10,7 @@ and the reward-tilted pool that score matching draws from, p_pre(x_0) p(y | x_0)
 Everything else (the augmented score, the sampler, :func:`ctrl_bio.finetune.train` and its estimators) is shared.
 
 - :class:`CategoricalLabels`: y (B, K) long, class indices, ``NULL_LABEL`` (-1) for no request; one-hot codes; the
-  pool tilted once per label combination (:class:`ctrl_bio.objective.WeightedPool`).
+  pool tilted once per label combination (:class:`WeightedPool`).
 - :class:`ContinuousLabels`: y (B, K) float, NaN for no request; Fourier features of the standardised value; the pool
   tilted once per requested value (:class:`ContinuousWeightedPool`).
 """
@@ -134,8 +134,6 @@ class CategoricalLabels:
         return torch.cartesian_prod(*[torch.arange(n) for n in self.n_classes]).reshape(-1, self.n_labels)
 
     def tilted_pool(self, x0: Tensor, reward: Any, tilt: float) -> TiltedPool:
-        from ctrl_bio.objective import WeightedPool  # objective imports the models, which import this module
-
         fns = getattr(reward, "log_prob_fns", None)
         if fns is None:
             raise TypeError("a pool is tilted by each label's class log-probabilities: the reward needs "
@@ -146,6 +144,64 @@ class CategoricalLabels:
     def pool_summary(self, pool: TiltedPool, label_prior: Any, generator: torch.Generator) -> dict[str, Any]:
         combos = CategoricalLabels(label_prior.n_classes).combinations()[:64]
         return {"pool_ess": min(pool.effective_sample_size(c) for c in combos)}
+
+
+class WeightedPool:
+    """Samples of the pre-trained model with their per-class label log-likelihoods.
+
+    Args:
+        x0: pre-trained samples, (N, ...).
+        class_log_probs: per label k, log p_k(c | x0_i) for every class c, each of shape (N, n_classes_k).
+        tilt: exponent gamma / alpha of the likelihood in the target p_pre(x) p(y|x)^(gamma/alpha).
+    """
+
+    def __init__(self, x0: Tensor, class_log_probs: list[Tensor], tilt: float = 1.0):
+        self.x0 = x0
+        self.class_log_probs = class_log_probs
+        self.tilt = tilt
+        self._probs: dict[tuple[int, ...], Tensor] = {}
+
+    def weights(self, y: Tensor) -> Tensor:
+        """Normalised weights p(y | x0_i)^tilt / sum_j p(y | x0_j)^tilt for one label combination y, (N,)."""
+        key = tuple(int(v) for v in y)
+        if key not in self._probs:  # one softmax per label combination, reused by every draw
+            logw = self.tilt * sum(lp[:, k] for lp, k in zip(self.class_log_probs, key))
+            self._probs[key] = torch.softmax(logw.double(), dim=0)
+        return self._probs[key]
+
+    def effective_sample_size(self, y: Tensor) -> float:
+        """Kish's effective sample size of the importance weights for one label combination y, (K,)."""
+        return float(1.0 / (self.weights(y) ** 2).sum())
+
+    def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One pool sample per row of y, drawn from the pool tilted by p(y | x0)^tilt, (B, ...)."""
+        idx = torch.empty(y.shape[0], dtype=torch.long)
+        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
+        for j, combo in enumerate(combos):
+            rows = (inverse == j).nonzero().squeeze(1)
+            idx[rows] = torch.multinomial(self.weights(combo), rows.numel(), replacement=True, generator=generator)
+        return self.x0[idx]
+
+    @torch.no_grad()
+    def posterior_mean(self, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor:
+        """E[x_0 | x_t, y] when x_0 is drawn from the pool tilted for y and x_t = alpha_t x_0 + sigma_t eps, (B, ...).
+
+        The posterior over pool items is softmax_i(log w_i(y) - ||x_t - alpha_t x0_i||^2 / (2 sigma_t^2)): exact for
+        the pool's (weighted, empirical) distribution, whose noised score is what denoising score matching on the pool
+        converges to. alpha_t, sigma_t: (B,).
+        """
+        flat = self.x0.reshape(self.x0.shape[0], -1).to(x_t)
+        sq_norms = (flat**2).sum(1)
+        out = torch.empty_like(x_t.reshape(x_t.shape[0], -1))
+        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
+        for j, combo in enumerate(combos):
+            rows = (inverse == j).nonzero().squeeze(1)
+            xt, a, s2 = x_t[rows].reshape(rows.numel(), -1), alpha_t[rows, None], sigma_t[rows, None] ** 2
+            # ||x_t - a x0_i||^2 up to a term constant in i, by one matrix product (no (B, N, d) tensor)
+            sq_dist = a**2 * sq_norms - 2 * a * (xt @ flat.T)
+            logits = self.weights(combo).log().to(xt) - sq_dist / (2 * s2)
+            out[rows] = torch.softmax(logits, dim=1) @ flat
+        return out.reshape(x_t.shape)
 
 
 # ------------------------------------------------------------------------------------------------- continuous

@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ctrl_bio.label_space import WeightedPool  # re-exported: the categorical pool lived here
 from ctrl_bio.model import AugmentedScore, ConditionalScore
 from ctrl_bio.reward import Reward
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
@@ -80,64 +81,6 @@ def pathwise_loss(model: ConditionalScore, sde: SDE, reward: Reward, y: Tensor, 
     objective = gamma * r - alpha * kl
     return ObjectiveEstimate(loss=-objective.mean(), reward=r.mean().detach(), kl=kl.mean().detach(),
                              objective=objective.mean().detach(), x0=out.x.detach())
-
-
-class WeightedPool:
-    """Samples of the pre-trained model with their per-class label log-likelihoods.
-
-    Args:
-        x0: pre-trained samples, (N, ...).
-        class_log_probs: per label k, log p_k(c | x0_i) for every class c, each of shape (N, n_classes_k).
-        tilt: exponent gamma / alpha of the likelihood in the target p_pre(x) p(y|x)^(gamma/alpha).
-    """
-
-    def __init__(self, x0: Tensor, class_log_probs: list[Tensor], tilt: float = 1.0):
-        self.x0 = x0
-        self.class_log_probs = class_log_probs
-        self.tilt = tilt
-        self._probs: dict[tuple[int, ...], Tensor] = {}
-
-    def weights(self, y: Tensor) -> Tensor:
-        """Normalised weights p(y | x0_i)^tilt / sum_j p(y | x0_j)^tilt for one label combination y, (N,)."""
-        key = tuple(int(v) for v in y)
-        if key not in self._probs:  # one softmax per label combination, reused by every draw
-            logw = self.tilt * sum(lp[:, k] for lp, k in zip(self.class_log_probs, key))
-            self._probs[key] = torch.softmax(logw.double(), dim=0)
-        return self._probs[key]
-
-    def effective_sample_size(self, y: Tensor) -> float:
-        """Kish's effective sample size of the importance weights for one label combination y, (K,)."""
-        return float(1.0 / (self.weights(y) ** 2).sum())
-
-    def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """One pool sample per row of y, drawn from the pool tilted by p(y | x0)^tilt, (B, ...)."""
-        idx = torch.empty(y.shape[0], dtype=torch.long)
-        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
-        for j, combo in enumerate(combos):
-            rows = (inverse == j).nonzero().squeeze(1)
-            idx[rows] = torch.multinomial(self.weights(combo), rows.numel(), replacement=True, generator=generator)
-        return self.x0[idx]
-
-    @torch.no_grad()
-    def posterior_mean(self, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor:
-        """E[x_0 | x_t, y] when x_0 is drawn from the pool tilted for y and x_t = alpha_t x_0 + sigma_t eps, (B, ...).
-
-        The posterior over pool items is softmax_i(log w_i(y) - ||x_t - alpha_t x0_i||^2 / (2 sigma_t^2)): exact for
-        the pool's (weighted, empirical) distribution, whose noised score is what denoising score matching on the pool
-        converges to. alpha_t, sigma_t: (B,).
-        """
-        flat = self.x0.reshape(self.x0.shape[0], -1).to(x_t)
-        sq_norms = (flat**2).sum(1)
-        out = torch.empty_like(x_t.reshape(x_t.shape[0], -1))
-        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
-        for j, combo in enumerate(combos):
-            rows = (inverse == j).nonzero().squeeze(1)
-            xt, a, s2 = x_t[rows].reshape(rows.numel(), -1), alpha_t[rows, None], sigma_t[rows, None] ** 2
-            # ||x_t - a x0_i||^2 up to a term constant in i, by one matrix product (no (B, N, d) tensor)
-            sq_dist = a**2 * sq_norms - 2 * a * (xt @ flat.T)
-            logits = self.weights(combo).log().to(xt) - sq_dist / (2 * s2)
-            out[rows] = torch.softmax(logits, dim=1) @ flat
-        return out.reshape(x_t.shape)
 
 
 def pool_optimal_control(pool: WeightedPool, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor:
