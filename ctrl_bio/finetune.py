@@ -169,6 +169,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
              sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = (),
              am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
              value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
+             value_spacing: Spacing = "uniform",
              patience: int | None = None, tolerance: float = 0.0) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
@@ -200,8 +201,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
             after training (``FinetuneResult.control_fit``; needs a score-matching phase); empty: not measured.
         am_time_samples, max_adjoint: adjoint matching's grid points per trajectory and adjoint clip
             (:class:`ctrl_bio.estimators.AdjointMatching`).
-        value_steps, value_batch_size, value_lr, value_net: the soft value network's regression and architecture
-            (:class:`ctrl_bio.estimators.SoftValue`; its pool is ``pool_x0`` / ``pool_size``).
+        value_steps, value_batch_size, value_lr, value_net, value_spacing: the soft value network's regression, its
+            architecture and how its t is drawn (:class:`ctrl_bio.estimators.SoftValue`; its pool is ``pool_x0`` /
+            ``pool_size``).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
         seed: seeds every draw of the run (pool, labels, noise, evaluation).
@@ -220,7 +222,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
                                                 n_time_samples=am_time_samples, max_adjoint=max_adjoint),
             "soft_value": SoftValue(steps=steps, batch_size=batch_size, lr=lr, value_steps=value_steps,
                                     value_batch_size=value_batch_size, value_lr=value_lr, value_net=value_net,
-                                    pool_size=pool_size, pool_x0=pool_x0, progress=progress)}[estimator]
+                                    spacing=value_spacing, pool_size=pool_size, pool_x0=pool_x0,
+                                    progress=progress)}[estimator]
     phases = [score_matching, main] if warm_start and estimator != "score_matching" else [main]
     problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
                       n_steps=n_steps, t_end=t_end, spacing=spacing)

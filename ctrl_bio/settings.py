@@ -56,6 +56,7 @@ class CTRLSettings:
     value_steps: int = 2000             # soft value: regression updates of V
     value_batch_size: int = 256
     value_lr: float = 2.0e-3
+    value_spacing: str = "uniform"      # soft value: how t is drawn for V and the distillation (uniform | quadratic)
     # Monitoring, stopping and the row's sampling.
     eval_every: int = 500               # a no-grad estimate of J, reward and KL every this many updates
     patience: int | None = None         # a phase stops when J has not improved in this many evaluations (null: never)
