@@ -125,12 +125,15 @@ def test_suite_context_samples_on_its_device_and_precision() -> None:
     torch.testing.assert_close(x16, x32, atol=0.1, rtol=0.05)
 
 
-def test_pretrain_finetune_sample_on_device_cpu(tmp_path: Path) -> None:
-    """The three training commands with device=cpu (bfloat16 autocast for pretrain), tiny."""
-    pre, ft, out = tmp_path / "pre", tmp_path / "ft", tmp_path / "out"
+def test_every_command_runs_on_device_cpu(tmp_path: Path) -> None:
+    """pretrain (bfloat16 autocast), train-classifier, finetune and sample with device=cpu, tiny."""
+    pre, clf, ft, out = tmp_path / "pre", tmp_path / "clf", tmp_path / "ft", tmp_path / "out"
     assert main(["pretrain", *GMM, "device=cpu", "precision=bf16-mixed", "steps=3", "batch_size=16",
                  "plugin.score_net.hidden=16", "plugin.n_train=200", "evaluate=false", f"hydra.run.dir={pre}"]) == 0
     assert (pre / "score.safetensors").is_file()
+    assert main(["train-classifier", *GMM, "device=cpu", "data.n_pairs=100", "label.component.training.epochs=2",
+                 f"hydra.run.dir={clf}"]) == 0
+    assert (clf / "classifiers" / "component.safetensors").is_file()
     assert main(["finetune", *GMM, "device=cpu", "reward=exact", "plugin.pathway.hidden=16", "method.sm_steps=3",
                  "method.pool_size=64", "method.sm_batch_size=16", "n_steps=5", "method.eval_every=0",
                  "data.n_pairs=100", f"hydra.run.dir={ft}"]) == 0
