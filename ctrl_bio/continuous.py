@@ -41,7 +41,7 @@ from ctrl_bio.model import (
     ContinuousPathwayScore,
     ContinuousVectorPathway,
 )
-from ctrl_bio.objective import MemoryMode
+from ctrl_bio.objective import MemoryMode, ScoreTarget
 from ctrl_bio.reward import fit_minibatches
 from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
@@ -256,7 +256,8 @@ def finetune_continuous(model: ContinuousPathwayScore | ContinuousAugmentedScore
                         sm_lr: float = 2e-3, pool_size: int = 20000, pool_x0: Tensor | None = None,
                         eval_every: int = 100, eval_batch_size: int = 512,
                         checkpoint_path: str | Path | None = None, seed: int = 0, progress: bool = True,
-                        spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform") -> ContinuousFinetuneResult:
+                        spacing: Spacing = "uniform", sm_spacing: Spacing = "uniform",
+                        sm_target: ScoreTarget = "denoising") -> ContinuousFinetuneResult:
     """CTRL for continuous labels: the estimators of :func:`ctrl_bio.finetune.finetune`, each phase its own run.
 
     ``score_matching``: :class:`ctrl_bio.estimators.ScoreMatching` on the pre-trained pool resampled by
@@ -265,8 +266,10 @@ def finetune_continuous(model: ContinuousPathwayScore | ContinuousAugmentedScore
     ``hybrid``: the first, then the second. Each phase is one :func:`ctrl_bio.finetune.train` run from its own seed
     (``seed``, ``seed + 2``) that ends on an evaluation; the history counts updates across both.
     (:func:`ctrl_bio.finetune.finetune` runs the same estimators as one run from one seed.)
-    Arguments mean what they mean in :func:`ctrl_bio.finetune.finetune`. A NaN loss restores the last evaluated
-    parameters (saved to ``checkpoint_path`` when given) and raises :class:`ctrl_bio.finetune.NonFiniteLossError`.
+    Arguments mean what they mean in :func:`ctrl_bio.finetune.finetune` (``sm_target``: ``denoising``, ``posterior``
+    or ``control``, with the pool's posterior over its items weighted per requested value). A NaN loss restores the
+    last evaluated parameters (saved to ``checkpoint_path`` when given) and raises
+    :class:`ctrl_bio.finetune.NonFiniteLossError`.
     """
     if estimator not in ("pathwise", "score_matching", "hybrid"):
         raise ValueError(f"estimator must be 'pathwise', 'score_matching' or 'hybrid', got {estimator!r}")
@@ -276,7 +279,7 @@ def finetune_continuous(model: ContinuousPathwayScore | ContinuousAugmentedScore
     phases = []
     if estimator != "pathwise" and sm_steps > 0:
         phases.append((ScoreMatching(steps=sm_steps, batch_size=sm_batch_size, lr=sm_lr, pool_size=pool_size,
-                                     pool_x0=pool_x0, spacing=sm_spacing), seed))
+                                     pool_x0=pool_x0, spacing=sm_spacing, target=sm_target), seed))
     if estimator != "score_matching":
         phases.append((Pathwise(steps=steps, batch_size=batch_size, lr=lr, memory=memory, grad_last_k=grad_last_k),
                        seed + 2))

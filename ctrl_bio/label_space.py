@@ -17,6 +17,7 @@ Everything else (the augmented score, the sampler, :func:`ctrl_bio.finetune.trai
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -110,6 +111,17 @@ def check_labels(y: Tensor, n_classes: Sequence[int]) -> None:
             raise ValueError(f"label {k} takes values in 0..{n - 1} (or -1 for none), got {int(y[bad, k][0])}")
 
 
+def pool_posterior_mean(flat: Tensor, sq_norms: Tensor, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor,
+                        log_w: Tensor) -> Tensor:
+    """E[x_0 | x_t] for x_0 drawn from pool items ``flat`` (N, d) with prior log weights ``log_w`` ((N,) or (b, N)):
+    softmax_i(log w_i - ||x_t - alpha_t x0_i||^2 / (2 sigma_t^2)) @ x0, (b, d). x_t: (b, d); alpha_t, sigma_t: (b, 1).
+
+    ||x_t - alpha_t x0_i||^2 enters up to a term constant in i, by one matrix product (no (b, N, d) tensor).
+    """
+    sq_dist = alpha_t**2 * sq_norms - 2 * alpha_t * (x_t @ flat.T)
+    return torch.softmax(log_w.to(x_t) - sq_dist / (2 * sigma_t**2), dim=1) @ flat
+
+
 class CategoricalLabels:
     """K categorical labels with ``n_classes[k]`` classes each; ``NULL_LABEL`` (-1) asks for nothing."""
 
@@ -196,12 +208,13 @@ class WeightedPool:
         combos, inverse = torch.unique(y, dim=0, return_inverse=True)
         for j, combo in enumerate(combos):
             rows = (inverse == j).nonzero().squeeze(1)
-            xt, a, s2 = x_t[rows].reshape(rows.numel(), -1), alpha_t[rows, None], sigma_t[rows, None] ** 2
-            # ||x_t - a x0_i||^2 up to a term constant in i, by one matrix product (no (B, N, d) tensor)
-            sq_dist = a**2 * sq_norms - 2 * a * (xt @ flat.T)
-            logits = self.weights(combo).log().to(xt) - sq_dist / (2 * s2)
-            out[rows] = torch.softmax(logits, dim=1) @ flat
+            out[rows] = pool_posterior_mean(flat, sq_norms, x_t[rows].reshape(rows.numel(), -1), alpha_t[rows, None],
+                                            sigma_t[rows, None], self.weights(combo).log())
         return out.reshape(x_t.shape)
+
+    def untilted(self) -> WeightedPool:
+        """The same pool with uniform weights (tilt 0): the pre-trained law the optimal control is measured from."""
+        return WeightedPool(self.x0, self.class_log_probs, tilt=0.0)
 
 
 # ------------------------------------------------------------------------------------------------- continuous
@@ -337,3 +350,20 @@ class ContinuousWeightedPool:
             u = rand((yc.shape[0], 1), generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
             chunks.append(torch.searchsorted(cdf, u).squeeze(1).clamp_max(cdf.shape[1] - 1))
         return self.x0[torch.cat(chunks).to(self.x0.device)]
+
+    @torch.no_grad()
+    def posterior_mean(self, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor:
+        """E[x_0 | x_t, y] for x_0 drawn from the pool tilted for y, x_t = alpha_t x_0 + sigma_t eps, (B, ...): as
+        :meth:`WeightedPool.posterior_mean`, with one weight vector per row of y. alpha_t, sigma_t: (B,)."""
+        flat = self.x0.reshape(self.x0.shape[0], -1).to(x_t)
+        sq_norms = (flat**2).sum(1)
+        rows = torch.arange(x_t.shape[0], device=y.device).split(self.chunk)
+        return torch.cat([pool_posterior_mean(flat, sq_norms, x_t[r].reshape(r.numel(), -1), alpha_t[r, None],
+                                              sigma_t[r, None], self.log_weights(y[r])) for r in rows]
+                         ).reshape(x_t.shape)
+
+    def untilted(self) -> ContinuousWeightedPool:
+        """The same pool with uniform weights (tilt 0), its predictions reused."""
+        pool = copy.copy(self)
+        pool.tilt = 0.0
+        return pool

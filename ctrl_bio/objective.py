@@ -102,7 +102,7 @@ def _control_from_means(mean_tilted: Tensor, mean_untilted: Tensor, alpha_t: Ten
 def _posterior_means(pool: WeightedPool, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor
                      ) -> tuple[Tensor, Tensor]:
     """(E_w[x_0 | x_t, y], E[x_0 | x_t]): the posterior means under the pool tilted for y and the untilted pool."""
-    untilted = WeightedPool(pool.x0, pool.class_log_probs, tilt=0.0)
+    untilted = pool.untilted()
     # Untilted weights are uniform whatever the label: one label combination, one matrix product for the batch.
     return (pool.posterior_mean(x_t, alpha_t, sigma_t, y),
             untilted.posterior_mean(x_t, alpha_t, sigma_t, torch.zeros_like(y)))

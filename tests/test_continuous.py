@@ -229,6 +229,13 @@ def make_model(sde, pre, prior):
     return ContinuousPathwayScore(pre, pathway, sde)
 
 
+def prior_and_model(testbed):
+    """The empirical prior of the pairs' y and a fresh zero-initialised model standardised by it."""
+    sde, pre = testbed
+    prior = ContinuousPrior(prior_of_y()[1])
+    return prior, make_model(sde, pre, prior)
+
+
 def test_exact_guidance_hits_the_closed_form_posterior(testbed):
     """The testbed itself: the closed-form h-transform in the same sampler lands on the Bayes posterior mean."""
     sde, pre = testbed
@@ -295,8 +302,7 @@ def test_shared_finetune_runs_the_continuous_score_matching_phase_bit_for_bit(te
     """One loop: finetune's score matching takes the continuous pool from the model's label space, and gives exactly
     the parameters and J of finetune_continuous's warm start (same seed, same draws)."""
     sde, pre = testbed
-    _, y_pairs = prior_of_y()
-    prior = ContinuousPrior(y_pairs)
+    prior = ContinuousPrior(prior_of_y()[1])
     kw = dict(sm_steps=30, sm_batch_size=64, pool_size=300, n_steps=10, eval_every=15, eval_batch_size=64,
               progress=False, seed=5)
     a, b = make_model(sde, pre, prior), make_model(sde, pre, prior)
@@ -305,3 +311,34 @@ def test_shared_finetune_runs_the_continuous_score_matching_phase_bit_for_bit(te
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert [r["objective"] for r in shared.history] == [r["objective"] for r in own.history]
     assert shared.pool_ess == own.ess["min"] and len(shared.history) == 3
+
+
+def test_continuous_pool_posterior_mean_weighs_each_item_by_its_tilted_likelihood_and_its_noise_density():
+    """E[x_0 | x_t, y] over the pool: weights N(y; f(x0_i), s^2)^tilt N(x_t; a x0_i, s_t^2 I), one vector per row."""
+    g = torch.Generator().manual_seed(0)
+    x0, x_t = torch.randn(7, 2, generator=g), torch.randn(3, 2, generator=g)
+    alpha_t, sigma_t = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.4, 0.8, 0.95])
+    y = torch.tensor([[0.3], [float("nan")], [-1.0]])
+    pool = ContinuousWeightedPool(x0, GaussianReward(lambda x: x[:, 0], 0.8), tilt=1.5)
+    label = torch.distributions.Normal(x0[:, 0], 0.8)
+    expected = []
+    for b in range(3):
+        noise = torch.distributions.Normal(alpha_t[b] * x0, sigma_t[b]).log_prob(x_t[b]).sum(1)
+        tilt = 0.0 if torch.isnan(y[b, 0]) else 1.5 * label.log_prob(y[b, 0])
+        expected.append(torch.softmax(tilt + noise, 0) @ x0)
+    torch.testing.assert_close(pool.posterior_mean(x_t, alpha_t, sigma_t, y), torch.stack(expected))
+    flat = pool.untilted()
+    assert flat.tilt == 0.0 and pool.tilt == 1.5
+    uniform = torch.softmax(torch.distributions.Normal(alpha_t[0] * x0, sigma_t[0]).log_prob(x_t[0]).sum(1), 0) @ x0
+    torch.testing.assert_close(flat.posterior_mean(x_t, alpha_t, sigma_t, y)[0], uniform)
+
+
+def test_the_control_target_runs_on_a_continuous_pool(testbed):
+    sde, _ = testbed
+    prior, model = prior_and_model(testbed)
+    result = finetune_continuous(model, sde, exact_reward(), prior, (2,), sm_target="control", sm_steps=20,
+                                 sm_batch_size=32, pool_size=200, n_steps=10, eval_every=10, eval_batch_size=32,
+                                 progress=False)
+    assert [r["step"] for r in result.history] == [0, 10, 20]
+    assert all(torch.isfinite(torch.tensor(r["objective"])) for r in result.history)
+    assert any(p.abs().sum() > 0 for p in model.pathway.out.parameters())
