@@ -31,11 +31,21 @@ NULL_LABEL = -1
 
 
 class TiltedPool(Protocol):
-    """Pre-trained samples x0 resampled by p(y | x0)^tilt for each request y (what score matching regresses onto)."""
+    """Pre-trained samples x0 resampled by p(y | x0)^tilt for each request y (what score matching regresses onto).
+
+    ``draw`` gives the denoising target's x0; ``posterior_mean`` (E[x0 | x_t, y] over the pool's items) the
+    ``posterior`` target; it and ``untilted`` (the same items, uniform weights) the ``control`` target
+    (:func:`ctrl_bio.objective.weighted_score_matching_loss`).
+    """
 
     x0: Tensor
+    tilt: float
 
     def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
+
+    def posterior_mean(self, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor: ...
+
+    def untilted(self) -> TiltedPool: ...
 
 
 class LabelSpace(Protocol):
