@@ -92,7 +92,7 @@ def plot_fraction_of_optimum(rows: list, path: str | Path, metric: str = "accura
     named = {r.method: r.metrics for r in rows if r.metrics.get(metric) is not None}
     if "optimum" not in named or "pretrained" not in named:
         return None
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(named), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.9 * len(named)), 3.6))
     names = list(named)
     ax.bar(range(len(names)), [named[n][metric] for n in names], color="tab:blue", alpha=0.7)
     for level, style, label in ((named["pretrained"][metric], ":", "pre-trained"),
@@ -104,8 +104,8 @@ def plot_fraction_of_optimum(rows: list, path: str | Path, metric: str = "accura
             ax.annotate(f"{frac:.2f}", (i, named[n][metric]), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric}; numbers: fraction of the optimum's gain")
-    ax.legend(fontsize=8)
+    ax.set_title(f"{metric} (numbers: fraction_of_optimum)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

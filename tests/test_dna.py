@@ -220,7 +220,8 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
         "method.batch_size=2", "method.grad_last_k=1", "suite.alpha0.steps=1",
         "suite.alpha0.batch_size=4", "suite.alpha0.grad_last_k=1", "suite.baselines.cfg.steps=2",
         "suite.baselines.classifier_guidance.steps=2", "suite.baselines.classifier_guidance.hidden=16",
-        "suite.baselines.best_of_n.n=2", "progress=false", f"hydra.run.dir={run_dir}",
+        "suite.baselines.best_of_n.n=2", "suite.baselines.optimum.n=16", "progress=false",
+        f"hydra.run.dir={run_dir}",
     ]
     if label == "celltype":
         overrides.append(f"+label.celltype.oracle.kwargs.path={tiny_assets / 'oracle.safetensors'}")
@@ -231,8 +232,9 @@ def test_suite_end_to_end_on_the_slice(tiny_assets, tmp_path, label):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((run_dir / "results.json").read_text())
     methods = [r["method"] for r in result["rows"]]
-    assert methods == ["pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n",
-                       "real_data"]
+    assert methods == ["pretrained", "optimum", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps",
+                       "best_of_n", "real_data"]
+    assert result["info"]["optimum"]["pool_size"] == 16  # suite.baselines.optimum.n reached the row
     motif_metrics = ("motif_correlation",) if label == "celltype" else ()  # motif content is per cell type
     for row in result["rows"]:
         m = row["metrics"]

@@ -146,7 +146,8 @@ def test_suite_end_to_end_two_labels(tiny_domain, tiny_net, tmp_path):
         "method.eval_batch_size=4", "method.steps=1", "method.batch_size=2",
         "method.grad_last_k=1", "suite.alpha0.steps=1", "suite.alpha0.batch_size=2", "suite.alpha0.grad_last_k=1",
         "suite.baselines.cfg.steps=2", "suite.baselines.classifier_guidance.steps=2",
-        "suite.baselines.classifier_guidance.hidden=8", "suite.baselines.best_of_n.n=2", "progress=false",
+        "suite.baselines.classifier_guidance.hidden=8", "suite.baselines.best_of_n.n=2",
+        "suite.baselines.optimum.n=32", "progress=false",
         f"hydra.run.dir={run_dir}",
     ]
     proc = subprocess.run([sys.executable, "-m", "ctrl_bio.cli", "benchmark", *overrides], cwd=ROOT,
@@ -154,8 +155,11 @@ def test_suite_end_to_end_two_labels(tiny_domain, tiny_net, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((run_dir / "results.json").read_text())
     rows = {r["method"]: r["metrics"] for r in result["rows"]}
-    assert list(rows) == ["pretrained", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps", "best_of_n",
-                          "real_data"]
+    assert list(rows) == ["pretrained", "optimum", "ctrl", "ctrl_alpha0", "cfg", "classifier_guidance", "dps",
+                          "best_of_n", "real_data"]
+    assert result["info"]["optimum"]["pool_size"] == 32  # suite.baselines.optimum.n reached the row
+    assert all("fraction_of_optimum" in rows[m] for m in ("ctrl", "ctrl_alpha0", "cfg", "dps", "best_of_n"))
+    assert "fraction_of_optimum" not in rows["real_data"] and (run_dir / "fraction_of_optimum.png").is_file()
     for m in rows.values():
         for key in ("accuracy", "accuracy_compress", "accuracy_brightness", "macro_f1", "fd_pooled", "diversity",
                     "jpeg_bytes"):

@@ -208,15 +208,17 @@ def test_suite_end_to_end_on_the_slice(tmp_path):
         "method.batch_size=2", "method.grad_last_k=1", "suite.alpha0.steps=1",
         "suite.alpha0.batch_size=4", "suite.alpha0.grad_last_k=1", "suite.baselines.cfg.steps=2",
         "suite.baselines.classifier_guidance.steps=2", "suite.baselines.classifier_guidance.hidden=16",
-        "suite.baselines.best_of_n.n=2", "progress=false", f"hydra.run.dir={run_dir}",
+        "suite.baselines.best_of_n.n=2", "suite.baselines.optimum.n=18", "progress=false",
+        f"hydra.run.dir={run_dir}",
     ]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "ctrl_bio.cli", "benchmark", *overrides], cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((run_dir / "results.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["pretrained", "ctrl", "ctrl_alpha0", "cfg",
+    assert [r["method"] for r in result["rows"]] == ["pretrained", "optimum", "ctrl", "ctrl_alpha0", "cfg",
                                                      "classifier_guidance", "dps", "best_of_n", "real_data"]
+    assert result["info"]["optimum"]["pool_size"] == 18  # suite.baselines.optimum.n reached the row
     for row in result["rows"]:
         for key in ("accuracy", "macro_f1", "validity", "uniqueness", "novelty", "connected"):
             assert np.isfinite(row["metrics"][key]), (row["method"], key)
