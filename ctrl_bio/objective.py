@@ -21,8 +21,9 @@ Two estimators of the same optimum live here:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -39,6 +40,37 @@ MemoryMode = Literal["full", "checkpoint", "truncate"]
 #: under the tilted pool (``posterior``, Rao-Blackwellised: same minimiser, less variance), or the pool's optimal
 #: control itself (``control``: the tilted minus the untilted pool score, free of the pool-versus-s_pre gap).
 ScoreTarget = Literal["denoising", "posterior", "control"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """CTRL's objective J = gamma E[log p(y|x0)] - alpha KL: the one place that owns alpha, gamma and their ratio.
+
+    Attributes:
+        alpha: weight of the path KL to the pre-trained model (> 0).
+        gamma: weight of the reward; gamma / alpha > 1 sharpens like a guidance scale.
+    """
+
+    alpha: float = 1.0
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ValueError(f"alpha (the KL weight) must be positive, got {self.alpha}")
+
+    @classmethod
+    def of(cls, method: Mapping[str, Any]) -> Objective:
+        """alpha and gamma of a run's ``method`` settings (:class:`ctrl_bio.settings.CTRLSettings`), defaults these."""
+        return cls(alpha=float(method.get("alpha", cls.alpha)), gamma=float(method.get("gamma", cls.gamma)))
+
+    @property
+    def tilt(self) -> float:
+        """gamma / alpha: the exponent of p(y | x0) in the optimum p_pre(x0) p(y | x0)^(gamma/alpha)."""
+        return self.gamma / self.alpha
+
+    def value(self, log_likelihood: Tensor, kl: Tensor) -> Tensor:
+        """J per sample, gamma log p(y | x0) - alpha KL, (B,)."""
+        return self.gamma * log_likelihood - self.alpha * kl
 
 
 @dataclass
@@ -78,7 +110,7 @@ def pathwise_loss(model: ConditionalScore, sde: SDE, reward: Reward, y: Tensor, 
                          grad_last_k=grad_last_k if memory == "truncate" else None, keep_trajectory=False)
     r = reward(out.x, y)
     kl = out.kl
-    objective = gamma * r - alpha * kl
+    objective = Objective(alpha=alpha, gamma=gamma).value(r, kl)
     return ObjectiveEstimate(loss=-objective.mean(), reward=r.mean().detach(), kl=kl.mean().detach(),
                              objective=objective.mean().detach(), x0=out.x.detach())
 

@@ -83,10 +83,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.estimators import Objective
 from ctrl_bio.finetune import save_pathway_checkpoint
 from ctrl_bio.model import ConditionalScore
-from ctrl_bio.objective import denoising_score_matching_loss
+from ctrl_bio.objective import Objective, denoising_score_matching_loss
 from ctrl_bio.policy_losses import (
     Baseline,
     ReferenceEstimator,

@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ctrl_bio.estimators.base import Objective
 from ctrl_bio.model import ConditionalScore, fourier_features, one_hot_labels
+from ctrl_bio.objective import Objective
 from ctrl_bio.policy_paths import PathBatch, step_log_ratio
 from ctrl_bio.utils import append_dims, sum_except_batch
 

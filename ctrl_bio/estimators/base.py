@@ -11,7 +11,6 @@ whose maximiser samples p_pre(x_0) p(y | x_0)^(gamma/alpha). A new estimator is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,40 +18,10 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.model import ConditionalScore
+from ctrl_bio.objective import Objective  # re-exported: estimators and callers name it from here
 from ctrl_bio.reward import Reward
 from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
-
-
-@dataclass(frozen=True)
-class Objective:
-    """CTRL's objective J = gamma E[log p(y|x0)] - alpha KL: the one place that owns alpha, gamma and their ratio.
-
-    Attributes:
-        alpha: weight of the path KL to the pre-trained model (> 0).
-        gamma: weight of the reward; gamma / alpha > 1 sharpens like a guidance scale.
-    """
-
-    alpha: float = 1.0
-    gamma: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.alpha > 0:
-            raise ValueError(f"alpha (the KL weight) must be positive, got {self.alpha}")
-
-    @classmethod
-    def of(cls, method: Mapping[str, Any]) -> Objective:
-        """alpha and gamma of a run's ``method`` settings (:class:`ctrl_bio.settings.CTRLSettings`), defaults these."""
-        return cls(alpha=float(method.get("alpha", cls.alpha)), gamma=float(method.get("gamma", cls.gamma)))
-
-    @property
-    def tilt(self) -> float:
-        """gamma / alpha: the exponent of p(y | x0) in the optimum p_pre(x0) p(y | x0)^(gamma/alpha)."""
-        return self.gamma / self.alpha
-
-    def value(self, log_likelihood: Tensor, kl: Tensor) -> Tensor:
-        """J per sample, gamma log p(y | x0) - alpha KL, (B,)."""
-        return self.gamma * log_likelihood - self.alpha * kl
 
 
 @dataclass
