@@ -110,7 +110,7 @@ def surrogate_loss(model: ConditionalScore, batch: PathBatch, advantages: Tensor
     surrogate = torch.minimum(ratio * advantages, clipped * advantages) * mask
     kl = torch.zeros(n, b, dtype=u.dtype, device=u.device)
     kl = kl.index_put((k_idx, p_idx), 0.5 * std**2 * sum_except_batch(u**2))
-    per_path = surrogate.sum(0) - alpha * kl.sum(0)
+    per_path = Objective(alpha=alpha).value(surrogate.sum(0), kl.sum(0))  # J with the surrogate as its reward
     n_valid = mask.any(0).sum().clamp_min(1)
     outside = ((ratio.detach() - 1).abs() > clip) & mask
     return SurrogateLoss(loss=-(per_path * mask.any(0)).sum() / n_valid,
