@@ -116,6 +116,7 @@ class TrainingMonitor:
         self.sampler = dict(alpha=alpha, gamma=gamma, n_steps=n_steps, t_end=t_end, spacing=spacing)
         self.generator = torch.Generator().manual_seed(seed)
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.device = next(model.parameters()).device
         if not self.named:
             raise ValueError("the model has no trainable parameters: is the label pathway attached?")
         self.last_good = {n: p.detach().clone() for n, p in self.named.items()}
@@ -147,7 +148,7 @@ class TrainingMonitor:
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.named.values()]).all()):
             self._restore_and_stop("parameters became non-finite", step, phase)
         with torch.no_grad():
-            y = self.label_prior.sample(self.eval_batch_size, self.generator)
+            y = self.label_prior.sample(self.eval_batch_size, self.generator).to(self.device)
             est = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, memory="full",
                                 generator=self.generator, **self.sampler)
         self.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
@@ -252,6 +253,7 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
                               spacing=p.spacing, eval_batch_size=eval_batch_size, seed=seed + 1,
                               checkpoint_path=checkpoint_path)
     step = 0
+    device = next(p.model.parameters()).device
     monitor.evaluate(step, "init", float("nan"))
     ran = [est for est in phases if est.steps > 0]
     for est in ran:
@@ -265,7 +267,7 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
         result.stopped_by[est.name] = {"criterion": "budget", "update": step + est.steps}
         with progress_bar(est.steps, f"ctrl {est.name}", enabled=progress) as advance:
             for _ in range(est.steps):
-                y = p.label_prior.sample(est.batch_size, generator)
+                y = p.label_prior.sample(est.batch_size, generator).to(device)  # drawn on the CPU: seeded alike
                 loss = est.loss(p, y, generator)
                 step += 1
                 monitor.check(loss, step, est.name)

@@ -52,7 +52,7 @@ def tilted_pool(problem: Problem, pool_x0: Tensor | None, pool_size: int, genera
     """The pre-trained pool (``pool_x0``, or ``pool_size`` fresh samples) with the reward's likelihood of every
     request, tilted by gamma / alpha: per label combination, or per requested value (the model's label space)."""
     p = problem
-    x0 = pool_x0 if pool_x0 is not None else sample_pretrained_pool(
+    x0 = pool_x0.to(next(p.model.parameters()).device) if pool_x0 is not None else sample_pretrained_pool(
         p.model, p.sde, p.x_shape, pool_size, n_steps=p.n_steps, t_end=p.t_end, spacing=p.spacing,
         generator=generator)
     with torch.no_grad():
