@@ -25,6 +25,7 @@ from ctrl_bio.guidance import (
     train_noisy_classifier,
 )
 from ctrl_bio.labels import exact_log_prob
+from ctrl_bio.objective import Objective
 from ctrl_bio.policy_gradient import finetune_policy_gradient
 
 #: (samples, path KL to the pre-trained model or None, extra metrics) of one row.
@@ -32,13 +33,15 @@ RowOutput = tuple[Tensor, Tensor | None, dict[str, float]]
 
 
 class BaselineRows:
-    """The baselines' ``row_<name>`` methods, mixed into :class:`ctrl_bio.rows.RowRunner`, whose shared pieces they use:
-    ``ctx``, ``method``, ``baselines``, ``reward()``, ``label_prior()``, ``new_model()``, ``select_scale()``,
-    ``pretrained_chunk()``, ``shared_seconds()``, ``histories``, ``info``, ``run_dir`` and ``progress``."""
+    """The baselines' ``row_<name>`` methods, mixed into :class:`ctrl_bio.rows.RowRunner`, whose shared pieces they
+    use: ``ctx``, ``method``, ``objective``, ``baselines``, ``reward()``, ``label_prior()``, ``new_model()``,
+    ``select_scale()``, ``pretrained_chunk()``, ``shared_seconds()``, ``histories``, ``info``, ``run_dir`` and
+    ``progress``."""
 
     ctx: Any
     method: dict
     baselines: dict
+    objective: Objective
 
     def row_cfg(self) -> RowOutput:
         ctx, cfg = self.ctx, {"steps": 600, "batch_size": 128, "lr": 2e-3, "label_dropout": 0.1} | dict(
@@ -108,7 +111,7 @@ class BaselineRows:
 
     def exact_reward(self) -> CallableReward:
         """gamma * sum_k log p_k(y_k | x0) of the labels' exact functions, as values only (a counted black box)."""
-        ctx, gamma = self.ctx, float(self.method.get("gamma", 1.0))
+        ctx, gamma = self.ctx, self.objective.gamma
         exact = [exact_log_prob(spec, ctx.domain) for spec in ctx.specs]
         missing = [spec["name"] for spec, f in zip(ctx.specs, exact) if f is None]
         if missing:
@@ -123,7 +126,7 @@ class BaselineRows:
     def policy_gradient_row(self, variant: str) -> RowOutput:
         """``ctrl_pg`` or ``ddpo``: the label pathway trained from reward values only (no reward gradient)."""
         ctx, cfg = self.ctx, dict(self.baselines.get("policy_gradient") or {})
-        settings = dict(cfg.get("settings") or {}) | {"alpha": float(self.method.get("alpha", 1.0))}
+        settings = dict(cfg.get("settings") or {}) | {"alpha": self.objective.alpha}
         if variant == "ddpo":  # published DDPO is on-policy only: no pre-trained pool, no warm start
             settings |= dict(cfg.get("ddpo") or {}) | {"reference_pool": 0, "reference_updates": 0}
         for key in ("variant", "seed", "progress", "checkpoint_path", "t_end", "spacing"):

@@ -6,11 +6,14 @@ Classification scores (macro-F1, expected calibration error) are torchmetrics' o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:  # metrics stay importable without the objective's imports
+    from ctrl_bio.objective import Objective
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -123,11 +126,11 @@ def label_metrics(log_probs: Sequence[Tensor], y: Tensor, names: Sequence[str], 
     return metrics, details
 
 
-def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, gamma: float, alpha: float
+def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, objective: Objective
                       ) -> dict[str, float]:
     """``kl`` and J = gamma log p_eval(y|x) - alpha KL under the evaluation likelihoods (nothing for a row with no
     path, such as ``real_data``)."""
     if kl is None:
         return {}
     log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))
-    return {"kl": float(kl.mean()), "objective": float((gamma * log_likelihood - alpha * kl).mean())}
+    return {"kl": float(kl.mean()), "objective": float(objective.value(log_likelihood, kl).mean())}

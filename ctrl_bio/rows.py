@@ -37,7 +37,7 @@ from ctrl_bio.guidance import (
 from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import label_metrics, objective_metrics  # noqa: F401  (the suites import them from here)
-from ctrl_bio.objective import WeightedPool
+from ctrl_bio.objective import Objective, WeightedPool
 from ctrl_bio.optimum import add_fraction_of_optimum, ctrl_pool, draw_tilted
 from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plot_training_curves
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
@@ -134,14 +134,14 @@ class BaseSuiteContext:
 
     def __init__(self, domain: Domain, specs: list[dict], pairs: list[LabelledPairs],
                  eval_fns: list[Callable[[Tensor], Tensor]], *, n_eval: int, n_select: int, n_steps: int,
-                 t_end: float, spacing: Spacing, seed: int, batch_size: int, gamma: float, alpha: float,
+                 t_end: float, spacing: Spacing, seed: int, batch_size: int, objective: Objective,
                  device: str = "cpu", precision: str = "32"):
         self.domain, self.specs, self.pairs, self.eval_fns = domain, specs, pairs, eval_fns
         self.device, self.precision = resolve_device(device), check_precision(precision)
         self.names = [s["name"] for s in specs]
         self.n_classes = tuple(int(p.n_classes) for p in pairs)
         self.n_steps, self.t_end, self.spacing, self.seed, self.batch_size = n_steps, t_end, spacing, seed, batch_size
-        self.gamma, self.alpha = gamma, alpha
+        self.objective = objective
         self.times = time_grid(n_steps, t_end, spacing=spacing)
         self.pretrained = domain.pretrained_model().to(self.device)
         self.y_eval = balanced_requests(self.n_classes, n_eval)
@@ -191,6 +191,7 @@ class RowRunner(BaselineRows):
     def __init__(self, ctx: SuiteContext, method: dict, alpha0: dict, baselines: dict, run_dir: Path, progress: bool,
                  info: dict):
         self.ctx, self.method, self.alpha0, self.baselines = ctx, method, alpha0, baselines
+        self.objective = Objective.of(method)
         self.run_dir, self.progress, self.info = Path(run_dir), progress, info
         # Kept in ``info`` too, so that results.json holds the curves behind training.png and reward_vs_queries.png.
         self.histories: dict[str, list[dict]] = info.setdefault("histories", {})
@@ -202,7 +203,7 @@ class RowRunner(BaselineRows):
 
     def tilt(self) -> float:
         """gamma / alpha of ``method``: the exponent of p(y|x) in the optimum of J."""
-        return float(self.method.get("gamma", 1.0)) / float(self.method.get("alpha", 1.0))
+        return self.objective.tilt
 
     def reward(self) -> LogLikelihoodReward:
         """One calibrated classifier per label from its own pairs (CTRL step 1)."""
@@ -253,10 +254,9 @@ class RowRunner(BaselineRows):
         each baseline is tuned for the same target p_pre(x) p(y|x)^(gamma/alpha) as ``ctrl``.
         """
         ctx, reward, scores = self.ctx, self.reward(), {}
-        gamma, alpha = float(self.method.get("gamma", 1.0)), float(self.method.get("alpha", 1.0))
         for w in scales:
             x, kl = ctx.sample(make(w), ctx.y_select, seed_offset=2500)
-            scores[str(w)] = float((gamma * reward(x, ctx.y_select) - alpha * kl).mean())
+            scores[str(w)] = float(self.objective.value(reward(x, ctx.y_select), kl).mean())
         return max(scales, key=lambda w: scores[str(w)]), scores
 
     def run(self, name: str) -> RowOutput:
@@ -390,9 +390,8 @@ def plot_histories(runner: RowRunner, rows: Sequence[Row], run_dir: Path) -> Non
     queries = {k: v for k, v in runner.histories.items() if k in POLICY_GRADIENT_METHODS}
     ctrl = next((r for r in rows if r.method == "ctrl"), None)
     if ctrl is not None and ctrl.metrics.get("kl") is not None:
-        alpha = float(runner.method.get("alpha", 1.0))
         n_pairs = sum(int(p.y.shape[0]) for p in runner.ctx.pairs)
-        point = {"reward_queries": n_pairs, "reward": ctrl.metrics["objective"] + alpha * ctrl.metrics["kl"],
-                 "kl": ctrl.metrics["kl"]}
+        reward = ctrl.metrics["objective"] + runner.objective.alpha * ctrl.metrics["kl"]
+        point = {"reward_queries": n_pairs, "reward": reward, "kl": ctrl.metrics["kl"]}
         queries = {"ctrl (at its labelled pairs)": [point]} | queries
     plot_reward_vs_queries(queries, Path(run_dir) / "reward_vs_queries.png")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LabelledPairs
+from ctrl_bio.objective import Objective
 from ctrl_bio.plots import plot_per_class_accuracy
 from ctrl_bio.rows import (
     METHODS,
@@ -53,10 +54,10 @@ class DNAContext(BaseSuiteContext):
 
     def __init__(self, domain: DNADomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
-                 motif_ids: list[str] | None, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu",
+                 motif_ids: list[str] | None, objective: Objective = Objective(), device: str = "cpu",
                  precision: str = "32"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
-                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
+                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, objective=objective,
                          device=device, precision=precision)
         table = domain.table
         test = table.of_split("test")
@@ -108,7 +109,7 @@ class DNAContext(BaseSuiteContext):
         metrics["naturalness"] = float(self.markov.log_likelihood_per_base(x).mean())
         metrics["kmer_entropy"] = float(kmer_entropy(x).mean())
         # J under the evaluation likelihood (the oracle / exact labels), with the run's gamma and alpha.
-        metrics |= objective_metrics(log_probs, y, kl, self.gamma, self.alpha)
+        metrics |= objective_metrics(log_probs, y, kl, self.objective)
         return metrics, details
 
     def noisy_classifier(self, n_classes: int, hidden: int = 64) -> NoisySequenceCNN:
@@ -146,8 +147,8 @@ def run_suite(domain: DNADomain, *, run_dir: str | Path, labels: list[dict[str, 
     specs, pairs, eval_fns, info = load_task(labels, domain, seed)
     info |= {"n_eval": n_eval, "n_steps": n_steps}
     ctx = DNAContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps, t_end=t_end,
-                     seed=seed, batch_size=batch_size, motif_ids=motifs, gamma=float(method.get("gamma", 1.0)),
-                     alpha=float(method.get("alpha", 1.0)), device=device,
+                     seed=seed, batch_size=batch_size, motif_ids=motifs, objective=Objective.of(method),
+                      device=device,
                      precision=precision)
     nat = ctx.markov.log_likelihood_per_base(ctx.x_test)
     # The spread of naturalness between real test sequences: the yardstick a row's loss of naturalness is read against.

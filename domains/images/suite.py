@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LabelledPairs
 from ctrl_bio.metrics import frechet_distance
+from ctrl_bio.objective import Objective
 from ctrl_bio.rows import (
     METHODS,
     BaseSuiteContext,
@@ -65,10 +66,10 @@ class ImageContext(BaseSuiteContext):
 
     def __init__(self, domain: ImageDomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, spacing: Spacing, seed: int,
-                 batch_size: int, gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu",
+                 batch_size: int, objective: Objective = Objective(), device: str = "cpu",
                  precision: str = "32"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
-                         t_end=t_end, spacing=spacing, seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
+                         t_end=t_end, spacing=spacing, seed=seed, batch_size=batch_size, objective=objective,
                          device=device, precision=precision)
         self.x_test = load_patches("test").x
         self.test_labels = torch.stack([f(self.x_test).argmax(1) for f in eval_fns], 1)
@@ -90,7 +91,7 @@ class ImageContext(BaseSuiteContext):
             k = self.names.index("compress")
             details["jpeg_bytes_by_request"] = [sizes[(y[:, k] == c).numpy()].tolist()
                                                 for c in range(self.n_classes[k])]
-        metrics |= objective_metrics(log_probs, y, kl, self.gamma, self.alpha)
+        metrics |= objective_metrics(log_probs, y, kl, self.objective)
         return metrics, details
 
     def noisy_classifier(self, n_classes: int, hidden: int = 32) -> NoisyPatchCNN:
@@ -124,7 +125,7 @@ def run_suite(domain: ImageDomain, *, run_dir: str | Path, labels: list[dict[str
     info |= {"n_eval": n_eval, "n_steps": n_steps, "spacing": spacing}
     ctx = ImageContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
                        t_end=t_end, spacing=spacing, seed=seed, batch_size=batch_size,
-                       gamma=float(method.get("gamma", 1.0)), alpha=float(method.get("alpha", 1.0)), device=device,
+                       objective=Objective.of(method), device=device,
                        precision=precision)
     info["test_patches"] = int(ctx.x_test.shape[0])
     runner = RowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)

@@ -60,7 +60,7 @@ from ctrl_bio.continuous import (
 )
 from ctrl_bio.guidance import classifier_free_guidance, fit_adam
 from ctrl_bio.harness import Row, SuiteResult
-from ctrl_bio.objective import denoising_score_matching_loss
+from ctrl_bio.objective import Objective, denoising_score_matching_loss
 from ctrl_bio.sampling import ScoreFn, sample_in_batches, time_grid
 from ctrl_bio.settings import autocast, check_precision, resolve_device, settings_for
 from ctrl_bio.utils import rand
@@ -302,7 +302,7 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
                                    train_copy=domain.train_copy,
                                    embedding=embedding).to(ctx.device)
 
-    gamma, alpha = float(method.get("gamma", 1.0)), float(method.get("alpha", 1.0))
+    objective = Objective.of(method)
     for name in methods:
         start = time.perf_counter()
         if name == "real_data":
@@ -349,7 +349,7 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
             for w in scales:
                 xs, kls = ctx.sample(lambda y, m=model, w=w: classifier_free_guidance(m, y, w), y_select,
                                      seed_offset=2500)
-                per_scale[str(w)] = float((gamma * reward(xs, y_select) - alpha * kls).mean())
+                per_scale[str(w)] = float(objective.value(reward(xs, y_select), kls).mean())
             best = max(scales, key=lambda w: per_scale[str(w)])
             pinfo["cfg"] = {"pairs": int(lazy["x"].shape[0]), "per_scale_reward_J": per_scale, "scale": best,
                             "losses": record.losses, "train_seconds": record.seconds}

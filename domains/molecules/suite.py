@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ctrl_bio.harness import SuiteResult
 from ctrl_bio.labels import LOG_EPS, LabelledPairs
+from ctrl_bio.objective import Objective
 from ctrl_bio.plots import plot_per_class_accuracy
 from ctrl_bio.rows import (
     METHODS,
@@ -67,10 +68,10 @@ class MoleculeContext(BaseSuiteContext):
 
     def __init__(self, domain: MoleculeDomain, specs: list[dict], pairs: list[LabelledPairs], eval_fns: list[LogProbFn],
                  *, n_eval: int, n_select: int, n_steps: int, t_end: float, seed: int, batch_size: int,
-                 gamma: float = 1.0, alpha: float = 1.0, device: str = "cpu",
+                 objective: Objective = Objective(), device: str = "cpu",
                  precision: str = "32"):
         super().__init__(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
-                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, gamma=gamma, alpha=alpha,
+                         t_end=t_end, spacing="uniform", seed=seed, batch_size=batch_size, objective=objective,
                          device=device, precision=precision)
         table = domain.table
         test = table.of_split("test")
@@ -100,7 +101,7 @@ class MoleculeContext(BaseSuiteContext):
         metrics, details = label_metrics(log_probs, y, self.names, self.n_classes)
         metrics |= generation_metrics(mols, self.train_smiles)
         metrics["fcd"] = self.fcd(to_smiles(mols))
-        metrics |= objective_metrics(log_probs, y, kl, self.gamma, self.alpha)
+        metrics |= objective_metrics(log_probs, y, kl, self.objective)
         return metrics, details
 
     def fcd(self, smiles: list[str | None]) -> float:
@@ -167,8 +168,8 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, labels: list[dict[
     specs, pairs, eval_fns, info = load_task(labels, domain, seed)
     info |= {"n_eval": n_eval, "n_steps": n_steps}
     ctx = MoleculeContext(domain, specs, pairs, eval_fns, n_eval=n_eval, n_select=n_select, n_steps=n_steps,
-                          t_end=t_end, seed=seed, batch_size=batch_size, gamma=float(method.get("gamma", 1.0)),
-                          alpha=float(method.get("alpha", 1.0)), device=device,
+                          t_end=t_end, seed=seed, batch_size=batch_size, objective=Objective.of(method),
+                           device=device,
                           precision=precision)
     info["test_molecules"] = int(ctx.x_test.shape[0])
     runner = RowRunner(ctx, method, dict(alpha0 or {}), baselines, run_dir, progress, info)
