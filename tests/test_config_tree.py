@@ -53,7 +53,8 @@ def _stub_suite(monkeypatch: pytest.MonkeyPatch, suite: str) -> Any:
         module = pytest.importorskip(f"domains.{suite}.suite")
         context = {"dna": "DNAContext", "molecules": "MoleculeContext", "images": "ImageContext"}[suite]
         monkeypatch.setattr(module, "load_task", lambda labels, domain, seed: ([], [], [], {}))
-        monkeypatch.setattr(module, context, lambda *a, **kw: _capture(gamma=kw["gamma"], alpha=kw["alpha"]))
+        monkeypatch.setattr(module, context, lambda *a, **kw: _capture(gamma=kw["objective"].gamma,
+                                                                       alpha=kw["objective"].alpha))
         return module.run_suite
     if suite in ("gmm", "gmm_pg"):
         module = pytest.importorskip("domains.gmm.suite")
