@@ -6,14 +6,11 @@ Classification scores (macro-F1, expected calibration error) are torchmetrics' o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # metrics stay importable without the objective's imports
-    from ctrl_bio.objective import Objective
 
 
 def energy_distance(x: Tensor, y: Tensor) -> float:
@@ -126,10 +123,11 @@ def label_metrics(log_probs: Sequence[Tensor], y: Tensor, names: Sequence[str], 
     return metrics, details
 
 
-def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, objective: Objective
+def objective_metrics(log_probs: Sequence[Tensor], y: Tensor, kl: Tensor | None, objective: Any
                       ) -> dict[str, float]:
     """``kl`` and J = gamma log p_eval(y|x) - alpha KL under the evaluation likelihoods (nothing for a row with no
-    path, such as ``real_data``)."""
+    path, such as ``real_data``); ``objective`` is a :class:`ctrl_bio.objective.Objective` (typed loosely so that the
+    metrics import nothing of the objective's)."""
     if kl is None:
         return {}
     log_likelihood = sum(lp.gather(1, y[:, k:k + 1]).squeeze(1) for k, lp in enumerate(log_probs))

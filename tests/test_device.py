@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ctrl_bio.cli import compose_config, main
+from ctrl_bio.objective import Objective
 from ctrl_bio.sampling import sample_in_batches, time_grid
 from ctrl_bio.sde import VPSDE
 from ctrl_bio.settings import check_precision, lightning_device, resolve_device
@@ -110,8 +111,8 @@ def test_suite_context_samples_on_its_device_and_precision() -> None:
 
     net = LinearScore()
     domain = SimpleNamespace(pretrained_model=lambda: net, sde=VPSDE(), x_shape=(3,))
-    kwargs = dict(n_eval=6, n_select=2, n_steps=10, t_end=1e-3, spacing="uniform", seed=0, batch_size=4, gamma=1.0,
-                  alpha=1.0, device="cpu")
+    kwargs = dict(n_eval=6, n_select=2, n_steps=10, t_end=1e-3, spacing="uniform", seed=0, batch_size=4,
+                  objective=Objective(), device="cpu")
     out = {}
     for precision in ("32", "bf16-mixed"):
         ctx = BaseSuiteContext(domain, [{"name": "a"}], [SimpleNamespace(n_classes=2)], [], precision=precision,

@@ -5,7 +5,7 @@ import torch
 
 from ctrl_bio.blackbox import label_likelihood_black_box
 from ctrl_bio.model import AugmentedScore, VectorPathway
-from ctrl_bio.objective import pathwise_loss
+from ctrl_bio.objective import Objective, pathwise_loss
 from ctrl_bio.policy_gradient import (
     collect_paths,
     draw_reference_pool,
@@ -257,7 +257,7 @@ def test_reward_vs_queries_puts_ctrl_at_its_labelled_pairs_in_exact_reward_units
     monkeypatch.setattr(rows_module, "plot_training_curves", lambda h, path: drawn.update(training=list(h)))
     pairs = [SimpleNamespace(y=torch.zeros(30, dtype=torch.long)), SimpleNamespace(y=torch.zeros(20, dtype=torch.long))]
     pg_history = [{"reward_queries": 8, "reward": -3.0, "kl": 0.1}, {"reward_queries": 16, "reward": -1.0, "kl": 0.4}]
-    runner = SimpleNamespace(ctx=SimpleNamespace(pairs=pairs), method={"alpha": 2.0},
+    runner = SimpleNamespace(ctx=SimpleNamespace(pairs=pairs), method={"alpha": 2.0}, objective=Objective(alpha=2.0),
                              histories={"ctrl": [{"step": 1}], "ctrl_pg": pg_history})
     results = [Row("ctrl", "task", {"objective": -5.0, "kl": 1.5}), Row("ctrl_pg", "task", {"objective": -1.0})]
     rows_module.plot_histories(runner, results, tmp_path)
