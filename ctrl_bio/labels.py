@@ -42,7 +42,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -291,12 +291,14 @@ def fit_reward_classifier(pairs: LabelledPairs, spec: Mapping[str, Any], *,
                             generator=torch.Generator().manual_seed(seed), **training)
 
 
-def fit_reward_classifiers(specs: Sequence[Mapping[str, Any]], pairs: Sequence[LabelledPairs], *, seed: int = 0
+def fit_reward_classifiers(specs: Sequence[Mapping[str, Any]], pairs: Sequence[LabelledPairs], *, seed: int = 0,
+                           info: dict[str, Any] | None = None
                            ) -> tuple[LogLikelihoodReward, dict[str, ClassifierReport]]:
     """CTRL's reward for several labels: one calibrated classifier per label, each from its own pairs.
 
     Label k's classifier is seeded with ``seed + 17 (k + 1)``; the classifiers combine by conditional
-    independence given x (:class:`ctrl_bio.reward.LogLikelihoodReward`).
+    independence given x (:class:`ctrl_bio.reward.LogLikelihoodReward`). With ``info`` each report is also logged
+    and recorded there as ``classifier_<label>`` (what a suite's results.json holds).
 
     Returns:
         The summed log-likelihood reward and each label's calibration report, by label name.
@@ -305,6 +307,9 @@ def fit_reward_classifiers(specs: Sequence[Mapping[str, Any]], pairs: Sequence[L
     for k, (spec, p) in enumerate(zip(specs, pairs)):
         classifier, reports[spec["name"]] = fit_reward_classifier(p, spec, seed=seed + 17 * (k + 1))
         classifiers.append(classifier)
+        if info is not None:
+            info[f"classifier_{spec['name']}"] = asdict(reports[spec["name"]])
+            log.info("reward classifier %s: %s", spec["name"], reports[spec["name"]])
     return LogLikelihoodReward(classifiers), reports
 
 

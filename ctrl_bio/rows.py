@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -209,10 +208,7 @@ class RowRunner(BaselineRows):
         """One calibrated classifier per label from its own pairs (CTRL step 1)."""
         if self._reward is None:
             start = time.perf_counter()
-            self._reward, reports = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.seed)
-            for name, report in reports.items():
-                self.info[f"classifier_{name}"] = asdict(report)
-                log.info("reward classifier %s: %s", name, report)
+            self._reward, _ = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.seed, info=self.info)
             self._reward_seconds = time.perf_counter() - start
         return self._reward
 

@@ -106,11 +106,8 @@ def test_any_schedule_and_prediction_type_is_accepted(pipe):
     torch.testing.assert_close(score.sde.alpha(t_n) ** 2, pipe.scheduler.alphas_cumprod.double(), rtol=1e-5,
                                atol=1e-10)
     x, t = torch.randn(2, *score.x_shape), torch.full((2,), 0.3)
-    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 2, True)
+    v_u, v_c = _unet_outputs(pipe, score, x, t)
     with torch.no_grad():
-        ts = score.sde.timestep(t)
-        v_u = pipe.unet(x, ts, encoder_hidden_states=uncond).sample
-        v_c = pipe.unet(x, ts, encoder_hidden_states=cond).sample
         v = v_u + 3.0 * (v_c - v_u)
         alpha, sigma = float(score.sde.alpha(t)[0]), float(score.sde.sigma(t)[0])
         torch.testing.assert_close(score(x, t), -(alpha * v + sigma * x) / sigma, rtol=1e-5, atol=1e-5)
@@ -139,15 +136,21 @@ def test_zero_init_reproduces_pretrained_samples(pipe, lora_rank):
     assert torch.equal(out.kl, torch.zeros(2))
 
 
+def _unet_outputs(pipe, score, x, t):
+    """The pipeline UNet's unconditional and text-conditioned outputs at (x, t), with its own prompt embeddings."""
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 2, True)
+    with torch.no_grad():
+        ts = score.sde.timestep(t)
+        unconditional = pipe.unet(x, ts, encoder_hidden_states=uncond).sample
+        return unconditional, pipe.unet(x, ts, encoder_hidden_states=cond).sample
+
+
 def test_guidance_matches_pipeline_formula(pipe):
     """eps = eps_uncond + w (eps_text - eps_uncond) with the pipeline's own text embeddings."""
     score = SDLatentScore.from_pipeline(pipe, PROMPT, guidance_scale=3.0)
     x, t = torch.randn(2, *score.x_shape), torch.full((2,), 0.3)
-    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 2, True)
+    e_u, e_c = _unet_outputs(pipe, score, x, t)
     with torch.no_grad():
-        ts = score.sde.timestep(t)
-        e_u = pipe.unet(x, ts, encoder_hidden_states=uncond).sample
-        e_c = pipe.unet(x, ts, encoder_hidden_states=cond).sample
         expected = score.sde.score_from_eps(e_u + 3.0 * (e_c - e_u), t)
         torch.testing.assert_close(score(x, t), expected, rtol=1e-5, atol=1e-5)
 

@@ -179,10 +179,8 @@ class RowRunner:
         """One calibrated classifier per label, each from its own pairs (CTRL step 1)."""
         if self._reward is None:
             start = time.perf_counter()
-            self._reward, reports = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.testbed.seed)
-            for name, report in reports.items():
-                self.info[f"classifier_{name}"] = asdict(report)
-                log.info("reward classifier %s: %s", name, report)
+            self._reward, _ = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.testbed.seed,
+                                                     info=self.info)
             self._reward_seconds = time.perf_counter() - start
         return self._reward
 
