@@ -125,3 +125,15 @@ def test_a_phase_stops_when_j_levels_off_and_says_so(small_testbed):
     model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
     result = finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), **common)
     assert result.stopped_by["pathwise"] == {"criterion": "budget", "update": 40}
+
+
+def test_the_adjoint_clip_acts_per_path_and_step():
+    from ctrl_bio.estimators.adjoint_matching import clip_norm
+
+    a = torch.zeros(3, 2, 4)
+    a[1, 0] = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5: clipped to 1
+    a[2, 1] = torch.tensor([0.0, 0.6, 0.0, 0.0])  # norm 0.6: kept
+    clipped = clip_norm(a, 1.0)
+    torch.testing.assert_close(clipped[1, 0], torch.tensor([0.6, 0.8, 0.0, 0.0]))
+    torch.testing.assert_close(clipped[2, 1], a[2, 1])
+    assert torch.equal(clipped[0], a[0]) and torch.equal(clipped[1, 1], a[1, 1])

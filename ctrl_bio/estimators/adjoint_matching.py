@@ -64,6 +64,12 @@ def lean_adjoint(model: ConditionalScore, sde: SDE, reward: Reward, states: Tens
     return torch.stack(adjoints[::-1])
 
 
+def clip_norm(adjoints: Tensor, max_norm: float) -> Tensor:
+    """Each path's adjoint at each step scaled down to norm ``max_norm`` where it is larger, (T, B, ...)."""
+    norms = adjoints.flatten(2).norm(dim=2)  # (T, B)
+    return adjoints * append_dims((max_norm / norms.clamp_min(1e-12)).clamp(max=1.0), adjoints.ndim)
+
+
 @dataclass
 class AdjointMatching:
     """Adjoint matching (Domingo-Enrich et al. 2025, Alg. 1) as a CTRL estimator.
@@ -96,8 +102,7 @@ class AdjointMatching:
             states = euler_maruyama(sde, model.conditioned(y), x_init, times, generator=generator).states
         adjoints = lean_adjoint(model, sde, problem.reward, states, times, y, problem.objective.tilt)
         if self.max_adjoint is not None:
-            norms = sum_except_batch(adjoints**2).sqrt()
-            adjoints = adjoints * append_dims((self.max_adjoint / norms.clamp_min(1e-12)).clamp(max=1.0), adjoints.ndim)
+            adjoints = clip_norm(adjoints, self.max_adjoint)
         n_steps = times.shape[0] - 1
         k = torch.randperm(n_steps, generator=generator)[: min(self.n_time_samples, n_steps)]
         loss = states.new_zeros(())
