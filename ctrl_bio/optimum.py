@@ -38,7 +38,7 @@ def ctrl_pool(ctx: Any, source: str, pool_size: int) -> Tensor:
                           seed_offset=7100)[0]
         project = getattr(ctx.domain, "project", None)
         return project(pool) if project is not None else pool
-    raise ValueError(f"suite.method.pool must be 'training' or 'pretrained', got {source!r}")
+    raise ValueError(f"method.pool must be 'training' or 'pretrained', got {source!r}")
 
 
 #: Rows that are not learned from the reward: they get no ``fraction_of_optimum``.
