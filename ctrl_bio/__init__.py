@@ -13,6 +13,7 @@ from ctrl_bio.kl import gaussian_kl, girsanov_kl, transition_kl
 from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import NULL_LABEL, AugmentedScore, EmbeddingAugmentedScore, LabelEmbedding, VectorPathway
 from ctrl_bio.objective import ObjectiveEstimate, WeightedPool, pathwise_loss, weighted_score_matching_loss
+from ctrl_bio.plain_reward import PLAIN_LABELS, PlainReward, plain_requests
 from ctrl_bio.policy_gradient import PolicyGradientResult, finetune_policy_gradient
 from ctrl_bio.reward import (
                              CalibratedClassifier,
@@ -30,6 +31,7 @@ from ctrl_bio.utils import append_dims
 __version__ = "0.1.0"
 
 __all__ = [
+    "PLAIN_LABELS", "PlainReward", "plain_requests",
     "SDE", "VPSDE", "DiscreteScheduleSDE", "DiscreteVPSDE", "append_dims",
     "NetworkScore", "wrap_network", "from_diffusers", "sde_from_scheduler",
     "save_pretrained", "from_pretrained", "ModelCardInfo",

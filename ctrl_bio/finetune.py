@@ -10,7 +10,7 @@ them; :func:`finetune` builds that list from flat settings, as the configs name 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from ctrl_bio.estimators import (
 )
 from ctrl_bio.model import ConditionalScore
 from ctrl_bio.objective import MemoryMode, ScoreTarget, WeightedPool, control_fit, pathwise_loss
+from ctrl_bio.plain_reward import PlainReward, plain_prior
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
 from ctrl_bio.sampling import Spacing
@@ -158,8 +159,9 @@ class TrainingMonitor:
             save_pathway_checkpoint(self.last_good, self.path)
 
 
-def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
-             x_shape: tuple[int, ...], *, estimator: str = "score_matching", warm_start: bool = False,
+def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Callable[[Tensor], Tensor],
+             label_prior: LabelPrior | None, x_shape: tuple[int, ...], *, estimator: str = "score_matching",
+             warm_start: bool = False,
              alpha: float = 1.0, gamma: float = 1.0,
              steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100, t_end: float = 1e-3,
              memory: MemoryMode = "checkpoint", grad_last_k: int = 10, grad_clip: float | None = 1.0,
@@ -180,8 +182,10 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
     Args:
         model: augmented model (frozen pre-trained score + zero-initialised pathway), trained in place.
         sde: the SDE of the pre-trained model.
-        reward: log p(y | x0) per label (a learned, calibrated classifier, or an exact likelihood).
-        label_prior: p(y) that training labels are drawn from.
+        reward: log p(y | x0) per label (a learned, calibrated classifier, or an exact likelihood); with
+            ``label_prior=None``, a plain reward ``x0 -> (B,)``, log r(x0) up to a constant
+            (:mod:`ctrl_bio.plain_reward`: the pathway then has ``PLAIN_LABELS`` and samples with ``plain_requests``).
+        label_prior: p(y) that training labels are drawn from; None for a plain reward.
         x_shape: shape of one sample, e.g. ``(d,)`` or ``(4, 200)``.
         estimator: ``score_matching`` (default), ``pathwise``, ``adjoint_matching``, ``soft_value``, or ``hybrid``
             (``pathwise`` with ``warm_start``).
@@ -210,6 +214,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, lab
         seed: seeds every draw of the run (pool, labels, noise, evaluation).
         patience, tolerance: stop a phase once J has levelled off (:func:`train`); None: run every update.
     """
+    if label_prior is None:  # a plain reward: one label of one class that every request asks for
+        label_prior, reward = plain_prior(), reward if isinstance(reward, PlainReward) else PlainReward(reward)
     known = (*ESTIMATORS, *ALIASES)
     if estimator not in known:
         raise ValueError(f"estimator must be one of {', '.join(known)}, got {estimator!r}")
