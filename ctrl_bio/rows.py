@@ -312,7 +312,7 @@ class RowRunner(BaselineRows):
             weighted = WeightedPool(pool, [f(pool) for f in reward.log_prob_fns], tilt=self.tilt())
         draw = draw_tilted(weighted, ctx.y_eval, torch.Generator().manual_seed(ctx.seed + 7200))
         self.info["optimum"] = {"pool_size": n, "tilt": self.tilt(), "ess": draw.ess}
-        extra = {"effective_sample_size": draw.ess, "score_evals": len(chunks) * ctx.n_steps} | self.shared_seconds()
+        extra = {"effective_sample_size": draw.ess, "score_evals": ctx.n_steps} | self.shared_seconds()
         if reused:
             extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + reused
         return draw.x, draw.kl, extra
