@@ -174,7 +174,7 @@ def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: Weighted
     x0 = pool.draw(y, generator)
     if target == "denoising":
         return denoising_score_matching_loss(model, sde, x0, y, t_end=t_end, spacing=spacing, generator=generator)
-    t, eps = _noise_levels(x0, y.shape[0], t_end, spacing, generator)
+    t, eps = noise_levels(x0, y.shape[0], t_end, spacing, generator)
     x_t = sde.perturb(x0, t, eps)
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     sigma = append_dims(sigma_t, x0.ndim)
@@ -216,7 +216,7 @@ def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, 
             sum_except_batch(sigma2 * (s_theta - u_theta - s_pool) ** 2))
 
 
-def _noise_levels(x0: Tensor, batch: int, t_end: float, spacing: Spacing, generator: torch.Generator | None
+def noise_levels(x0: Tensor, batch: int, t_end: float, spacing: Spacing, generator: torch.Generator | None
                   ) -> tuple[Tensor, Tensor]:
     """t on [t_end, 1] (``uniform``, or ``quadratic``: t_end + (1 - t_end) u^2) and standard noise like x0."""
     if spacing not in ("uniform", "quadratic"):
@@ -239,7 +239,7 @@ def denoising_score_matching_loss(model: AugmentedScore, sde: SDE, x0: Tensor, y
     t is the same; the spacing decides where a small pathway spends its capacity, and a sampler that takes most of its
     steps near the data (images, where the last steps set the fine texture) is best served by a fit that does too.
     """
-    t, eps = _noise_levels(x0, y.shape[0], t_end, spacing, generator)
+    t, eps = noise_levels(x0, y.shape[0], t_end, spacing, generator)
     x_t = sde.perturb(x0, t, eps)
     s_theta = model(x_t, t, y)
     sigma = append_dims(sde.sigma(t), x0.ndim)

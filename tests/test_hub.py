@@ -89,7 +89,7 @@ def test_finetuned_gmm_model_round_trips_bit_for_bit_in_a_fresh_process(finetune
     """)
     # HF_HUB_OFFLINE: any download attempt would raise; a local folder needs none.
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert torch.equal(torch.load(tmp_path / "loaded.pt"), expected)
+    assert torch.equal(torch.load(tmp_path / "loaded.pt", weights_only=True), expected)
 
 
 def test_base_model_by_relative_path_or_hub_id(finetuned_gmm, tmp_path):

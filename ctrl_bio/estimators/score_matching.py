@@ -41,12 +41,6 @@ def sample_pretrained_pool(model: ConditionalScore, sde: SDE, x_shape: tuple[int
     return torch.cat(chunks)
 
 
-def label_combinations(problem: Problem) -> Tensor:
-    """Every combination of the labels' classes, (prod n_classes, K), in ``torch.cartesian_prod`` order."""
-    n_classes = problem.label_prior.n_classes
-    return torch.cartesian_prod(*[torch.arange(n) for n in n_classes]).reshape(-1, len(n_classes))
-
-
 def tilted_pool(problem: Problem, pool_x0: Tensor | None, pool_size: int, generator: torch.Generator
                 ) -> WeightedPool:
     """The pre-trained pool (``pool_x0``, or ``pool_size`` fresh samples) with the reward's likelihood of every

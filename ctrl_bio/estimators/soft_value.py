@@ -26,15 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from ctrl_bio.estimators.base import Problem
-from ctrl_bio.estimators.score_matching import label_combinations, tilted_pool
+from ctrl_bio.estimators.score_matching import tilted_pool
 from ctrl_bio.guidance import NoisyMLPClassifier, fit_adam
-from ctrl_bio.objective import WeightedPool
+from ctrl_bio.label_space import CategoricalLabels
+from ctrl_bio.objective import WeightedPool, noise_levels
 from ctrl_bio.sampling import Spacing
-from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
+from ctrl_bio.utils import append_dims, sum_except_batch
 
 
 def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
-    """Index of each label combination in :func:`label_combinations` order (the last label varies fastest), (B,)."""
+    """Index of each label combination in :meth:`CategoricalLabels.combinations` order (the last label varies
+    fastest), (B,)."""
     index = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
     for k, n in enumerate(n_classes):
         index = index * n + y[:, k]
@@ -80,7 +82,7 @@ class SoftValue:
     def prepare(self, problem: Problem, generator: torch.Generator) -> dict:
         start = time.perf_counter()
         self.pool = tilted_pool(problem, self.pool_x0, self.pool_size, generator)
-        combos = label_combinations(problem)
+        combos = CategoricalLabels(problem.label_prior.n_classes).combinations()
         weights = value_weights(self.pool, combos).to(self.pool.x0.device)
         if self.value_net is None:
             self.value_net = NoisyMLPClassifier(math.prod(problem.x_shape), combos.shape[0])
@@ -101,9 +103,8 @@ class SoftValue:
 
     def _noised(self, problem: Problem, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """x_t = alpha_t x0 + sigma_t eps with t drawn on [t_end, 1] by ``spacing``, and t."""
-        u = rand((x0.shape[0],), generator, device=x0.device, dtype=x0.dtype)
-        t = problem.t_end + (1.0 - problem.t_end) * (u if self.spacing == "uniform" else u**2)
-        return problem.sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)), t
+        t, eps = noise_levels(x0, x0.shape[0], problem.t_end, self.spacing, generator)
+        return problem.sde.perturb(x0, t, eps), t
 
     def control(self, problem: Problem, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """grad_x V(x_t, t, y): the h-transform's control under the fitted value, shape of x_t."""
