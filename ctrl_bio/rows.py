@@ -200,10 +200,6 @@ class RowRunner(BaselineRows):
         self._chunk_seconds: dict[int, float] = {}
         self._ctrl = None
 
-    def tilt(self) -> float:
-        """gamma / alpha of ``method``: the exponent of p(y|x) in the optimum of J."""
-        return self.objective.tilt
-
     def reward(self) -> LogLikelihoodReward:
         """One calibrated classifier per label from its own pairs (CTRL step 1)."""
         if self._reward is None:
@@ -309,9 +305,9 @@ class RowRunner(BaselineRows):
         project = getattr(ctx.domain, "project", None)
         pool = project(pool) if project is not None else pool
         with torch.no_grad():
-            weighted = WeightedPool(pool, [f(pool) for f in reward.log_prob_fns], tilt=self.tilt())
+            weighted = WeightedPool(pool, [f(pool) for f in reward.log_prob_fns], tilt=self.objective.tilt)
         draw = draw_tilted(weighted, ctx.y_eval, torch.Generator().manual_seed(ctx.seed + 7200))
-        self.info["optimum"] = {"pool_size": n, "tilt": self.tilt(), "ess": draw.ess}
+        self.info["optimum"] = {"pool_size": n, "tilt": self.objective.tilt, "ess": draw.ess}
         extra = {"effective_sample_size": draw.ess, "score_evals": ctx.n_steps} | self.shared_seconds()
         if reused:
             extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + reused
