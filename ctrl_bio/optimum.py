@@ -42,7 +42,7 @@ def ctrl_pool(ctx: Any, source: str, pool_size: int) -> Tensor:
 
 
 #: Rows that are not learned from the reward: they get no ``fraction_of_optimum``.
-REFERENCE_ROWS = ("pretrained", "optimum", "real_data", "exact_guidance")
+REFERENCE_ROWS = ("pretrained", "optimum", "real_data", "shuffled", "exact_guidance")
 
 
 @dataclass
@@ -69,6 +69,33 @@ def draw_tilted(pool: WeightedPool, y: Tensor, generator: torch.Generator) -> Ti
                                 for c in combos]).float()
     ess = min(pool.effective_sample_size(c) for c in combos)
     return TiltedDraw(x=x, kl=kl_per_combo[inverse], ess=ess)
+
+
+@dataclass
+class RequestDraw:
+    """One importance-resampled pool index per request, from per-request log weights.
+
+    Attributes:
+        index: the drawn pool item of each request, (R,).
+        kl: KL of each request's tilted pool to the untilted one, sum_i w_i log(N w_i), (R,).
+        ess: Kish effective sample size of each request's weights, (R,).
+    """
+
+    index: Tensor
+    kl: Tensor
+    ess: Tensor
+
+
+def draw_per_request(log_weights: Tensor, generator: torch.Generator) -> RequestDraw:
+    """Importance resampling with a weight vector per request: ``log_weights`` (R, N) holds
+    (gamma/alpha) log p(y_r | x_i) for request r and pool item i. For continuous labels every request has its own
+    tilt (a Gaussian reward N(y_r; f(x), sigma^2) is a different function of x for each requested value)."""
+    w = torch.softmax(log_weights.double(), dim=1)
+    n = w.shape[1]
+    index = torch.multinomial(w, 1, generator=generator)[:, 0]
+    kl = (w * (n * w).clamp_min(1e-300).log()).sum(1)
+    ess = 1.0 / (w**2).sum(1)
+    return RequestDraw(index=index, kl=kl.float(), ess=ess.float())
 
 
 def add_fraction_of_optimum(rows: Sequence[Row], metric: str = "accuracy") -> None:

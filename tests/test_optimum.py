@@ -6,7 +6,7 @@ import torch
 
 from ctrl_bio.harness import Row
 from ctrl_bio.objective import WeightedPool
-from ctrl_bio.optimum import add_fraction_of_optimum, draw_tilted
+from ctrl_bio.optimum import add_fraction_of_optimum, draw_per_request, draw_tilted
 
 
 def test_tilted_draw_matches_the_weights_and_its_kl_is_that_of_the_reweighting():
@@ -23,6 +23,21 @@ def test_tilted_draw_matches_the_weights_and_its_kl_is_that_of_the_reweighting()
     assert math.isclose(draw.ess, float(1 / (w**2).sum()), rel_tol=1e-6)
     both = draw_tilted(pool, torch.tensor([[0], [1]]), torch.Generator().manual_seed(0))
     assert torch.allclose(both.kl[0], both.kl[1])  # the two labels are mirror images
+
+
+def test_per_request_draw_follows_each_requests_own_weights():
+    """Continuous labels tilt each request differently: request 0 weights the pool (1, 3) by exp, request 1 is
+    uniform (KL 0, ESS = N), request 2 puts all its weight on item 1 (ESS 1, KL log N)."""
+    log_w = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0], [-1e4, 0.0]])
+    draws = [draw_per_request(log_w, torch.Generator().manual_seed(s)) for s in range(4000)]
+    index = torch.stack([d.index for d in draws]).double()
+    assert abs(float(index[:, 0].mean()) - 0.75) < 0.03 and abs(float(index[:, 1].mean()) - 0.5) < 0.03
+    assert bool((index[:, 2] == 1).all())
+    d = draws[0]
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    assert math.isclose(float(d.kl[0]), float((w * (2 * w).log()).sum()), rel_tol=1e-5)
+    assert math.isclose(float(d.kl[1]), 0.0, abs_tol=1e-7) and math.isclose(float(d.kl[2]), math.log(2), rel_tol=1e-5)
+    assert torch.allclose(d.ess, torch.tensor([1 / 0.625, 2.0, 1.0]))
 
 
 def test_fraction_of_optimum_is_the_share_of_the_optimums_gain_for_learned_rows_only():

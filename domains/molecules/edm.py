@@ -21,6 +21,10 @@ requested value c is the score. For each property P:
   embedding in the time embedding plus the domain's LoRA adapters) on the frozen pre-trained network, and
   :func:`finetune_continuous` (``score_matching`` in the suite config) with the pre-trained model's unlabelled
   training molecules as the score-matching pool; sampled with the requested c;
+- ``optimum``: J's optimum with this pre-trained model and reward, no training: ``optimum.n`` pre-trained samples
+  (snapped to graphs) importance-resampled per request with weights N(c; f(x), s^2)^(gamma/alpha)
+  (:func:`ctrl_bio.optimum.draw_per_request`); its ``effective_sample_size`` is the smallest over the requests. Every
+  learned row gets ``fraction_of_optimum`` on ``fraction_closed``;
 - ``cfg``: the same zero-initialised pathway trained by plain denoising score matching on the labelled pairs
   (label dropout to NaN), sampled with classifier-free guidance s_pre + w (s_cond - s_pre); w is chosen on requests
   of its own (drawn from the pairs' values) by the reward regressor's J = gamma E log N(c; f(x), s^2) - alpha KL,
@@ -61,6 +65,7 @@ from ctrl_bio.continuous import (
 from ctrl_bio.guidance import classifier_free_guidance, fit_adam
 from ctrl_bio.harness import Row, SuiteResult
 from ctrl_bio.objective import Objective, denoising_score_matching_loss
+from ctrl_bio.optimum import add_fraction_of_optimum, draw_per_request
 from ctrl_bio.sampling import ScoreFn, sample_in_batches, time_grid
 from ctrl_bio.settings import autocast, check_precision, resolve_device, settings_for
 from ctrl_bio.utils import rand
@@ -73,7 +78,7 @@ from domains.molecules.pathway import GraphAugmentedScore
 
 log = logging.getLogger(__name__)
 
-METHODS = ("real_data", "shuffled", "pretrained", "ctrl", "cfg")
+METHODS = ("real_data", "shuffled", "pretrained", "optimum", "ctrl", "cfg")
 #: Rows drawn in each property's scatter plot.
 PLOTTED = ("pretrained", "ctrl", "cfg", "real_data")
 
@@ -132,6 +137,7 @@ class EDMContext:
         self.train_smiles = set(table.of_split("training").smiles)
         self._real_scored: tuple | None = None
         self._pretrained: tuple | None = None
+        self._optimum_pool: tuple | None = None
 
     def sample(self, score_fn_for: Callable[[Tensor], ScoreFn], y: Tensor, seed_offset: int = 2000
                ) -> tuple[Tensor, Tensor]:
@@ -148,6 +154,18 @@ class EDMContext:
         mols = decode(x)
         valid = torch.tensor([m is not None for m in mols], dtype=torch.bool)
         return valid, mols, predict_properties(x, self.oracle), generation_metrics(mols, self.train_smiles)
+
+    def optimum_pool(self, n: int) -> tuple:
+        """(graphs, decoded, seconds) of n pre-trained samples snapped to graphs, drawn once for every property's
+        optimum; seconds is the drawing time the first time and 0 after."""
+        if self._optimum_pool is None:
+            start = time.perf_counter()
+            y = torch.full((n, 1), float("nan"))
+            x = self.domain.project(self.sample(lambda _y: self.pretrained, y, seed_offset=7100)[0])
+            self._optimum_pool = (x, self.decoded(x), time.perf_counter() - start)
+        x, decoded, seconds = self._optimum_pool
+        self._optimum_pool = (x, decoded, 0.0)  # its time is charged to the first property's row only
+        return x, decoded, seconds
 
     def real_scored(self) -> tuple:
         if self._real_scored is None:
@@ -246,7 +264,7 @@ def plot_requested_vs_predicted(points: dict[str, tuple[Tensor, Tensor]], prop: 
 
 def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, Any], cfg: dict[str, Any],
                  regressor: dict[str, Any], methods: Sequence[str], run_dir: Path, progress: bool, info: dict,
-                 k: int) -> list[Row]:
+                 k: int, optimum: dict[str, Any] | None = None) -> list[Row]:
     """The rows of one property."""
     domain, seed = ctx.domain, ctx.seed
     c_eval = ctx.real_values[prop]
@@ -312,6 +330,20 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
         elif name == "pretrained":
             x, kl, (valid, mols, pred, gen), seconds = ctx.pretrained_scored()
             finish(name, pred[prop], valid, mols, gen, kl, seconds, {"score_evals": ctx.n_steps})
+        elif name == "optimum":
+            reward, _ = pairs_and_reward()
+            n = int((optimum or {}).get("n", 2048))
+            pool, (valid_p, mols_p, pred_p, _), pool_seconds = ctx.optimum_pool(n)
+            with torch.no_grad():
+                f = reward.predict(pool)[:, 0]
+            log_w = objective.tilt * -0.5 * ((c_eval[:, None] - f[None]) / float(reward.sigma[0])) ** 2
+            draw = draw_per_request(log_w, torch.Generator().manual_seed(seed + 7200 + k))
+            mols = [mols_p[i] for i in draw.index.tolist()]
+            pinfo["optimum"] = {"pool_size": n, "tilt": objective.tilt, "ess_median": float(draw.ess.median())}
+            finish(name, pred_p[prop][draw.index], valid_p[draw.index], mols,
+                   generation_metrics(mols, ctx.train_smiles), draw.kl,
+                   time.perf_counter() - start + pool_seconds + charge(),
+                   {"effective_sample_size": float(draw.ess.min()), "score_evals": ctx.n_steps})
         elif name == "ctrl":
             reward, prior = pairs_and_reward()
             settings = dict(method)
@@ -373,7 +405,8 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
 def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, properties: Sequence[str] = ("gap", "mu", "alpha"),
               n_pairs: int = 5000, n_eval: int = 256, n_select: int = 64, n_steps: int = 100, t_end: float = 1e-3,
               batch_size: int = 256, method: dict[str, Any] | None = None, cfg: dict[str, Any] | None = None,
-              regressor: dict[str, Any] | None = None, methods: Sequence[str] = METHODS, seed: int = 0,
+              regressor: dict[str, Any] | None = None, optimum: dict[str, Any] | None = None,
+              methods: Sequence[str] = METHODS, seed: int = 0,
               oracle: str | None = None, progress: bool = True, labels: Any = None,
               device: str = "cpu", precision: str = "32") -> SuiteResult:
     """Run the EDM conditional-generation protocol for each property (rows labelled by property).
@@ -389,6 +422,7 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, properties: Sequen
             (``training``) and ``pool_size``.
         cfg: ``steps``, ``batch_size``, ``lr``, ``label_dropout`` and ``scales`` of the ``cfg`` row.
         regressor: the reward regressor's network and :func:`fit_regressor` settings.
+        optimum: ``n``, the pre-trained samples the ``optimum`` row resamples (drawn once for every property).
         methods: the rows, in order (a subset of :data:`METHODS`).
         oracle: the evaluation oracle's checkpoint; None: the shipped one.
         labels: ignored (the properties are the labels); accepted so that a config passing it still runs.
@@ -414,6 +448,7 @@ def run_suite(domain: MoleculeDomain, *, run_dir: str | Path, properties: Sequen
     for k, prop in enumerate(properties):
         rows += run_property(ctx, prop, n_pairs=n_pairs, method=dict(method or {}), cfg=dict(cfg or {}),
                              regressor=dict(regressor or {}), methods=methods, run_dir=run_dir, progress=progress,
-                             info=info, k=k)
+                             info=info, k=k, optimum=optimum)
+    add_fraction_of_optimum(rows, metric="fraction_closed")
     info["seconds"] = time.perf_counter() - start
     return SuiteResult("molecules_edm", rows, info)
