@@ -67,7 +67,8 @@ def test_suite_end_to_end_on_the_slice(tmp_path):
         "suite.regressor.edge_hidden=8", "suite.regressor.n_layers=1", "method.pool_size=32",
         "method.sm_steps=2", "method.sm_batch_size=8", "method.eval_every=2",
         "method.eval_batch_size=4", "method.steps=1", "method.batch_size=2",
-        "method.grad_last_k=1", "suite.cfg.steps=2", "suite.cfg.scales=[1.0,2.0]", "suite.optimum.n=24", "progress=false",
+        "method.grad_last_k=1", "suite.cfg.steps=2", "suite.cfg.scales=[1.0,2.0]", "suite.optimum.n=24",
+        "progress=false",
         f"hydra.run.dir={run_dir}",
     ]
     root = Path(__file__).resolve().parents[1]
