@@ -38,7 +38,8 @@ from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
 from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
 
-__all__ = ["FinetuneResult", "NonFiniteLossError", "TrainingMonitor", "finetune", "measure_control_fit",
+__all__ = ["FinetuneResult", "NonFiniteLossError", "TrainingMonitor", "build_phases", "finetune",
+           "measure_control_fit",
            "sample_pretrained_pool", "save_pathway_checkpoint", "train"]
 
 
@@ -216,6 +217,30 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
     """
     if label_prior is None:  # a plain reward: one label of one class that every request asks for
         label_prior, reward = plain_prior(), reward if isinstance(reward, PlainReward) else PlainReward(reward)
+    phases = build_phases(estimator, warm_start=warm_start, steps=steps, batch_size=batch_size, lr=lr, memory=memory,
+                          grad_last_k=grad_last_k, sm_steps=sm_steps, sm_batch_size=sm_batch_size, sm_lr=sm_lr,
+                          pool_size=pool_size, pool_x0=pool_x0, sm_target=sm_target, sm_spacing=sm_spacing,
+                          am_time_samples=am_time_samples, max_adjoint=max_adjoint, value_steps=value_steps,
+                          value_batch_size=value_batch_size, value_lr=value_lr, value_net=value_net,
+                          value_spacing=value_spacing, progress=progress)
+    problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
+                      n_steps=n_steps, t_end=t_end, spacing=spacing)
+    return train(problem, phases, grad_clip=grad_clip, eval_every=eval_every, eval_batch_size=eval_batch_size,
+                 checkpoint_path=checkpoint_path, seed=seed, progress=progress, control_fit_times=control_fit_times,
+                 patience=patience, tolerance=tolerance)
+
+
+def build_phases(estimator: str = "score_matching", *, warm_start: bool = False, steps: int = 200,
+                 batch_size: int = 128, lr: float = 1e-3, memory: MemoryMode = "checkpoint", grad_last_k: int = 10,
+                 sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3, pool_size: int = 20000,
+                 pool_x0: Tensor | None = None, sm_target: ScoreTarget = "denoising", sm_spacing: Spacing = "uniform",
+                 am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
+                 value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
+                 value_spacing: Spacing = "uniform", progress: bool = True) -> list[Estimator]:
+    """The estimators that ``method.estimator`` names, in the order they run (the flat settings of the configs, as
+    :func:`finetune` documents them): the estimator itself, after ``sm_steps`` of score matching when
+    ``warm_start`` is set or the name is an alias (``hybrid``). :func:`finetune` and the Lightning
+    :class:`ctrl_bio.training.CTRLModule` both run what this returns."""
     known = (*ESTIMATORS, *ALIASES)
     if estimator not in known:
         raise ValueError(f"estimator must be one of {', '.join(known)}, got {estimator!r}")
@@ -223,20 +248,16 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
         estimator, warm_start = ALIASES[estimator], True
     score_matching = ScoreMatching(steps=sm_steps, batch_size=sm_batch_size, lr=sm_lr, pool_size=pool_size,
                                    pool_x0=pool_x0, target=sm_target, spacing=sm_spacing)
-    main = {"score_matching": score_matching,
-            "pathwise": Pathwise(steps=steps, batch_size=batch_size, lr=lr, memory=memory, grad_last_k=grad_last_k),
-            "adjoint_matching": AdjointMatching(steps=steps, batch_size=batch_size, lr=lr,
-                                                n_time_samples=am_time_samples, max_adjoint=max_adjoint),
-            "soft_value": SoftValue(steps=steps, batch_size=batch_size, lr=lr, value_steps=value_steps,
-                                    value_batch_size=value_batch_size, value_lr=value_lr, value_net=value_net,
-                                    spacing=value_spacing, pool_size=pool_size, pool_x0=pool_x0,
-                                    progress=progress)}[estimator]
-    phases = [score_matching, main] if warm_start and estimator != "score_matching" else [main]
-    problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
-                      n_steps=n_steps, t_end=t_end, spacing=spacing)
-    return train(problem, phases, grad_clip=grad_clip, eval_every=eval_every, eval_batch_size=eval_batch_size,
-                 checkpoint_path=checkpoint_path, seed=seed, progress=progress, control_fit_times=control_fit_times,
-                 patience=patience, tolerance=tolerance)
+    main = {"score_matching": lambda: score_matching,
+            "pathwise": lambda: Pathwise(steps=steps, batch_size=batch_size, lr=lr, memory=memory,
+                                         grad_last_k=grad_last_k),
+            "adjoint_matching": lambda: AdjointMatching(steps=steps, batch_size=batch_size, lr=lr,
+                                                        n_time_samples=am_time_samples, max_adjoint=max_adjoint),
+            "soft_value": lambda: SoftValue(steps=steps, batch_size=batch_size, lr=lr, value_steps=value_steps,
+                                            value_batch_size=value_batch_size, value_lr=value_lr,
+                                            value_net=value_net, spacing=value_spacing, pool_size=pool_size,
+                                            pool_x0=pool_x0, progress=progress)}[estimator]()
+    return [score_matching, main] if warm_start and estimator != "score_matching" else [main]
 
 
 def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | None = 1.0, eval_every: int = 100,

@@ -188,7 +188,9 @@ class WeightedPool:
         key = tuple(int(v) for v in y)
         if key not in self._probs:  # one softmax per label combination, reused by every draw
             logw = self.tilt * sum(lp[:, k] for lp, k in zip(self.class_log_probs, key))
-            self._probs[key] = torch.softmax(logw.double(), dim=0)
+            # Kept on the CPU whatever the pool's device: draws use the run's CPU generator (the same draws on any
+            # device), and torch.multinomial needs its weights where its generator is.
+            self._probs[key] = torch.softmax(logw.double().cpu(), dim=0)
         return self._probs[key]
 
     def effective_sample_size(self, y: Tensor) -> float:
@@ -198,11 +200,11 @@ class WeightedPool:
     def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One pool sample per row of y, drawn from the pool tilted by p(y | x0)^tilt, (B, ...)."""
         idx = torch.empty(y.shape[0], dtype=torch.long)
-        combos, inverse = torch.unique(y, dim=0, return_inverse=True)
+        combos, inverse = torch.unique(y.cpu(), dim=0, return_inverse=True)
         for j, combo in enumerate(combos):
             rows = (inverse == j).nonzero().squeeze(1)
             idx[rows] = torch.multinomial(self.weights(combo), rows.numel(), replacement=True, generator=generator)
-        return self.x0[idx]
+        return self.x0[idx.to(self.x0.device)]
 
     @torch.no_grad()
     def posterior_mean(self, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,8 +108,8 @@ def register() -> None:
         store.store(group=group, name=name, node=node)
 
 
-def settings_for(settings: Mapping[str, Any], consumer: Callable[..., Any], where: str,
-                 schema: type = CTRLSettings) -> dict[str, Any]:
+def settings_for(settings: Mapping[str, Any], consumer: Callable[..., Any] | Sequence[Callable[..., Any]],
+                 where: str, schema: type = CTRLSettings) -> dict[str, Any]:
     """The settings ``consumer`` takes as keyword arguments; every other one must be at its schema default.
 
     A setting the consumer does not take is dropped when it is at its default and refused, naming it, when it is
@@ -117,11 +117,12 @@ def settings_for(settings: Mapping[str, Any], consumer: Callable[..., Any], wher
 
     Args:
         settings: the composed ``method`` node as a plain dict.
-        consumer: the function or class the settings go to.
+        consumer: the function or class the settings go to, or several that share them out.
         where: what runs them, for the message (``ctrl-bio finetune``).
         schema: the dataclass the settings were composed against.
     """
-    taken = set(inspect.signature(consumer).parameters)
+    consumers = consumer if isinstance(consumer, (tuple, list)) else (consumer,)
+    taken = {name for c in consumers for name in inspect.signature(c).parameters}
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 for f in dataclasses.fields(schema)}
     unknown = sorted(k for k in settings if k not in taken and k not in defaults)

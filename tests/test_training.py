@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ctrl_bio.finetune import build_phases
 from ctrl_bio.model import AugmentedScore, VectorPathway
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import euler_maruyama, time_grid
@@ -82,14 +83,29 @@ def test_ctrl_module_trains_only_the_pathway_and_reaches_the_label(small_testbed
         return float((label.bayes_label(x) == y[:, 0]).float().mean())
 
     model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=32, depth=2), tb.sde)
+    phases = build_phases("score_matching", sm_steps=300, sm_batch_size=256, sm_lr=1e-2, pool_size=2000)
     module = CTRLModule(model, tb.sde, LogLikelihoodReward([label.log_prob]), LabelPrior([label.class_probs()]), (2,),
-                        sm_steps=300, sm_batch_size=256, sm_lr=1e-2, pool_size=2000, n_steps=30, eval_every=0, seed=1)
+                        phases=phases, n_steps=30, eval_every=0, seed=1)
     before = accuracy(model)
     fit(build_trainer(None, {"accelerator": "cpu", "devices": 1}, max_steps=module.total_steps, progress=False),
         module)
     assert before < 0.6 and accuracy(model) > 0.75
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [
         n for n, _ in model.named_parameters() if n.startswith("pathway.")]
+
+
+@pytest.mark.parametrize("estimator", ["adjoint_matching", "soft_value"])
+def test_finetune_command_runs_every_estimator(estimator, tmp_path):
+    """`ctrl-bio finetune` runs the suites' estimators (one interface, :func:`ctrl_bio.finetune.build_phases`):
+    a score-matching warm start, then the named estimator, each phase logged and the pathway trained."""
+    args = TINY + [f"method.estimator={estimator}", "method.warm_start=true", "method.sm_steps=2", "method.steps=3",
+                   "method.value_steps=4", "method.value_batch_size=32", f"hydra.run.dir={tmp_path}"]
+    proc = run_cli(["finetune", *args])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [float(row["phase"]) for row in rows if row["loss"]] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    weights = load_file(tmp_path / "pathway.safetensors")
+    assert any(not torch.equal(w, torch.zeros_like(w)) for k, w in weights.items() if k.endswith("out.weight"))
 
 
 def test_killed_finetune_resumes_to_the_same_parameters(tmp_path):

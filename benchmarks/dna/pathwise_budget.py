@@ -31,6 +31,7 @@ parser.add_argument("--eval-every", type=int, default=50)
 parser.add_argument("--batch-size", type=int, default=32)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--gamma", type=float, default=4.0)
+parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, as ctrl_bio.finetune.train")
 parser.add_argument("--memory", default="checkpoint", choices=["checkpoint", "full", "truncate"])
 parser.add_argument("--grad-last-k", type=int, default=10)
 parser.add_argument("--train-steps", type=int, default=50,
@@ -102,6 +103,7 @@ for update in range(1, args.updates + 1):
     loss = estimator.loss(problem, y, generator)
     optimizer.zero_grad()
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     train_seconds += time.perf_counter() - start
     if update % 10 == 0:

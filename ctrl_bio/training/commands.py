@@ -10,6 +10,7 @@ The settings checks and builders they share are in :mod:`ctrl_bio.training.comma
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import zlib
@@ -21,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctrl_bio.domain import Domain
+from ctrl_bio.finetune import build_phases
 from ctrl_bio.labels import LabelError, build_classifier, check_trusted, exact_log_prob, label_specs, load_label
 from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
 from ctrl_bio.settings import settings_for
@@ -197,9 +199,13 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     n_classes = [pairs.n_classes for _, pairs in labelled]
     model = domain.augment(domain.pretrained_model(), n_classes)
     # Suite-only settings (pool, control_scales, ...) must be at their defaults: refused by name, never ignored.
-    method = settings_for(OmegaConf.to_container(cfg.method, resolve=True), CTRLModule, "ctrl-bio finetune")
-    module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, n_steps=cfg.n_steps,
-                        t_end=cfg.t_end, spacing=time_spacing(cfg, domain), seed=cfg.seed, **method)
+    method = settings_for(OmegaConf.to_container(cfg.method, resolve=True), (build_phases, CTRLModule),
+                          "ctrl-bio finetune")
+    phase_keys = inspect.signature(build_phases).parameters
+    phases = build_phases(**{k: v for k, v in method.items() if k in phase_keys}, progress=False)
+    module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, phases=phases,
+                        n_steps=cfg.n_steps, t_end=cfg.t_end, spacing=time_spacing(cfg, domain), seed=cfg.seed,
+                        **{k: v for k, v in method.items() if k not in phase_keys})
     if cfg.trainer.get("max_steps") not in (None, module.total_steps):
         raise ValueError(f"finetune runs method.sm_steps + method.steps = {module.total_steps} steps (each phase has "
                          f"its own schedule): set those instead of trainer.max_steps={cfg.trainer.max_steps}")

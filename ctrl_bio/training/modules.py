@@ -4,12 +4,13 @@ Every step draws its randomness from a generator seeded by (seed, global_step, g
 (:func:`step_generator`), never from a stateful generator or a shuffled data loader. The state of a run
 is then its parameters, optimiser and scheduler, all of which a Lightning checkpoint holds, so a run
 resumed from step k reproduces the uninterrupted one bit for bit. Fixed sample pools are regenerated from
-the seed in :meth:`setup`. The losses are the core's (:mod:`ctrl_bio.objective`); nothing is re-derived here.
+the seed at their phase's first step. The losses are the core's (:mod:`ctrl_bio.objective`); nothing is re-derived here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import lightning as L
 import numpy as np
@@ -18,14 +19,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from ctrl_bio.finetune import NonFiniteLossError, sample_pretrained_pool
+from ctrl_bio.estimators import Estimator, Objective, Problem
+from ctrl_bio.finetune import NonFiniteLossError
 from ctrl_bio.model import NULL_LABEL, ConditionalScore
-from ctrl_bio.objective import (
-    MemoryMode,
-    WeightedPool,
-    denoising_score_matching_loss,
-    pathwise_loss,
-)
+from ctrl_bio.objective import denoising_score_matching_loss, pathwise_loss
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
@@ -178,50 +175,43 @@ class ClassifierModule(L.LightningModule):
 
 
 class CTRLModule(L.LightningModule):
-    """CTRL fine-tuning of the label pathway (Zhao et al. 2024), the Lightning twin of :func:`ctrl_bio.finetune`.
+    """CTRL fine-tuning of the label pathway (Zhao et al. 2024) under Lightning: the estimators of
+    :func:`ctrl_bio.finetune.finetune`, run by the same interface (:class:`ctrl_bio.estimators.Estimator`).
 
-    Phases as there: ``score_matching`` (reward-weighted score matching on a pool of pre-trained samples),
-    ``pathwise`` (backpropagation through the sampler) or ``hybrid`` (the first, then the second); each
-    phase has its own Adam and cosine schedule. Every ``eval_every`` steps a no-grad estimate of J, the
-    reward and the KL is logged.
+    ``phases`` (from :func:`ctrl_bio.finetune.build_phases`, which ``method.estimator`` selects) run one after the
+    other, each with its own Adam and cosine schedule; a phase's ``prepare`` (a pool, a value network) runs at its
+    first step with a generator of the seed alone, so every rank and every resumed run prepares the same thing.
+    Every ``eval_every`` steps a no-grad estimate of J, the reward and the KL is logged.
 
     Args:
         model: the augmented model; only its label pathway is trainable.
         sde, reward, label_prior, x_shape: as in :func:`ctrl_bio.finetune.finetune`.
-        seed: seeds every step's generator and the pool.
+        phases: the estimators, in order.
+        alpha, gamma: J's KL and reward weights.
+        seed: seeds every step's generator and each phase's preparation.
         Other keyword arguments: as in :func:`ctrl_bio.finetune.finetune`.
     """
 
     def __init__(self, model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward, label_prior: LabelPrior,
-                 x_shape: tuple[int, ...], *, estimator: str = "score_matching", alpha: float = 1.0,
-                 gamma: float = 1.0, steps: int = 200, batch_size: int = 128, lr: float = 1e-3, n_steps: int = 100,
-                 t_end: float = 1e-3, memory: MemoryMode = "checkpoint", grad_last_k: int = 10,
-                 grad_clip: float | None = 1.0, sm_steps: int = 2000, sm_batch_size: int = 512, sm_lr: float = 2e-3,
-                 pool_size: int = 20000, eval_every: int = 100, eval_batch_size: int = 512, seed: int = 0,
-                 spacing: Spacing = "uniform"):
+                 x_shape: tuple[int, ...], *, phases: Sequence[Estimator], alpha: float = 1.0, gamma: float = 1.0,
+                 n_steps: int = 100, t_end: float = 1e-3, grad_clip: float | None = 1.0, eval_every: int = 100,
+                 eval_batch_size: int = 512, seed: int = 0, spacing: Spacing = "uniform"):
         super().__init__()
-        if estimator not in ("pathwise", "score_matching", "hybrid"):
-            raise ValueError(f"estimator must be 'pathwise', 'score_matching' or 'hybrid', got {estimator!r}")
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         self.automatic_optimization = False
-        self.model, self.sde, self.reward, self.label_prior = model, sde, reward, label_prior
-        self.x_shape = tuple(x_shape)
-        self.alpha, self.gamma, self.n_steps, self.t_end, self.spacing = alpha, gamma, n_steps, t_end, spacing
-        self.memory, self.grad_last_k, self.grad_clip = memory, grad_last_k, grad_clip
-        self.batch_size, self.lr, self.sm_batch_size, self.sm_lr = batch_size, lr, sm_batch_size, sm_lr
-        self.pool_size, self.eval_every, self.eval_batch_size, self.seed = pool_size, eval_every, eval_batch_size, seed
-        self.phases = [] if estimator == "pathwise" else [("score_matching", int(sm_steps))]
-        if estimator != "score_matching":
-            self.phases.append(("pathwise", int(steps)))
-        self.phases = [(name, n) for name, n in self.phases if n > 0]
+        self.model, self.label_prior = model, label_prior
+        self.problem = Problem(model, sde, reward, label_prior, tuple(x_shape), Objective(alpha=alpha, gamma=gamma),
+                               n_steps=n_steps, t_end=t_end, spacing=spacing)
+        self.grad_clip, self.eval_every, self.eval_batch_size, self.seed = grad_clip, eval_every, eval_batch_size, seed
+        self.phases = [est for est in phases if est.steps > 0]
         if not self.phases:
             raise ValueError("nothing to train: every phase of the estimator has zero steps")
-        self.pool: WeightedPool | None = None
+        self._prepared: set[int] = set()
 
     @property
     def total_steps(self) -> int:
-        return sum(n for _, n in self.phases)
+        return sum(est.steps for est in self.phases)
 
     def trainable(self) -> list[nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -231,31 +221,21 @@ class CTRLModule(L.LightningModule):
 
     def phase_at(self, step: int) -> int:
         end = 0
-        for i, (_, n) in enumerate(self.phases):
-            end += n
+        for i, est in enumerate(self.phases):
+            end += est.steps
             if step < end:
                 return i
         return len(self.phases) - 1
 
     def _reward_to(self, device: torch.device) -> None:
         # The reward's classifiers are not submodules (they are not trained or checkpointed): moved by hand.
-        for f in self.reward.log_prob_fns:
+        for f in getattr(self.problem.reward, "log_prob_fns", ()):
             if isinstance(f, nn.Module):
                 f.to(device)
 
     def on_fit_start(self) -> None:
-        """Reward and pool on the module's device; the pool is built here, after Lightning has moved the model."""
         self._reward_to(self.device)
-        if self.pool is None and self.phases[0][0] == "score_matching":
-            # The same pool on every rank and after every resume: it depends on the seed only (the pathway is
-            # switched off by the null label, so the pool is the pre-trained model's whatever the parameters).
-            # It is kept on the CPU, where its draws use the step's CPU generator; each draw moves to the device.
-            with torch.no_grad():
-                x0 = sample_pretrained_pool(self.model, self.sde, self.x_shape, self.pool_size, n_steps=self.n_steps,
-                                            t_end=self.t_end, spacing=self.spacing,
-                                            generator=step_generator(self.seed, 0, 0, POOL_STREAM))
-                self.pool = WeightedPool(x0.cpu(), [f(x0).cpu() for f in self.reward.log_prob_fns],
-                                         tilt=self.gamma / self.alpha)
+        self._prepared = set()  # a resumed run prepares its current phase again, from the same seed
 
     def on_fit_end(self) -> None:
         self._reward_to(torch.device("cpu"))  # as Lightning does with the module itself
@@ -263,39 +243,33 @@ class CTRLModule(L.LightningModule):
     def configure_optimizers(self):
         params = self.trainable()
         opts, scheds = [], []
-        for name, n in self.phases:
-            opt = torch.optim.Adam(params, lr=self.sm_lr if name == "score_matching" else self.lr)
+        for est in self.phases:
+            opt = torch.optim.Adam(params, lr=est.lr)
             opts.append(opt)
-            scheds.append(cosine_schedule(opt, n))
+            scheds.append(cosine_schedule(opt, est.steps))
         return opts, scheds
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         check_finite_weights(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        stretch_schedules(checkpoint, [n for _, n in self.phases])
+        stretch_schedules(checkpoint, [est.steps for est in self.phases])
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
         step = self.global_step
         i = self.phase_at(step)
-        phase = self.phases[i][0]
+        est = self.phases[i]
+        if i not in self._prepared:
+            # After Lightning has moved the model: a pool is drawn where the model is. The seed alone fixes it.
+            est.prepare(self.problem, step_generator(self.seed, i, 0, POOL_STREAM))
+            self._prepared.add(i)
         opts, scheds = self.optimizers(), self.lr_schedulers()
         opt = opts[i] if isinstance(opts, list) else opts
         sched = scheds[i] if isinstance(scheds, list) else scheds
         g = step_generator(self.seed, step, self.global_rank)
-        if phase == "score_matching":
-            # weighted_score_matching_loss's denoising target, with the pool draw (CPU) moved to the device.
-            y = self.label_prior.sample(self.sm_batch_size, g)
-            x0 = self.pool.draw(y, g).to(self.device)
-            loss = denoising_score_matching_loss(self.model, self.sde, x0, y.to(self.device), t_end=self.t_end,
-                                                 generator=g)
-        else:
-            y = self.label_prior.sample(self.batch_size, g).to(self.device)
-            loss = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, n_steps=self.n_steps,
-                                 t_end=self.t_end, spacing=self.spacing, alpha=self.alpha, gamma=self.gamma,
-                                 memory=self.memory,
-                                 grad_last_k=self.grad_last_k, generator=g).loss
-        check_finite(self, loss, phase)
+        y = self.label_prior.sample(est.batch_size, g).to(self.device)  # drawn on the CPU: the same on any device
+        loss = est.loss(self.problem, y, g)
+        check_finite(self, loss, est.name)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         if self.grad_clip is not None:
@@ -312,9 +286,10 @@ class CTRLModule(L.LightningModule):
     @torch.no_grad()
     def estimate_objective(self, step: int) -> dict[str, float]:
         """No-grad estimates of the reward, the KL and J on the model's own paths (a fixed stream per step)."""
+        p = self.problem
         g = step_generator(self.seed, step, self.global_rank, EVAL_STREAM)
         y = self.label_prior.sample(self.eval_batch_size, g).to(self.device)
-        est = pathwise_loss(self.model, self.sde, self.reward, y, self.x_shape, n_steps=self.n_steps,
-                            t_end=self.t_end, spacing=self.spacing, alpha=self.alpha, gamma=self.gamma, memory="full",
+        est = pathwise_loss(self.model, p.sde, p.reward, y, p.x_shape, n_steps=p.n_steps, t_end=p.t_end,
+                            spacing=p.spacing, alpha=p.objective.alpha, gamma=p.objective.gamma, memory="full",
                             generator=g)
         return {"reward": float(est.reward), "kl": float(est.kl), "objective": float(est.objective)}
