@@ -49,7 +49,8 @@ class BaselineRows:
         scales = list(cfg.pop("scales", [1.0, 2.0, 4.0]))
         x_pairs, y_pairs = self.joint_pairs()
         model = self.new_model()
-        record = train_conditional_pathway(model, ctx.domain.sde, x_pairs, y_pairs, t_end=ctx.t_end,
+        record = train_conditional_pathway(model, ctx.domain.sde, x_pairs.to(ctx.device), y_pairs.to(ctx.device),
+                                           t_end=ctx.t_end,
                                            generator=torch.Generator().manual_seed(ctx.seed + 8000),
                                            progress=self.progress, **cfg)
         best, per_scale = self.select_scale(lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
@@ -83,8 +84,9 @@ class BaselineRows:
         nets = []
         for k, n in enumerate(ctx.n_classes):
             torch.manual_seed(ctx.seed + k)
-            net = ctx.noisy_classifier(n, **net_kwargs)
-            train_noisy_classifier(net, ctx.domain.sde, x_pairs, y_pairs[:, k], t_end=ctx.t_end,
+            net = ctx.noisy_classifier(n, **net_kwargs).to(ctx.device)
+            train_noisy_classifier(net, ctx.domain.sde, x_pairs.to(ctx.device), y_pairs[:, k].to(ctx.device),
+                                   t_end=ctx.t_end,
                                    generator=torch.Generator().manual_seed(ctx.seed + 8100 + k),
                                    progress=self.progress, **cg)
             nets.append(net)

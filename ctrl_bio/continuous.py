@@ -122,9 +122,9 @@ class CalibratedRegressor(nn.Module):
         self.register_buffer("sigma", torch.as_tensor(sigma, dtype=torch.float32).flatten())
 
     def forward(self, x: Tensor) -> Tensor:
-        """Predictions in label units, (B, K)."""
-        out = self.net(x)
-        return self.loc + self.scale * out.reshape(x.shape[0], -1)
+        """Predictions in label units, (B, K), on x's device; the network runs where its weights are."""
+        out = self.net(x.to(self.loc.device))
+        return (self.loc + self.scale * out.reshape(x.shape[0], -1)).to(x.device)
 
 
 @dataclass

@@ -72,8 +72,9 @@ class CalibratedClassifier(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Calibrated log-probabilities, (B, n_classes)."""
-        return F.log_softmax(self.net(x) / self.temperature, dim=1)
+        """Calibrated log-probabilities, (B, n_classes), on x's device; the network runs where its weights are (a
+        classifier on the GPU scores samples kept on the CPU, and gradients flow back across the move)."""
+        return F.log_softmax(self.net(x.to(self.temperature.device)) / self.temperature, dim=1).to(x.device)
 
 
 @dataclass

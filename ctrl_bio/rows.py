@@ -205,6 +205,9 @@ class RowRunner(BaselineRows):
         if self._reward is None:
             start = time.perf_counter()
             self._reward, _ = fit_reward_classifiers(self.ctx.specs, self.ctx.pairs, seed=self.ctx.seed, info=self.info)
+            for f in self._reward.log_prob_fns:  # fitted on the CPU; then beside the rows' models
+                if isinstance(f, nn.Module):
+                    f.to(self.ctx.device)
             self._reward_seconds = time.perf_counter() - start
         return self._reward
 
@@ -235,8 +238,9 @@ class RowRunner(BaselineRows):
         return sum(self._chunk_seconds[k] for k in chunks if k in self._chunks)
 
     def new_model(self):
+        """The augmented model with a fresh zero-initialised pathway (seeded), on the suite's device."""
         torch.manual_seed(self.ctx.seed)
-        return self.ctx.domain.augment(self.ctx.pretrained, self.ctx.n_classes)
+        return self.ctx.domain.augment(self.ctx.pretrained, self.ctx.n_classes).to(self.ctx.device)
 
     def select_scale(self, make: Callable[[float], Callable[[Tensor], ScoreFn]], scales: list[float]
                      ) -> tuple[float, dict]:

@@ -16,8 +16,7 @@ GPU = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu"
 def test_check_script_parses_and_runs_every_estimator_there_is() -> None:
     assert subprocess.run(["bash", "-n", str(GPU / "check.sh")]).returncode == 0
     listed = re.search(r'^ESTIMATORS="([^"]*)"', (GPU / "check.sh").read_text(), re.M).group(1).split()
-    assert set(listed) <= set(ESTIMATORS) | set(ALIASES)
-    assert {"score_matching", "pathwise", "hybrid"} <= set(listed)
+    assert set(listed) == set(ESTIMATORS) | set(ALIASES)  # ctrl-bio finetune runs every one
 
 
 def test_table_puts_per_step_seconds_after_startup_beside_the_cpus(tmp_path: Path, monkeypatch) -> None:

@@ -16,7 +16,7 @@
 # CTRL_BIO_CACHE).
 set -uo pipefail
 
-ESTIMATORS="score_matching pathwise hybrid"   # method.estimator values; a new estimator is one more word here
+ESTIMATORS="score_matching pathwise hybrid adjoint_matching soft_value"  # method.estimator values: every one
 SUITES="gmm gmm_pg dna molecules molecules_edm images"
 SPEED_BATCHES="8 64"
 
@@ -32,12 +32,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$([ "$DEVICE" = cpu ] && echo 1 || ech
 # Step counts: the GPU's are the check's; the CPU smoke run takes fewer steps of the same work (per-step times
 # compare, whole runs do not).
 if [ "$DEVICE" = cpu ]; then
-  PRE_STEPS=${PRE_STEPS:-3}; SM_STEPS=${SM_STEPS:-10}; PW_STEPS=${PW_STEPS:-3}
+  PRE_STEPS=${PRE_STEPS:-3}; SM_STEPS=${SM_STEPS:-10}; PW_STEPS=${PW_STEPS:-3}; VALUE_STEPS=${VALUE_STEPS:-5}
   DNA_SM_STEPS=${DNA_SM_STEPS:-3}; DNA_PW_STEPS=${DNA_PW_STEPS:-2}
   # The speed suite's network at a size a shared CPU measures in seconds (its timings are not the GPU's work).
   SPEED_ARGS=${SPEED_ARGS:-"suite.length=64 suite.hidden=32 suite.n_blocks=4 suite.emb_dim=32 suite.label_blocks=2 suite.n_steps=5 suite.repeats=1 +suite.track_tensors=false"}
 else
-  PRE_STEPS=${PRE_STEPS:-200}; SM_STEPS=${SM_STEPS:-300}; PW_STEPS=${PW_STEPS:-50}
+  PRE_STEPS=${PRE_STEPS:-200}; SM_STEPS=${SM_STEPS:-300}; PW_STEPS=${PW_STEPS:-50}; VALUE_STEPS=${VALUE_STEPS:-300}
   DNA_SM_STEPS=${DNA_SM_STEPS:-100}; DNA_PW_STEPS=${DNA_PW_STEPS:-20}
   SPEED_ARGS=${SPEED_ARGS:-""}
 fi
@@ -88,18 +88,19 @@ task pretrain_molecules "$PRE_STEPS" pretrain domain=molecules domain.data=slice
   "checkpoint_every=$PRE_STEPS"
 
 # 2. Fine-tuning with every estimator: gmm (exact reward) and dna (the gc label's exact reward, the shipped network).
-steps_of() {  # updates an estimator runs: score matching, the on-policy phase, or both (hybrid)
+steps_of() {  # updates an estimator runs: score matching, the on-policy phase, or both (hybrid); soft_value's
+              # value regression (VALUE_STEPS) comes before its updates and is in its seconds, not in its steps
   case $1 in score_matching) echo "$2" ;; hybrid) echo $(( $2 + $3 )) ;; *) echo "$3" ;; esac
 }
 for estimator in $ESTIMATORS; do
   task "finetune_gmm_$estimator" "$(steps_of "$estimator" "$SM_STEPS" "$PW_STEPS")" finetune domain=gmm \
     label=component reward=exact "method.estimator=$estimator" "method.sm_steps=$SM_STEPS" \
     "method.steps=$PW_STEPS" method.pool_size=4096 method.batch_size=64 n_steps=50 method.eval_every=0 \
-    data.n_pairs=400
+    data.n_pairs=400 "method.value_steps=$VALUE_STEPS"
   task "finetune_dna_$estimator" "$(steps_of "$estimator" "$DNA_SM_STEPS" "$DNA_PW_STEPS")" finetune domain=dna \
     domain.data=slice label=gc reward=exact data.n_pairs=40 "method.estimator=$estimator" \
     "method.sm_steps=$DNA_SM_STEPS" "method.steps=$DNA_PW_STEPS" method.pool_size=256 method.sm_batch_size=128 \
-    method.batch_size=16 n_steps=20 method.eval_every=0
+    method.batch_size=16 n_steps=20 method.eval_every=0 "method.value_steps=$VALUE_STEPS"
 done
 
 # 3. Every suite at a smoke budget: the same work on any device, so its seconds compare directly.

@@ -301,6 +301,7 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
             t0 = time.perf_counter()
             x_pairs, y_pairs = property_pairs(domain, prop, n_pairs, seed, k)
             reg, report = fit_property_regressor(x_pairs, y_pairs, regressor, seed + 11 * (k + 1))
+            reg.to(ctx.device)  # fitted on the CPU; scores on any device (CalibratedRegressor follows its input)
             lazy.update(x=x_pairs, y=y_pairs, reward=GaussianReward(reg), prior=ContinuousPrior(y_pairs))
             seconds = time.perf_counter() - t0
             pinfo["regressor"] = asdict(report) | {"seconds": seconds}
@@ -371,7 +372,8 @@ def run_property(ctx: EDMContext, prop: str, *, n_pairs: int, method: dict[str, 
             s = {"steps": 600, "batch_size": 128, "lr": 1e-2, "label_dropout": 0.1} | dict(cfg)
             scales = [float(w) for w in s.pop("scales", [1.0, 2.0, 4.0])]
             model = new_model(prior)
-            record = train_cfg_pathway(model, domain.sde, lazy["x"], lazy["y"][:, None], steps=int(s["steps"]),
+            record = train_cfg_pathway(model, domain.sde, lazy["x"].to(ctx.device), lazy["y"][:, None].to(ctx.device),
+                                       steps=int(s["steps"]),
                                        batch_size=int(s["batch_size"]), lr=float(s["lr"]),
                                        label_dropout=float(s["label_dropout"]), t_end=ctx.t_end,
                                        generator=torch.Generator().manual_seed(seed + 8000), progress=progress)
