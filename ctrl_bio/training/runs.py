@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ctrl_bio.hub_spec import sde_spec
 from ctrl_bio.labels import check_trusted
 from ctrl_bio.reward import (
     CalibratedClassifier,
@@ -317,12 +318,6 @@ def load_trainable(model: nn.Module, path: str | Path) -> nn.Module:
                          f"does not (or lacks ones it has): was it written for another label set or pathway?")
     model.load_state_dict(tensors, strict=False)
     return model
-
-
-def sde_spec(sde: SDE) -> dict[str, Any]:
-    """The SDE's class and constructor settings (its public attributes; private ones are derived tables)."""
-    public = {k: v for k, v in vars(sde).items() if not k.startswith("_")}
-    return {"class": f"{type(sde).__module__}.{type(sde).__qualname__}", **public}
 
 
 def export_network(net: nn.Module, path: str | Path) -> Path:
