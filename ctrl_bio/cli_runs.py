@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ctrl_bio.cli_errors import DEBUG_ENV, UsageError, one_line, report_error
 from ctrl_bio.cli_overrides import (
@@ -78,6 +78,7 @@ def run_benchmark(cfg: DictConfig) -> None:
     # device=auto becomes the device it stands for here, once: what the suite node's ${device} reads.
     cfg.precision = check_precision(cfg.get("precision") or 32)
     cfg.device = resolve_device(cfg.get("device") or "auto")
+    apply_budget(cfg)
     node = OmegaConf.to_container(cfg.suite, resolve=True)
     name = node.pop("name")
     run = instantiate(node)  # builds the domain first, so bad settings fail before any run directory exists
@@ -89,6 +90,28 @@ def run_benchmark(cfg: DictConfig) -> None:
         path = write_results(result, run_dir)
     print(markdown_table(result.rows))
     print(f"results: {path}")
+
+
+def apply_budget(cfg: DictConfig) -> None:
+    """``budget=<name>``: the suite's named set of settings (``suite.budgets.<name>``: dotted key -> value), applied
+    in place beneath what the command line sets itself (``budget=large method.sm_steps=100`` runs 100 updates).
+
+    ``default`` is the suite as configured. A suite declares only budgets whose effect it has measured
+    (benchmarks/estimators/README.md); an unknown name is one line listing the suite's budgets.
+    """
+    node = cfg.suite.get("budgets")
+    budgets = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+    with open_dict(cfg.suite):
+        cfg.suite.pop("budgets", None)  # the suite function takes the resolved settings, not the table
+    name = str(cfg.get("budget") or "default")
+    if name == "default":
+        return
+    if name not in budgets:
+        raise UsageError(f"budget={name}: suite {cfg.suite.name} has budgets {', '.join(['default', *budgets])}")
+    given = {str(o).split("=", 1)[0].lstrip("+~") for o in cfg.hydra.overrides.task}
+    for key, value in budgets[name].items():
+        if key not in given:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
 
 
 # -- training commands -------------------------------------------------------------------------------------------
