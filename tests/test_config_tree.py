@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ctrl_bio.cli import compose_config, main
+from ctrl_bio.cli_runs import apply_budget
 from ctrl_bio.finetune import finetune
 from ctrl_bio.settings import CTRLSettings, PolicyGradientSettings, settings_for
 
@@ -78,6 +79,7 @@ def _stub_suite(monkeypatch: pytest.MonkeyPatch, suite: str) -> Any:
 def test_method_gamma_reaches_what_the_suite_builds(suite: str, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     cfg = compose_config("benchmark", [f"suite={suite}", "method.gamma=2.5", "method.alpha=0.5", "suite.device=cpu"]
                          if suite == "speed" else [f"suite={suite}", "method.gamma=2.5", "method.alpha=0.5"])
+    apply_budget(cfg)  # as run_benchmark does: it also takes the budgets table off the suite node
     node = OmegaConf.to_container(cfg.suite, resolve=True)
     for key in ("name", "_target_", "_partial_", "domain", "testbed", "pretrained", "sweep"):
         node.pop(key, None)
