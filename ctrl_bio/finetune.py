@@ -212,7 +212,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
             ``pool_size``).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
-        seed: seeds every draw of the run (pool, labels, noise, evaluation).
+        seed: seeds every draw of the run (pool, labels, noise, evaluation). Not the pathway's random layers: they
+            are drawn when the model is built, so build it under ``torch.manual_seed(seed)`` (as the suites do) for
+            a run that is a function of its arguments alone.
         patience, tolerance: stop a phase once J has levelled off (:func:`train`); None: run every update.
     """
     if label_prior is None:  # a plain reward: one label of one class that every request asks for
