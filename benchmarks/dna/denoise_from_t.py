@@ -28,9 +28,10 @@ parser.add_argument("--times", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.
 parser.add_argument("--steps-per-unit", type=int, default=50, help="the suite's 50 steps over t in (t_end, 1]")
 parser.add_argument("--t-end", type=float, default=1e-3)
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--checkpoint", default=None, help="another pre-trained network (default: the shipped one)")
 args = parser.parse_args()
 torch.set_num_threads(1)
-domain = DNADomain()
+domain = DNADomain(checkpoint=args.checkpoint)
 test = domain.table.of_split("test")
 g = torch.Generator().manual_seed(args.seed)
 pick = torch.randperm(len(test.sequences), generator=g)[:args.n]
