@@ -6,7 +6,7 @@ Builds the suite's domain, pairs and calibrated reward classifier exactly as ``c
 sampler (``memory=checkpoint``: the exact gradient). At the zero-initialised pathway the KL's gradient is zero, so this
 is the reward's. It reports the unbiased squared norm of the mean gradient (signal) against the mean squared deviation
 of one batch's gradient from it (noise per update): SNR per update at this batch size, and the batch at which one
-update would carry as much signal as noise (batch / SNR).
+update would carry as much signal as noise (batch / SNR), with a jackknife standard error of the SNR over the repeats.
 
     python benchmarks/estimators/pathwise_snr.py --suite dna --batch-size 16 --repeats 8
     python benchmarks/estimators/pathwise_snr.py --suite molecules label=qed --batch-size 16 --repeats 8
@@ -56,12 +56,23 @@ for r in range(args.repeats):
     estimator.loss(problem, prior.sample(args.batch_size, g), g).backward()
     grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).clone())
 grads = torch.stack(grads).double()
-mean = grads.mean(0)
-noise = ((grads - mean) ** 2).sum(1).mean() * args.repeats / (args.repeats - 1)
-signal = (mean**2).sum() - noise / args.repeats  # unbiased ||E g||^2
-snr = float(signal / noise)
+
+
+def signal_and_noise(g: torch.Tensor) -> tuple[float, float]:
+    """(unbiased ||E g||^2, E||g - E g||^2) from R independent gradients g (R, P)."""
+    r, mean = g.shape[0], g.mean(0)
+    noise = float(((g - mean) ** 2).sum(1).mean()) * r / (r - 1)
+    return float((mean**2).sum()) - noise / r, noise
+
+
+signal, noise = signal_and_noise(grads)
+snr = signal / noise
+# Jackknife standard error of the SNR: with few repeats the signal is hard to tell from zero.
+leave_one_out = [signal_and_noise(torch.cat([grads[:i], grads[i + 1:]])) for i in range(args.repeats)]
+jack = torch.tensor([s / n for s, n in leave_one_out], dtype=torch.float64)
+snr_se = float(((args.repeats - 1) / args.repeats * ((jack - jack.mean()) ** 2).sum()).sqrt())
 print(json.dumps({"suite": args.suite, "overrides": args.overrides, "n_steps": problem.n_steps,
-                  "batch_size": args.batch_size, "repeats": args.repeats, "signal": float(signal),
-                  "noise_per_update": float(noise), "snr_per_update": round(snr, 4),
+                  "batch_size": args.batch_size, "repeats": args.repeats, "signal": signal,
+                  "noise_per_update": noise, "snr_per_update": round(snr, 4), "snr_standard_error": round(snr_se, 4),
                   "batch_for_snr_1": round(args.batch_size / snr) if snr > 0 else None,
                   "gradient_seconds": round(time.perf_counter() - start, 1)}))
