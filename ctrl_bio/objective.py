@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ctrl_bio.label_space import WeightedPool  # re-exported: the categorical pool lived here
 from ctrl_bio.model import AugmentedScore, ConditionalScore
-from ctrl_bio.reward import Reward
+from ctrl_bio.reward import Reward, check_differentiable
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, rand, randn, sum_except_batch
@@ -109,6 +109,9 @@ def pathwise_loss(model: ConditionalScore, sde: SDE, reward: Reward, y: Tensor, 
                          checkpoint=memory == "checkpoint",
                          grad_last_k=grad_last_k if memory == "truncate" else None, keep_trajectory=False)
     r = reward(out.x, y)
+    if torch.is_grad_enabled() and out.x.requires_grad:
+        # Without the reward's gradient the loss would still train, on the KL alone: the control would only shrink.
+        check_differentiable(r, "pathwise")
     kl = out.kl
     objective = Objective(alpha=alpha, gamma=gamma).value(r, kl)
     return ObjectiveEstimate(loss=-objective.mean(), reward=r.mean().detach(), kl=kl.mean().detach(),

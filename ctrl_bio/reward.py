@@ -201,3 +201,18 @@ class LabelPrior:
 
     def log_prob(self, y: Tensor) -> Tensor:
         return sum(torch.log(p[y[:, k]]) for k, p in enumerate(self.class_probs)).float()
+
+
+class NonDifferentiableRewardError(ValueError):
+    """An estimator that follows the reward's gradient was given a reward with none (e.g. an exact label computed on
+    the decoded sample)."""
+
+
+def check_differentiable(r: Tensor, estimator: str) -> None:
+    """Refuse a reward value that carries no gradient to x0 where ``estimator`` needs one."""
+    if not r.requires_grad:
+        raise NonDifferentiableRewardError(
+            f"estimator {estimator} follows the reward's gradient in x0, and this reward has none (an exact label "
+            "computed on the decoded sample?): use score_matching or soft_value, or a learned classifier "
+            "(reward=classifier)")
+

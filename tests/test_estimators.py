@@ -9,7 +9,7 @@ from torch import nn
 from ctrl_bio.estimators import ESTIMATORS, AdjointMatching, Objective, Problem, SoftValue, lean_adjoint
 from ctrl_bio.finetune import finetune, train
 from ctrl_bio.model import AugmentedScore, VectorPathway
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, NonDifferentiableRewardError
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.sde import VPSDE
 from domains.gmm.labels import exact_guidance
@@ -137,3 +137,16 @@ def test_the_adjoint_clip_acts_per_path_and_step():
     torch.testing.assert_close(clipped[1, 0], torch.tensor([0.6, 0.8, 0.0, 0.0]))
     torch.testing.assert_close(clipped[2, 1], a[2, 1])
     assert torch.equal(clipped[0], a[0]) and torch.equal(clipped[1, 1], a[1, 1])
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "adjoint_matching"])
+def test_gradient_estimators_refuse_a_reward_without_gradient(estimator):
+    """A reward computed on the decoded sample (here: argmax, like an exact label of a DNA sequence) has no gradient
+    in x0: the estimators that follow it say so instead of training on the KL alone."""
+    sde = VPSDE()
+    pretrained = lambda x, t: -x  # noqa: E731  a standard normal's score
+    decoded = lambda x: torch.nn.functional.one_hot(x.argmax(1), 2).float().clamp_min(1e-3).log()  # noqa: E731
+    model = AugmentedScore(pretrained, VectorPathway(2, (2,), hidden=8, depth=1), sde)
+    with pytest.raises(NonDifferentiableRewardError, match=f"estimator {estimator} follows the reward's gradient"):
+        finetune(model, sde, LogLikelihoodReward([decoded]), LabelPrior([torch.ones(2)]), (2,), estimator=estimator,
+                 steps=1, batch_size=4, n_steps=3, eval_every=10, eval_batch_size=4, progress=False)

@@ -87,7 +87,8 @@ task pretrain_dna "$PRE_STEPS" pretrain domain=dna domain.data=slice "steps=$PRE
 task pretrain_molecules "$PRE_STEPS" pretrain domain=molecules domain.data=slice "steps=$PRE_STEPS" evaluate=false \
   "checkpoint_every=$PRE_STEPS"
 
-# 2. Fine-tuning with every estimator: gmm (exact reward) and dna (the gc label's exact reward, the shipped network).
+# 2. Fine-tuning with every estimator: gmm (exact reward) and dna (the gc label's learned classifier, the shipped
+# network: the exact gc reward counts bases of the decoded sequence and has no gradient for pathwise or adjoint matching).
 steps_of() {  # updates an estimator runs: score matching, the on-policy phase, or both (hybrid); soft_value's
               # value regression (VALUE_STEPS) comes before its updates and is in its seconds, not in its steps
   case $1 in score_matching) echo "$2" ;; hybrid) echo $(( $2 + $3 )) ;; *) echo "$3" ;; esac
@@ -98,7 +99,8 @@ for estimator in $ESTIMATORS; do
     "method.steps=$PW_STEPS" method.pool_size=4096 method.batch_size=64 n_steps=50 method.eval_every=0 \
     data.n_pairs=400 "method.value_steps=$VALUE_STEPS"
   task "finetune_dna_$estimator" "$(steps_of "$estimator" "$DNA_SM_STEPS" "$DNA_PW_STEPS")" finetune domain=dna \
-    domain.data=slice label=gc reward=exact data.n_pairs=40 "method.estimator=$estimator" \
+    domain.data=slice label=gc reward=classifier label.gc.training.epochs=2 data.n_pairs=40 \
+    "method.estimator=$estimator" \
     "method.sm_steps=$DNA_SM_STEPS" "method.steps=$DNA_PW_STEPS" method.pool_size=256 method.sm_batch_size=128 \
     method.batch_size=16 n_steps=20 method.eval_every=0 "method.value_steps=$VALUE_STEPS"
 done

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ctrl_bio.estimators.base import Problem
 from ctrl_bio.model import ConditionalScore
-from ctrl_bio.reward import Reward
+from ctrl_bio.reward import Reward, check_differentiable
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.sde import SDE
 from ctrl_bio.utils import append_dims, sum_except_batch
@@ -50,7 +50,9 @@ def lean_adjoint(model: ConditionalScore, sde: SDE, reward: Reward, states: Tens
     """
     x0 = states[-1].detach().requires_grad_(True)
     with torch.enable_grad():
-        (grad_r,) = torch.autograd.grad(reward(x0, y).sum(), x0)
+        r = reward(x0, y).sum()
+        check_differentiable(r, "adjoint_matching")
+        (grad_r,) = torch.autograd.grad(r, x0)
     a = -tilt * grad_r
     adjoints = [a]
     for k in range(times.shape[0] - 2, -1, -1):  # from the data end back to t = 1

@@ -63,3 +63,4 @@ class Estimator(Protocol):
     def loss(self, problem: Problem, y: Tensor, generator: torch.Generator) -> Tensor:
         """A scalar whose gradient in the pathway's parameters estimates -grad J, for labels y of shape (B, K)."""
         ...
+
