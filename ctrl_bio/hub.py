@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctrl_bio.hub_card import CARD_TEMPLATE, SUMMARIES, ModelCardInfo
-from ctrl_bio.hub_spec import build_module, build_sde, class_path, class_path_of, jsonable, module_spec, sde_spec
+from ctrl_bio.hub_spec import build_module, build_sde, class_path, jsonable, module_spec, sde_spec
+from ctrl_bio.labels import check_trusted, resolve_callable
 from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import AugmentedScore
 from ctrl_bio.reward import CalibratedClassifier
@@ -90,9 +91,10 @@ def _lora_layout(net: nn.Module) -> tuple[float | None, list[str]]:
 
 
 def _lora_pathway_spec(model: LoRAAugmentedScore) -> dict[str, Any]:
-    if type(model) is not LoRAAugmentedScore or model.continuous or model.train_copy:
-        raise TypeError(f"cannot save this {type(model).__name__}: save_pretrained takes LoRAAugmentedScore itself "
-                        "with categorical labels and adapters (no continuous embedding, no trained copy)")
+    if model.continuous or model.train_copy:
+        raise TypeError(f"cannot save this {type(model).__name__}: save_pretrained takes a LoRAAugmentedScore (or a "
+                        "subclass with its constructor, e.g. the molecule pathway) with categorical labels and "
+                        "adapters (no continuous embedding, no trained copy)")
     alpha, targets = _lora_layout(model.net) if model.lora_rank > 0 else (None, [])
     return {"class": class_path(model),
             "config": {"n_classes": list(model.n_classes), "lora_rank": model.lora_rank, "lora_alpha": alpha,
@@ -216,9 +218,9 @@ def _save_peft_adapter(model: LoRAAugmentedScore, folder: Path, base_model: str 
 def _load_lora_model(folder: Path, config: Mapping[str, Any], base: nn.Module,
                      weights: Mapping[str, torch.Tensor], map_location: str) -> LoRAAugmentedScore:
     settings = config["pathway"]["config"]
-    model = LoRAAugmentedScore(base, settings["n_classes"], lora_rank=settings["lora_rank"],
-                               lora_alpha=settings["lora_alpha"], lora_targets=settings["lora_targets"],
-                               label_time_features=settings["label_time_features"])
+    cls = resolve_callable(config["pathway"]["class"])  # LoRAAugmentedScore or a subclass (trusted: checked before)
+    model = cls(base, settings["n_classes"], lora_rank=settings["lora_rank"], lora_alpha=settings["lora_alpha"],
+                lora_targets=settings["lora_targets"], label_time_features=settings["label_time_features"])
     model.embedding.load_state_dict(weights)
     if model.lora_rank > 0:
         from peft.utils import set_peft_model_state_dict
@@ -275,7 +277,9 @@ def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[s
     if getattr(base, "sde", None) is not None and sde_spec(base.sde) != sde_spec(sde):
         raise ValueError(f"{folder}: the base model's SDE {sde_spec(base.sde)['class']} differs from the one the "
                          "CTRL model was fine-tuned with")
-    if config["pathway"]["class"] == class_path_of(LoRAAugmentedScore):
+    check_trusted(config["pathway"]["class"], f"{folder / CONFIG_NAME}: pathway class")
+    pathway_class = resolve_callable(config["pathway"]["class"])
+    if isinstance(pathway_class, type) and issubclass(pathway_class, LoRAAugmentedScore):
         return _load_lora_model(folder, config, base, weights, map_location)
     pathway = build_module(config["pathway"])
     pathway.load_state_dict(weights)

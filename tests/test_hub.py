@@ -198,3 +198,24 @@ def test_lora_ctrl_model_round_trips_with_its_adapters_in_peft_format(tmp_path):
         assert u.abs().sum() > 0  # the adapters and the embedding act
         # The base folder holds the pre-trained network itself, without adapters.
         torch.testing.assert_close(from_pretrained(folder / "base")(x, t), net(x, t), rtol=0, atol=0)
+
+
+def test_the_molecule_pathway_round_trips_with_its_peft_adapters(tmp_path):
+    """A LoRAAugmentedScore subclass (the graph pathway: label embedding + LoRA on the node and edge MLPs) is saved
+    with its own class and loads to the same scores, bit for bit."""
+    from domains.molecules.domain import MoleculeDomain
+
+    domain = MoleculeDomain(data="slice")
+    torch.manual_seed(0)
+    model = domain.augment(domain.pretrained_model(), [3])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))  # as if trained: the LoRA B matrices leave zero
+    save_pretrained(model, tmp_path / "mol")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "mol").iterdir()}
+    loaded = from_pretrained(tmp_path / "mol")
+    assert type(loaded) is type(model)
+    x, t, y = torch.randn(4, *domain.x_shape), torch.full((4,), 0.3), torch.tensor([[0], [1], [2], [1]])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), loaded(x, t, y))
