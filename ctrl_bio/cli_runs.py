@@ -264,6 +264,8 @@ def run_command(command: str, overrides: list[str], show_cfg: bool = False) -> i
         cfg = compose_config(command, overrides)
         check_override_types(command, parsed, overrides)
         if show_cfg:
+            if command == "benchmark":
+                apply_budget(cfg)  # what the run would use: the budget's settings, not the table of budgets
             print(OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
             return 0
         COMMANDS[command](cfg)

@@ -34,3 +34,11 @@ def test_an_unknown_budget_is_one_line_naming_the_suites_budgets() -> None:
     cfg = compose_config("benchmark", ["suite=gmm", "budget=large"])
     with pytest.raises(UsageError, match=r"^budget=large: suite gmm has budgets default$"):
         apply_budget(cfg)
+
+
+def test_cfg_shows_the_settings_the_budget_applies(capsys: pytest.CaptureFixture) -> None:
+    from ctrl_bio.cli import main
+
+    assert main(["benchmark", "suite=molecules_edm", "budget=large", "--cfg"]) == 0
+    out = capsys.readouterr().out
+    assert "sm_steps: 16000" in out and "budgets:" not in out
