@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from ctrl_bio.estimators import Objective, Pathwise, Problem
-from ctrl_bio.labels import fit_reward_classifier, load_label
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.labels import build_classifier, fit_reward_classifier, load_label
+from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
 from ctrl_bio.rows import balanced_requests
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from domains.dna.domain import DNADomain
@@ -50,13 +51,14 @@ domain = DNADomain(pathway={**suite_cfg.get("pathway", {}), "kind": args.pathway
 spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
 spec["pairs"]["n"] = 7877
 pairs = load_label(spec, domain=domain, seed=7919)  # load_task: seed + 7919 (k + 1)
-classifier_path = cache / "celltype_reward.pt"
-if classifier_path.exists():
-    classifier = torch.load(classifier_path, weights_only=False)
+classifier_path = cache / "celltype_reward.safetensors"
+if classifier_path.exists():  # weights only: the network is rebuilt from the label's config
+    classifier = CalibratedClassifier(build_classifier(spec, pairs.x.shape[1:], pairs.n_classes))
+    classifier.load_state_dict(load_file(str(classifier_path)))
 else:  # the suite's seeds: fit_reward_classifiers seeds label k with seed + 17 (k + 1)
     classifier, report = fit_reward_classifier(pairs, spec, seed=17)
     print(report, flush=True)
-    torch.save(classifier, classifier_path)
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(classifier_path))
 classifier.eval()
 reward = LogLikelihoodReward([classifier])
 prior = LabelPrior.from_labels([pairs.y], [4])
