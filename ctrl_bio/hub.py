@@ -7,11 +7,12 @@ weights) and a generated ``README.md`` model card. Three kinds, told apart by ``
   with a ``config`` dict of its constructor arguments and its ``sde``, or such a network wrapped by
   :func:`ctrl_bio.interop.wrap_network`);
 - ``reward_classifier``: a calibrated classifier p(y | x) (:class:`ctrl_bio.reward.CalibratedClassifier`);
-- ``ctrl_model``: a fine-tuned CTRL model (:class:`ctrl_bio.model.AugmentedScore`, Zhao et al. 2024, Sec. 4.2, or
-  :class:`ctrl_bio.lora.LoRAAugmentedScore`, whose LoRA part is written in peft's adapter format): only
-  the label pathway is stored; the frozen base model is referenced by a path relative to the folder (by default
-  the sub-folder ``base/``, written alongside) or by a Hub id, never by an absolute path, so the folder moves
-  between machines and can be pushed to the Hub as it is.
+- ``ctrl_model``: a fine-tuned CTRL model (:class:`ctrl_bio.model.AugmentedScore`, Zhao et al. 2024, Sec. 4.2, or an
+  :class:`AdapterModel`, whose label pathway lives inside the frozen network as a label embedding and peft LoRA
+  adapters, written in peft's adapter format: :class:`ctrl_bio.lora.LoRAAugmentedScore` and its subclasses, the
+  image domain's UNet pathway): only the label pathway is stored; the frozen base model is referenced by a path
+  relative to the folder (by default the sub-folder ``base/``, written alongside) or by a Hub id, never by an
+  absolute path, so the folder moves between machines and can be pushed to the Hub as it is.
 
 The folder is written and read through huggingface_hub's ``ModelHubMixin`` (config, model card, Hub downloads) and
 uploaded whole, ``base/`` included, by ``save_pretrained(..., push_to_hub=True)``.
@@ -27,7 +28,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, snapshot_download
@@ -37,12 +38,11 @@ from torch import nn
 from ctrl_bio.hub_card import CARD_TEMPLATE, SUMMARIES, ModelCardInfo
 from ctrl_bio.hub_spec import build_module, build_sde, class_path, jsonable, module_spec, sde_spec
 from ctrl_bio.labels import check_trusted, resolve_callable
-from ctrl_bio.lora import LoRAAugmentedScore
 from ctrl_bio.model import AugmentedScore
 from ctrl_bio.reward import CalibratedClassifier
 
-__all__ = ["HubFolder", "ModelCardInfo", "build_module", "build_sde", "from_pretrained", "load_folder", "module_spec",
-           "read_config", "save_pretrained", "sde_spec"]
+__all__ = ["AdapterModel", "HubFolder", "ModelCardInfo", "build_module", "build_sde", "from_pretrained", "load_folder",
+           "module_spec", "read_config", "save_pretrained", "sde_spec"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -64,15 +64,32 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The folder, through huggingface_hub's ModelHubMixin
 
 
+@runtime_checkable
+class AdapterModel(Protocol):
+    """A CTRL model whose label pathway lives inside its frozen network: a label embedding (attribute ``embedding``,
+    saved as model.safetensors) and ``lora_rank`` (attribute) peft LoRA adapters named ``ctrl`` (saved in peft's
+    format). The class is rebuilt as ``cls(base, **pathway_config(), lora_rank=, lora_alpha=, lora_targets=)`` around
+    the saved base network. Methods only, so that ``issubclass`` can check a class named in a config.json."""
+
+    def adapted_network(self) -> nn.Module:
+        """The network the constructor took, as this model holds it (adapters injected); it has the ``sde``."""
+
+    def adapter_host(self) -> nn.Module:
+        """The module the adapters were injected into (module names in the peft files are relative to it)."""
+
+    def pathway_config(self) -> dict[str, Any]:
+        """The constructor's keyword arguments besides the network and the LoRA settings (JSON-able)."""
+
+
 def _kind(model: nn.Module) -> str:
-    if isinstance(model, (AugmentedScore, LoRAAugmentedScore)):
+    if isinstance(model, (AugmentedScore, AdapterModel)):
         return "ctrl_model"
     if isinstance(model, CalibratedClassifier):
         return "reward_classifier"
     if hasattr(model, "sde"):
         return "score_network"
     raise TypeError(f"cannot save a {type(model).__name__}: save_pretrained takes a score network (with an `sde`), "
-                    "a CalibratedClassifier, an AugmentedScore or a LoRAAugmentedScore")
+                    "a CalibratedClassifier, an AugmentedScore or a CTRL model with adapters (AdapterModel)")
 
 
 def _is_hub_id(ref: str) -> bool:
@@ -90,27 +107,23 @@ def _lora_layout(net: nn.Module) -> tuple[float | None, list[str]]:
     return alpha, names
 
 
-def _lora_pathway_spec(model: LoRAAugmentedScore) -> dict[str, Any]:
-    if model.continuous or model.train_copy:
-        raise TypeError(f"cannot save this {type(model).__name__}: save_pretrained takes a LoRAAugmentedScore (or a "
-                        "subclass with its constructor, e.g. the molecule pathway) with categorical labels and "
-                        "adapters (no continuous embedding, no trained copy)")
-    alpha, targets = _lora_layout(model.net) if model.lora_rank > 0 else (None, [])
+def _adapter_pathway_spec(model: AdapterModel) -> dict[str, Any]:
+    alpha, targets = _lora_layout(model.adapter_host()) if model.lora_rank > 0 else (None, [])
     return {"class": class_path(model),
-            "config": {"n_classes": list(model.n_classes), "lora_rank": model.lora_rank, "lora_alpha": alpha,
-                       "lora_targets": targets, "label_time_features": model.embedding.n_time_features}}
+            "config": {**jsonable(model.pathway_config()), "lora_rank": model.lora_rank, "lora_alpha": alpha,
+                       "lora_targets": targets}}
 
 
 def _base_network(model: nn.Module) -> nn.Module:
-    """The frozen pre-trained network of a CTRL model; for LoRA, rebuilt without its adapters."""
+    """The frozen pre-trained network of a CTRL model; with adapters, rebuilt without them."""
     if isinstance(model, AugmentedScore):
         return model.pretrained
+    net = model.adapted_network()
     if model.lora_rank == 0:
-        return model.net
-    spec = module_spec(model.net)
-    base = build_module(spec, getattr(model.net, "sde", None))
+        return net
+    base = build_module(module_spec(net), getattr(net, "sde", None))
     # peft keeps an adapted layer's own weights under base_layer; the adapters themselves are not the base's.
-    state = {k.replace(".base_layer.", "."): v for k, v in model.net.state_dict().items() if "lora_" not in k}
+    state = {k.replace(".base_layer.", "."): v for k, v in net.state_dict().items() if "lora_" not in k}
     base.load_state_dict(state)
     return base.requires_grad_(False).eval()
 
@@ -146,9 +159,9 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
             out |= {"network": module_spec(m, self.network), "sde": sde_spec(m.sde)}
         elif self.kind == "reward_classifier":
             out |= {"network": module_spec(m.net, self.network), "temperature": float(m.temperature)}
-        elif isinstance(m, LoRAAugmentedScore):
-            out |= {"base_model": self.base_model, "pathway": _lora_pathway_spec(m), "sde": sde_spec(m.net.sde),
-                    "n_classes": list(m.n_classes)}
+        elif isinstance(m, AdapterModel):
+            out |= {"base_model": self.base_model, "pathway": _adapter_pathway_spec(m),
+                    "sde": sde_spec(m.adapted_network().sde), "n_classes": list(m.n_classes)}
         else:
             out |= {"base_model": self.base_model, "pathway": module_spec(m.pathway, self.network),
                     "sde": sde_spec(m.sde), "n_classes": list(m.n_classes)}
@@ -160,8 +173,8 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
 
     def weights(self) -> dict[str, torch.Tensor]:
         """model.safetensors: everything for a network or classifier, the label pathway only for a CTRL model (for
-        LoRA, its label embedding: the adapters go to peft's files)."""
-        if isinstance(self.model, LoRAAugmentedScore):
+        adapters, its label embedding: the adapters go to peft's files)."""
+        if isinstance(self.model, AdapterModel):
             module = self.model.embedding
         else:
             module = self.model.pathway if self.kind == "ctrl_model" else self.model
@@ -169,7 +182,7 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_file(self.weights(), str(save_directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        if isinstance(self.model, LoRAAugmentedScore) and self.model.lora_rank > 0:
+        if isinstance(self.model, AdapterModel) and self.model.lora_rank > 0:
             _save_peft_adapter(self.model, save_directory, self.base_model)
         # Written here, so the mixin keeps it (it writes its own config.json only when none exists).
         (save_directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=2) + "\n")
@@ -201,26 +214,25 @@ class HubFolder(ModelHubMixin, library_name="ctrl-bio", tags=["ctrl-bio", "diffu
         return cls(load_folder(folder, map_location=map_location))
 
 
-def _save_peft_adapter(model: LoRAAugmentedScore, folder: Path, base_model: str | None) -> None:
+def _save_peft_adapter(model: AdapterModel, folder: Path, base_model: str | None) -> None:
     """CTRL's LoRA adapters as a peft adapter folder: adapter_config.json + adapter_model.safetensors."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    alpha, targets = _lora_layout(model.net)
+    host = model.adapter_host()
+    alpha, targets = _lora_layout(host)
     lora = LoraConfig(r=model.lora_rank, lora_alpha=alpha, target_modules=targets, base_model_name_or_path=base_model)
     lora.save_pretrained(str(folder))
     header = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}
-    state = get_peft_model_state_dict(model.net, adapter_name=ADAPTER_NAME)
+    state = get_peft_model_state_dict(host, adapter_name=ADAPTER_NAME)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / PEFT_WEIGHTS_NAME),
               metadata={"format": "pt", "lora_adapter_metadata": json.dumps(header, sort_keys=True)})
 
 
-def _load_lora_model(folder: Path, config: Mapping[str, Any], base: nn.Module,
-                     weights: Mapping[str, torch.Tensor], map_location: str) -> LoRAAugmentedScore:
-    settings = config["pathway"]["config"]
-    cls = resolve_callable(config["pathway"]["class"])  # LoRAAugmentedScore or a subclass (trusted: checked before)
-    model = cls(base, settings["n_classes"], lora_rank=settings["lora_rank"], lora_alpha=settings["lora_alpha"],
-                lora_targets=settings["lora_targets"], label_time_features=settings["label_time_features"])
+def _load_adapter_model(folder: Path, config: Mapping[str, Any], base: nn.Module,
+                        weights: Mapping[str, torch.Tensor], map_location: str) -> AdapterModel:
+    cls = resolve_callable(config["pathway"]["class"])  # an AdapterModel class (trusted: checked before)
+    model = cls(base, **config["pathway"]["config"])
     model.embedding.load_state_dict(weights)
     if model.lora_rank > 0:
         from peft.utils import set_peft_model_state_dict
@@ -228,7 +240,7 @@ def _load_lora_model(folder: Path, config: Mapping[str, Any], base: nn.Module,
         path = folder / PEFT_WEIGHTS_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no {PEFT_WEIGHTS_NAME} for the model's LoRA adapters")
-        result = set_peft_model_state_dict(model.net, load_file(str(path), device=map_location),
+        result = set_peft_model_state_dict(model.adapter_host(), load_file(str(path), device=map_location),
                                            adapter_name=ADAPTER_NAME)
         mismatched = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
         if mismatched:
@@ -261,7 +273,7 @@ def load_folder(folder: Path, *, map_location: str = "cpu") -> nn.Module:
 
 
 def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
-                     map_location: str) -> AugmentedScore | LoRAAugmentedScore:
+                     map_location: str) -> AugmentedScore | AdapterModel:
     ref = config.get("base_model")
     if not ref:
         raise ValueError(f"{folder / CONFIG_NAME}: a ctrl_model needs base_model (a relative path or a Hub id)")
@@ -279,8 +291,9 @@ def _load_ctrl_model(folder: Path, config: Mapping[str, Any], weights: Mapping[s
                          "CTRL model was fine-tuned with")
     check_trusted(config["pathway"]["class"], f"{folder / CONFIG_NAME}: pathway class")
     pathway_class = resolve_callable(config["pathway"]["class"])
-    if isinstance(pathway_class, type) and issubclass(pathway_class, LoRAAugmentedScore):
-        return _load_lora_model(folder, config, base, weights, map_location)
+    # A protocol with methods: issubclass checks that the class has them (an AugmentedScore pathway has not).
+    if isinstance(pathway_class, type) and issubclass(pathway_class, AdapterModel):
+        return _load_adapter_model(folder, config, base, weights, map_location)
     pathway = build_module(config["pathway"])
     pathway.load_state_dict(weights)
     return AugmentedScore(base, pathway, getattr(base, "sde", sde))
@@ -298,7 +311,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
 
     Args:
         model: a pre-trained score network, a reward classifier (``CalibratedClassifier``) or a fine-tuned CTRL model
-            (``AugmentedScore``).
+            (``AugmentedScore``, or an :class:`AdapterModel` such as ``LoRAAugmentedScore``).
         save_directory: the folder (created).
         base_model: for a CTRL model, where its frozen base model lives: a folder written by this function (recorded
             relative to ``save_directory``) or a Hub id. Default: the base is written into ``save_directory/base``.
@@ -318,7 +331,7 @@ def save_pretrained(model: nn.Module, save_directory: str | Path, *, base_model:
     save_directory = Path(save_directory)
     card = card or ModelCardInfo(**card_fields)
     ref = None
-    if isinstance(model, (AugmentedScore, LoRAAugmentedScore)):
+    if isinstance(model, (AugmentedScore, AdapterModel)):
         ref = _base_reference(model, save_directory, base_model)
     load_name = repo_id or f"path/to/{save_directory.name}"
     HubFolder(model, card, ref, network, extra).save_pretrained(save_directory,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +114,22 @@ class LoRAAugmentedScore(nn.Module):
         self.labels = ContinuousLabels(self.embedding.n_labels) if own else label_space_of(self.embedding)
         if self.lora_rank > 0:
             inject_lora(self.net, self.lora_rank, float(lora_alpha or self.lora_rank), lora_targets)
+
+    # The :class:`ctrl_bio.hub.AdapterModel` methods, by which save_pretrained / from_pretrained write and rebuild it.
+
+    def adapted_network(self) -> nn.Module:
+        """The network with its adapters in (``net``)."""
+        if self.continuous or self.train_copy:
+            raise TypeError(f"cannot save this {type(self).__name__}: save_pretrained takes one with categorical "
+                            "labels and adapters (no continuous embedding, no trained copy)")
+        return self.net
+
+    def adapter_host(self) -> nn.Module:
+        return self.adapted_network()
+
+    def pathway_config(self) -> dict[str, Any]:
+        """The label settings a subclass's constructor takes too (the molecule pathway's does)."""
+        return {"n_classes": list(self.n_classes), "label_time_features": self.embedding.n_time_features}
 
     def _pretrained(self, x: Tensor, t: Tensor) -> Tensor:
         if self.frozen is not None:

@@ -92,6 +92,18 @@ class UNetAugmentedScore(nn.Module):
             # the adapters disabled they are the identity, which is how the pre-trained score is computed.
             inject_lora(unet, self.lora_rank, self.lora_alpha, self.lora_targets)
 
+    # The :class:`ctrl_bio.hub.AdapterModel` methods, by which save_pretrained / from_pretrained write and rebuild it.
+
+    def adapted_network(self) -> nn.Module:
+        """The score network with the adapters in its UNet (``score``)."""
+        return self.score
+
+    def adapter_host(self) -> nn.Module:
+        return self.score.unet
+
+    def pathway_config(self) -> dict[str, Any]:
+        return {"n_classes": list(self.n_classes)}
+
     @contextmanager
     def labels_installed(self) -> Iterator[None]:
         """The label embedding as the UNet's ``class_embedding`` (diffusers adds it to the time embedding)."""
