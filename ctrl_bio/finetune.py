@@ -32,6 +32,7 @@ from ctrl_bio.estimators import (
 )
 from ctrl_bio.model import ConditionalScore
 from ctrl_bio.objective import MemoryMode, ScoreTarget, WeightedPool, control_fit, pathwise_loss
+from ctrl_bio.pathway_seed import reseed_untrained_pathway
 from ctrl_bio.plain_reward import PlainReward, plain_prior
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward, Reward
@@ -212,9 +213,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
             ``pool_size``).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
-        seed: seeds every draw of the run (pool, labels, noise, evaluation). Not the pathway's random layers: they
-            are drawn when the model is built, so build it under ``torch.manual_seed(seed)`` (as the suites do) for
-            a run that is a function of its arguments alone.
+        seed: seeds every draw of the run (pool, labels, noise, evaluation) and the random weights of an untrained
+            pathway (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`: drawn again as if the model had been
+            built under ``torch.manual_seed(seed)``), so a run is a function of its arguments alone.
         patience, tolerance: stop a phase once J has levelled off (:func:`train`); None: run every update.
     """
     if label_prior is None:  # a plain reward: one label of one class that every request asks for
@@ -272,11 +273,15 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
     Stopping: ``steps`` is each phase's budget cap. With ``patience`` set, a phase also stops once its estimate of J
     has not risen above its best by more than ``tolerance`` nats for ``patience`` evaluations in a row (J levelling
     off). ``FinetuneResult.stopped_by`` says, per phase, which criterion ended it and at which update.
+
+    ``seed`` seeds every draw, and an untrained pathway's random weights too
+    (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`).
     """
     start = time.perf_counter()
+    p = problem
+    reseed_untrained_pathway(p.model, seed, p.x_shape, p.label_prior)
     generator = torch.Generator().manual_seed(seed)
     result = FinetuneResult()
-    p = problem
     monitor = TrainingMonitor(p.model, p.sde, p.reward, p.label_prior, p.x_shape, history=result.history,
                               alpha=p.objective.alpha, gamma=p.objective.gamma, n_steps=p.n_steps, t_end=p.t_end,
                               spacing=p.spacing, eval_batch_size=eval_batch_size, seed=seed + 1,

@@ -86,6 +86,7 @@ from torch import Tensor, nn
 from ctrl_bio.finetune import save_pathway_checkpoint
 from ctrl_bio.model import ConditionalScore
 from ctrl_bio.objective import Objective, denoising_score_matching_loss
+from ctrl_bio.pathway_seed import reseed_untrained_pathway
 from ctrl_bio.policy_losses import (
     Baseline,
     ReferenceEstimator,
@@ -206,6 +207,8 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             (:func:`soft_optimal_weights`), so that each reward query informs the low-variance regression too, not
             only the policy gradient. Near the optimum these weights are nearly uniform (dP*/dP_theta -> 1).
         checkpoint_path: trainable parameters (and the value network) are saved there after every batch.
+        seed: seeds every draw of the run, and an untrained pathway's random weights
+            (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`).
     """
     if variant not in ("ctrl_pg", "ddpo"):
         raise ValueError(f"variant must be 'ctrl_pg' or 'ddpo', got {variant!r}")
@@ -227,6 +230,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
     pool_size = (4096 if variant == "ctrl_pg" else 0) if reference_pool is None else int(reference_pool)
     reference_updates = (1000 if variant == "ctrl_pg" else 0) if reference_updates is None else int(reference_updates)
     start = time.perf_counter()
+    reseed_untrained_pathway(model, seed, x_shape, label_prior)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

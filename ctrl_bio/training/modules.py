@@ -23,6 +23,7 @@ from ctrl_bio.estimators import Estimator, Objective, Problem
 from ctrl_bio.finetune import NonFiniteLossError
 from ctrl_bio.model import NULL_LABEL, ConditionalScore
 from ctrl_bio.objective import denoising_score_matching_loss, pathwise_loss
+from ctrl_bio.pathway_seed import reseed_untrained_pathway
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.sampling import Spacing
 from ctrl_bio.sde import SDE
@@ -188,7 +189,8 @@ class CTRLModule(L.LightningModule):
         sde, reward, label_prior, x_shape: as in :func:`ctrl_bio.finetune.finetune`.
         phases: the estimators, in order.
         alpha, gamma: J's KL and reward weights.
-        seed: seeds every step's generator and each phase's preparation.
+        seed: seeds every step's generator, each phase's preparation and an untrained pathway's random weights
+            (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`; a resumed run then loads its own).
         Other keyword arguments: as in :func:`ctrl_bio.finetune.finetune`.
     """
 
@@ -200,6 +202,7 @@ class CTRLModule(L.LightningModule):
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         self.automatic_optimization = False
+        reseed_untrained_pathway(model, seed, tuple(x_shape), label_prior)
         self.model, self.label_prior = model, label_prior
         self.problem = Problem(model, sde, reward, label_prior, tuple(x_shape), Objective(alpha=alpha, gamma=gamma),
                                n_steps=n_steps, t_end=t_end, spacing=spacing)
