@@ -11,6 +11,7 @@ Guidance scales are chosen by the reward classifier's J on requests of their own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,14 +112,21 @@ class BaselineRows:
         # A forward and a backward pass through the score network per step: about three evaluations.
         return x, kl, {"score_evals": 3 * ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
 
-    def exact_reward(self) -> CallableReward:
-        """gamma * sum_k log p_k(y_k | x0) of the labels' exact functions, as values only (a counted black box)."""
-        ctx, gamma = self.ctx, self.objective.gamma
+    def exact_log_probs(self, purpose: str = "ctrl_pg and ddpo query the label's exact function as their reward"
+                        ) -> list[Callable[[Tensor], Tensor]]:
+        """Each label's exact log p_k(y | x0) (``x0 -> (B, n_classes_k)``); ``purpose`` opens the error on a label
+        that has none."""
+        ctx = self.ctx
         exact = [exact_log_prob(spec, ctx.domain) for spec in ctx.specs]
         missing = [spec["name"] for spec, f in zip(ctx.specs, exact) if f is None]
         if missing:
-            raise ValueError(f"ctrl_pg and ddpo query the label's exact function as their reward; label(s) {missing} "
-                             "have none (a reward from the evaluation oracle would grade its own homework)")
+            raise ValueError(f"{purpose}; label(s) {missing} have none (a reward from the evaluation oracle would "
+                             "grade its own homework)")
+        return exact
+
+    def exact_reward(self) -> CallableReward:
+        """gamma * sum_k log p_k(y_k | x0) of the labels' exact functions, as values only (a counted black box)."""
+        gamma, exact = self.objective.gamma, self.exact_log_probs()
 
         def values(x0: Tensor, y: Tensor) -> Tensor:
             return gamma * sum(f(x0).gather(1, y[:, k:k + 1]).squeeze(1) for k, f in enumerate(exact))

@@ -50,6 +50,24 @@ METHODS = ("pretrained", "optimum", "ctrl", "ctrl_alpha0", "cfg", "classifier_gu
 #: Rows a suite runs only when asked (``suite.methods``): policy gradients on the exact label as a black-box reward.
 POLICY_GRADIENT_METHODS = ("ctrl_pg", "ddpo")
 KNOWN_METHODS = METHODS + POLICY_GRADIENT_METHODS
+#: What each baseline row reads from ``suite.baselines.<row>``. ``cfg`` passes the rest of its keys to
+#: :func:`ctrl_bio.guidance.train_conditional_pathway`; ``classifier_guidance`` passes its network's keys to the
+#: domain's ``noisy_classifier`` (open: a domain's own), which refuses what it does not take.
+BASELINE_KEYS: dict[str, frozenset[str] | None] = {
+    "cfg": frozenset({"scales", "steps", "batch_size", "lr", "label_dropout", "spacing"}),
+    "classifier_guidance": None, "dps": frozenset({"scales"}), "best_of_n": frozenset({"n"}),
+    "optimum": frozenset({"n", "reward"}), "policy_gradient": frozenset({"settings", "ddpo"})}
+
+
+def check_baselines(baselines: dict[str, Any]) -> None:
+    """Refuse, in one line, a baseline or a baseline setting that no row reads (a silently ignored key)."""
+    for row, settings in baselines.items():
+        if row not in BASELINE_KEYS:
+            raise ValueError(f"suite.baselines.{row}: no such baseline row (known: {', '.join(BASELINE_KEYS)})")
+        known = BASELINE_KEYS[row]
+        unknown = sorted(set(settings or {}) - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"suite.baselines.{row}.{unknown[0]}: the {row} row reads only {', '.join(sorted(known))}")
 
 
 def load_task(labels: Sequence[dict[str, Any]], domain: Any, seed: int
@@ -189,6 +207,7 @@ class RowRunner(BaselineRows):
 
     def __init__(self, ctx: SuiteContext, method: dict, alpha0: dict, baselines: dict, run_dir: Path, progress: bool,
                  info: dict):
+        check_baselines(baselines)
         self.ctx, self.method, self.alpha0, self.baselines = ctx, method, alpha0, baselines
         self.objective = Objective.of(method)
         self.run_dir, self.progress, self.info = Path(run_dir), progress, info
@@ -300,18 +319,25 @@ class RowRunner(BaselineRows):
         """J's optimum with this pre-trained model and reward classifier: ``n`` pre-trained samples (projected onto
         the data's support where the domain can) resampled per request with weights p(y|x)^(gamma/alpha)
         (:mod:`ctrl_bio.optimum`). Its KL is the tilted pool's. The pool holds the ``pretrained`` row's and
-        ``best_of_n``'s pre-trained samples and more, drawn once for the three rows."""
-        ctx, n = self.ctx, int(self.baselines.get("optimum", {}).get("n", 2048))
-        reward = self.reward()
+        ``best_of_n``'s pre-trained samples and more, drawn once for the three rows.
+
+        ``reward: exact`` tilts by the labels' exact functions instead: the optimum of the objective ``ctrl_pg`` and
+        ``ddpo`` optimise (they query the exact label as their reward); the default, ``classifier``, is ``ctrl``'s."""
+        settings = self.baselines.get("optimum", {})
+        ctx, n, source = self.ctx, int(settings.get("n", 2048)), settings.get("reward", "classifier")
+        if source not in ("classifier", "exact"):
+            raise ValueError(f"suite.baselines.optimum.reward must be classifier or exact, got {source!r}")
+        log_prob_fns = (self.reward().log_prob_fns if source == "classifier"
+                        else self.exact_log_probs("optimum.reward=exact tilts by the label's exact function"))
         chunks = range(math.ceil(n / ctx.y_eval.shape[0]))  # best_of_n's candidates are the first of these
         reused = self.reused_chunk_seconds(chunks)
         pool = torch.cat([self.pretrained_chunk(k) for k in chunks])[:n]
         project = getattr(ctx.domain, "project", None)
         pool = project(pool) if project is not None else pool
         with torch.no_grad():
-            weighted = WeightedPool(pool, [f(pool) for f in reward.log_prob_fns], tilt=self.objective.tilt)
+            weighted = WeightedPool(pool, [f(pool) for f in log_prob_fns], tilt=self.objective.tilt)
         draw = draw_tilted(weighted, ctx.y_eval, torch.Generator().manual_seed(ctx.seed + 7200))
-        self.info["optimum"] = {"pool_size": n, "tilt": self.objective.tilt, "ess": draw.ess}
+        self.info["optimum"] = {"pool_size": n, "tilt": self.objective.tilt, "ess": draw.ess, "reward": source}
         extra = {"effective_sample_size": draw.ess, "score_evals": ctx.n_steps} | self.shared_seconds()
         if reused:
             extra["shared_seconds"] = extra.get("shared_seconds", 0.0) + reused

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from ctrl_bio.harness import Row
@@ -84,9 +85,71 @@ def test_the_optimum_row_tilts_n_pre_trained_samples_shared_with_best_of_n(tmp_p
     runner._reward = LogLikelihoodReward([lambda x: torch.cat([x, -x], 1).mul(3.0).log_softmax(1)])
     x, kl, extra = runner.row_optimum()
     assert calls == [7000, 7001, 7002]  # ceil(10 / 4) chunks of the pretrained row's seeds
-    assert runner.info["optimum"] == {"pool_size": 10, "tilt": 4.0, "ess": extra["effective_sample_size"]}
+    assert runner.info["optimum"] == {"pool_size": 10, "tilt": 4.0, "ess": extra["effective_sample_size"],
+                                      "reward": "classifier"}
     assert set(x.unique().tolist()) <= {-1.0, 1.0}  # projected
     assert (x[:, 0] == torch.tensor([1.0, -1.0, 1.0, -1.0])).float().mean() >= 0.75  # label 0 wants x > 0
     assert (kl > 0).all()
     runner.pretrained_chunk(0)
     assert calls == [7000, 7001, 7002]  # best_of_n reuses them
+
+
+def exact_sign(domain):
+    """An exact binned label for the test below: class 0 below 0, class 1 above."""
+    from ctrl_bio.labels import bin_log_prob
+
+    return bin_log_prob(lambda x: x[:, 0], [0.0])
+
+
+def _runner(tmp_path, optimum: dict):
+    from types import SimpleNamespace
+
+    from ctrl_bio.reward import LogLikelihoodReward
+    from ctrl_bio.rows import RowRunner
+
+    def sample(score_fn_for, y, seed_offset=2000):
+        return torch.randn(y.shape[0], 1, generator=torch.Generator().manual_seed(seed_offset)), torch.zeros(y.shape[0])
+
+    ctx = SimpleNamespace(domain=SimpleNamespace(project=torch.sign), seed=0, n_classes=(2,), pretrained=None,
+                          sample=sample, n_steps=5, y_eval=torch.tensor([[0], [1]] * 8),
+                          specs=[{"name": "sign", "exact": {"callable": "test_optimum:exact_sign"}}])
+    runner = RowRunner(ctx, {"gamma": 4.0}, {}, {"optimum": optimum}, tmp_path, False, {})
+    # The reward classifier wants the opposite of the exact label: the two optima are told apart.
+    runner._reward = LogLikelihoodReward([lambda x: torch.cat([x, -x], 1).mul(3.0).log_softmax(1)])
+    return runner
+
+
+def test_the_optimum_of_the_exact_reward_is_what_ctrl_pg_optimises(tmp_path):
+    """``baselines.optimum.reward=exact`` tilts by the label's exact function (ctrl_pg's and ddpo's reward) instead of
+    the reward classifier; anything else is refused in one line."""
+    x, _, _ = _runner(tmp_path, {"n": 64, "reward": "exact"}).row_optimum()
+    wanted = torch.tensor([-1.0, 1.0] * 8)
+    assert torch.equal(x[:, 0], wanted)  # the exact label's tilt p^4 with log p = log 1e-6 off the bin: conditioning
+    x_classifier, _, _ = _runner(tmp_path, {"n": 64}).row_optimum()
+    assert (x_classifier[:, 0] == -wanted).float().mean() >= 0.75
+    with pytest.raises(ValueError, match="classifier or exact"):
+        _runner(tmp_path, {"reward": "oracle"}).row_optimum()
+
+
+def test_a_baseline_setting_no_row_reads_is_refused(tmp_path):
+    from ctrl_bio.rows import check_baselines
+
+    with pytest.raises(ValueError, match=r"suite.baselines.optimum.nn: the optimum row reads only n, reward"):
+        _runner(tmp_path, {"nn": 3})
+    with pytest.raises(ValueError, match="suite.baselines.best_of_m: no such baseline row"):
+        check_baselines({"best_of_m": {"n": 4}})
+    check_baselines({"classifier_guidance": {"hidden": 64, "steps": 10}})  # forwarded to the domain's network
+
+
+@pytest.mark.parametrize("suite", ["dna", "molecules", "images"])
+def test_every_shipped_baseline_setting_is_read(suite):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ctrl_bio.rows import check_baselines
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "suite" / f"{suite}.yaml"
+    baselines = OmegaConf.to_container(OmegaConf.load(path).suite.baselines, resolve=False)
+    assert "optimum" in baselines
+    check_baselines(baselines)
