@@ -257,3 +257,16 @@ def test_the_image_unet_pathway_round_trips_with_its_peft_adapters(tmp_path, lor
         assert u[:2].abs().sum() > 0 and u[2].abs().sum() == 0  # the pathway acts; a null request is pre-trained
         # base/ holds the pre-trained UNet without adapters.
         torch.testing.assert_close(from_pretrained(folder / "base")(x, t), pretrained(x, t), rtol=0, atol=0)
+
+
+def test_an_adapter_model_the_folder_cannot_rebuild_is_refused_in_one_line(tmp_path):
+    """A trained copy (no adapters) or a real-valued label embedding has no rebuild in config.json: refused."""
+    pytest.importorskip("peft")
+    from ctrl_bio.lora import LoRAAugmentedScore
+    from ctrl_bio.nets import ConvScoreNet
+    from ctrl_bio.sde import VPSDE
+
+    net = ConvScoreNet(VPSDE(), channels_in=4, hidden=8, n_blocks=1, emb_dim=8, n_fourier=4)
+    copy = LoRAAugmentedScore(net, (2,), lora_rank=0, lora_targets=(), train_copy=True)
+    with pytest.raises(TypeError, match="cannot save this LoRAAugmentedScore.*no trained copy"):
+        save_pretrained(copy, tmp_path / "copy")
