@@ -11,13 +11,15 @@ The draws replay a construction: under ``torch.manual_seed(seed)``, every layer 
 ``reset_parameters`` in registration order, then every peft LoRA adapter repeats what peft did when it was injected
 (``lora_A`` and ``lora_B`` built as layers, then ``lora_A`` drawn again by peft's Kaiming init); tensors that were
 all zero are zeroed again. A pathway built right after ``torch.manual_seed(seed)`` (as the suites and the command
-line build theirs) therefore gets back the very weights it had, and its recorded results do not move. The model
-must be untrained: if its control is not zero on a probe batch before, or would not be after, nothing changes.
+line build theirs) therefore gets back the very weights it had, and its recorded results do not move.
+
+Only an untrained pathway is touched (its control is zero on a probe batch), and each layer's new draw is kept only
+if the control stays zero: a layer whose weights are not random (a trained copy of the pre-trained network, which
+equals it) or whose zero is not a whole tensor gets its weights back, and the draws go on in the same order.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -39,28 +41,25 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
 
 
-def _redraw(model: nn.Module, seed: int) -> None:
-    """Replay the pathway's construction draws under ``torch.manual_seed(seed)`` (the module docstring)."""
+def _units(model: nn.Module) -> list[tuple[nn.Module, Callable[[], None]]]:
+    """The draws of a construction, in order: each layer that owns trainable weights, then each LoRA adapter."""
     lora = _lora_layers(model)
     inside_lora = {id(sub) for layer in lora for sub in (*layer.lora_A.modules(), *layer.lora_B.modules())}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if id(module) in inside_lora or not hasattr(module, "reset_parameters"):
-                continue
-            own = list(module.parameters(recurse=False))
-            if any(p.requires_grad for p in own):
-                frozen = [(p, p.detach().clone()) for p in own if not p.requires_grad]
-                module.reset_parameters()
-                for p, value in frozen:  # a frozen weight beside a trainable one is the pre-trained model's
-                    p.detach().copy_(value)
-        for layer in lora:  # injected after the pathway's own layers (LoRAAugmentedScore, the UNet pathway)
+    units = [(m, m.reset_parameters) for m in model.modules()
+             if id(m) not in inside_lora and hasattr(m, "reset_parameters")
+             and any(p.requires_grad for p in m.parameters(recurse=False))]
+
+    def lora_draw(layer: nn.Module) -> Callable[[], None]:
+        def draw() -> None:  # peft builds both as layers (two draws), then draws lora_A again and zeroes lora_B
             layer.lora_A[ADAPTER].reset_parameters()
             layer.lora_B[ADAPTER].reset_parameters()
             layer.reset_lora_parameters(ADAPTER, True)
+        return draw
+
+    return units + [(layer, lora_draw(layer)) for layer in lora]  # injected after the pathway's own layers
 
 
-def reseed_untrained_pathway(model: nn.Module, seed: int, x_shape: tuple[int, ...], label_prior: LabelPrior) -> bool:
+def reseed_untrained_pathway(model: nn.Module, seed: int, x_shape: tuple[int, ...], label_prior: LabelPrior) -> int:
     """Draw the random weights of ``model``'s untrained label pathway again from ``seed``.
 
     Args:
@@ -71,31 +70,33 @@ def reseed_untrained_pathway(model: nn.Module, seed: int, x_shape: tuple[int, ..
             untouched).
 
     Returns:
-        Whether the weights were drawn again: False for a trained pathway (non-zero control), and, with a warning,
-        for one whose control the re-draw would make non-zero (its zero-initialised part is not a whole tensor).
+        How many layers got new weights: 0 for a trained pathway (non-zero control).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        return False
-    control = _probe_control(model, x_shape, label_prior)
-    if bool(control().abs().amax() > 0):
-        return False
-    saved = [p.detach().clone() for p in params]
+        return 0
     device = params[0].device
-    with torch.no_grad():
-        # Drawn on the CPU whatever the device: CUDA's generator gives other numbers for the same seed.
-        _redraw(model.cpu(), seed)
-        model.to(device)
-        for p, old in zip(params, saved):
-            if not bool(old.any()):
-                p.zero_()
-        if bool(control().abs().amax() > 0):
-            for p, old in zip(params, saved):
-                p.copy_(old)
-            warnings.warn(f"{type(model).__name__}: its random weights were not drawn again from the seed (the "
-                          "re-draw changed the zero control); build it under torch.manual_seed(seed)", stacklevel=3)
-            return False
-    return True
+    # On the CPU whatever the device: CUDA's generator gives other numbers for the same seed.
+    model.cpu()
+    control = _probe_control(model, x_shape, label_prior)
+    redrawn = 0
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        if not bool(control().abs().amax() > 0):
+            torch.manual_seed(seed)
+            for module, draw in _units(model):
+                own = list(module.parameters())
+                saved = [p.detach().clone() for p in own]
+                draw()
+                for p, old in zip(own, saved):
+                    if not p.requires_grad or not bool(old.any()):  # frozen weights, zero-initialised tensors
+                        p.copy_(old)
+                if bool(control().abs().amax() > 0):  # not a random layer feeding a zero one: keep what it had
+                    for p, old in zip(own, saved):
+                        p.copy_(old)
+                elif any(not torch.equal(p, old) for p, old in zip(own, saved)):
+                    redrawn += 1
+    model.to(device)
+    return redrawn
 
 
 def _probe_control(model: nn.Module, x_shape: tuple[int, ...], label_prior: LabelPrior) -> Callable[[], Tensor]:

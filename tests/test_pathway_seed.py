@@ -84,13 +84,18 @@ class RowZeroPathway(nn.Module):
         return self.table(torch.zeros_like(y[:, 0])) * torch.ones_like(x)
 
 
-def test_a_pathway_the_redraw_would_break_is_restored_with_a_warning():
+def test_layers_whose_new_draw_would_move_the_control_keep_their_weights():
+    """A zero that is not a whole tensor (one row of a table), or a trained copy of the pre-trained network (equal to
+    it, not random): their new draws would make the control non-zero, so they keep what they had."""
     base = VectorScoreNet(SDE, 2, hidden=8).requires_grad_(False)
-    model = AugmentedScore(base, RowZeroPathway(), SDE)
-    before = trainable(model)
-    with pytest.warns(UserWarning, match="not drawn again"):
-        assert not reseed_untrained_pathway(model, 0, (2,), PRIOR)
-    assert all(torch.equal(v, trainable(model)[k]) for k, v in before.items())
+    rows = AugmentedScore(base, RowZeroPathway(), SDE)
+    pytest.importorskip("peft")
+    net = ConvScoreNet(SDE, channels_in=4, hidden=8, n_blocks=1, emb_dim=8, n_fourier=4)
+    copy = LoRAAugmentedScore(net, (2,), lora_rank=0, lora_targets=(), train_copy=True)
+    for model, x_shape in ((rows, (2,)), (copy, (4, 6))):
+        before = trainable(model)
+        assert reseed_untrained_pathway(model, 0, x_shape, PRIOR) == 0
+        assert all(torch.equal(v, trainable(model)[k]) for k, v in before.items())
 
 
 def test_finetune_runs_on_unseeded_builds_are_identical():
