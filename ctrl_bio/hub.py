@@ -38,6 +38,7 @@ from torch import nn
 from ctrl_bio.hub_card import CARD_TEMPLATE, SUMMARIES, ModelCardInfo
 from ctrl_bio.hub_spec import build_module, build_sde, class_path, jsonable, module_spec, sde_spec
 from ctrl_bio.labels import check_trusted, resolve_callable
+from ctrl_bio.lora import ADAPTER_NAME
 from ctrl_bio.model import AugmentedScore
 from ctrl_bio.reward import CalibratedClassifier
 
@@ -51,8 +52,6 @@ CARD_NAME = "README.md"
 #: ``set_peft_model_state_dict`` read them; the LoRA settings are in the weights' header too, as diffusers writes them).
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-#: The peft adapter name CTRL's LoRA layers carry (:func:`ctrl_bio.lora.inject_lora`).
-ADAPTER_NAME = "ctrl"
 #: Version of the folder layout, written into every config.json.
 FORMAT_VERSION = 1
 #: Where ``save_pretrained`` puts a CTRL model's base model when no other reference is given.

@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from ctrl_bio.label_space import ContinuousLabels, label_space_of
 from ctrl_bio.model import LabelEmbedding
 
+#: The peft adapter name of CTRL's LoRA layers (the Hub folders and the seeded re-draw find them by it).
+ADAPTER_NAME = "ctrl"
+
 
 def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
     """Switch every peft adapter layer inside ``module`` on or off (off: each layer is its frozen base layer)."""
@@ -50,7 +53,7 @@ def inject_lora(module: nn.Module, rank: int, alpha: float, targets: Sequence[st
     from peft import LoraConfig, inject_adapter_in_model
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True),
-                            module, adapter_name="ctrl")
+                            module, adapter_name=ADAPTER_NAME)
     for name, p in module.named_parameters():
         p.requires_grad_("lora_" in name)
     match_conv_dilation(module)

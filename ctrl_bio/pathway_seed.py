@@ -25,10 +25,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ctrl_bio.lora import ADAPTER_NAME
 from ctrl_bio.reward import LabelPrior
 
-#: The peft adapter name CTRL's LoRA layers carry (:func:`ctrl_bio.lora.inject_lora`).
-ADAPTER = "ctrl"
 #: Noise levels of the probe batch on which the control must be zero.
 PROBE_TIMES = (0.1, 0.4, 0.7, 0.95)
 
@@ -38,7 +37,7 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # no peft: no adapters
         return []
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A]
+    return [m for m in model.modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A]
 
 
 def _units(model: nn.Module) -> list[tuple[nn.Module, Callable[[], None]]]:
@@ -51,9 +50,9 @@ def _units(model: nn.Module) -> list[tuple[nn.Module, Callable[[], None]]]:
 
     def lora_draw(layer: nn.Module) -> Callable[[], None]:
         def draw() -> None:  # peft builds both as layers (two draws), then draws lora_A again and zeroes lora_B
-            layer.lora_A[ADAPTER].reset_parameters()
-            layer.lora_B[ADAPTER].reset_parameters()
-            layer.reset_lora_parameters(ADAPTER, True)
+            layer.lora_A[ADAPTER_NAME].reset_parameters()
+            layer.lora_B[ADAPTER_NAME].reset_parameters()
+            layer.reset_lora_parameters(ADAPTER_NAME, True)
         return draw
 
     return units + [(layer, lora_draw(layer)) for layer in lora]  # injected after the pathway's own layers

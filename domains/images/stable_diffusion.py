@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from ctrl_bio.interop import canonical_prediction, score_from_prediction
 from ctrl_bio.interop import sde_from_scheduler as core_sde_from_scheduler
-from ctrl_bio.lora import lora_disabled
+from ctrl_bio.lora import ADAPTER_NAME, lora_disabled
 from ctrl_bio.model import NULL_LABEL, check_labels
 from ctrl_bio.reward import CalibratedClassifier, LogLikelihoodReward
 from ctrl_bio.sde import DiscreteScheduleSDE
@@ -540,8 +540,8 @@ def _lora_layout(unet: nn.Module) -> tuple[float | None, list[str]]:
 
     alpha, names = None, []
     for name, module in unet.named_modules():
-        if isinstance(module, LoraLayer) and "ctrl" in module.lora_alpha:
-            alpha = float(module.lora_alpha["ctrl"])
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_alpha:
+            alpha = float(module.lora_alpha[ADAPTER_NAME])
             names.append(name)
     return alpha, names
 
@@ -575,7 +575,7 @@ def save_adapter(model: UNetAugmentedScore, folder: str | Path, *, base_model: s
         lora = LoraConfig(r=model.lora_rank, lora_alpha=alpha, target_modules=targets, base_model_name_or_path=base)
         lora.save_pretrained(str(folder))
         header = {k: sorted(v) if isinstance(v, set) else v for k, v in lora.to_dict().items()}
-        state = get_peft_model_state_dict(model.score.unet, adapter_name="ctrl")
+        state = get_peft_model_state_dict(model.score.unet, adapter_name=ADAPTER_NAME)
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(folder / PEFT_WEIGHTS),
                   metadata={"format": "pt", "lora_adapter_metadata": json.dumps(header, sort_keys=True)})
     meta = {
@@ -635,7 +635,7 @@ def load_adapter(target: Any, folder: str | Path) -> UNetAugmentedScore:
         from peft.utils import set_peft_model_state_dict
 
         result = set_peft_model_state_dict(model.score.unet, load_file(str(Path(folder) / PEFT_WEIGHTS)),
-                                           adapter_name="ctrl")
+                                           adapter_name=ADAPTER_NAME)
         mismatched = list(result.unexpected_keys) + [k for k in result.missing_keys if "lora_" in k]
         if mismatched:
             raise ValueError(f"{Path(folder) / PEFT_WEIGHTS} does not fit this UNet: {len(mismatched)} mismatched "
