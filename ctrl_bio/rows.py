@@ -17,6 +17,7 @@ CTRL's own objective with its gamma and alpha: the evaluation oracle or exact la
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import time
@@ -30,9 +31,7 @@ from torch import Tensor, nn
 from ctrl_bio.baseline_rows import BaselineRows, RowOutput
 from ctrl_bio.domain import Domain
 from ctrl_bio.finetune import finetune
-from ctrl_bio.guidance import (
-    classifier_free_guidance,
-)
+from ctrl_bio.guidance import classifier_free_guidance, train_conditional_pathway
 from ctrl_bio.harness import Row
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import label_metrics, objective_metrics  # noqa: F401  (the suites import them from here)
@@ -54,7 +53,8 @@ KNOWN_METHODS = METHODS + POLICY_GRADIENT_METHODS
 #: :func:`ctrl_bio.guidance.train_conditional_pathway`; ``classifier_guidance`` passes its network's keys to the
 #: domain's ``noisy_classifier`` (open: a domain's own), which refuses what it does not take.
 BASELINE_KEYS: dict[str, frozenset[str] | None] = {
-    "cfg": frozenset({"scales", "steps", "batch_size", "lr", "label_dropout", "spacing"}),
+    "cfg": frozenset({"scales"} | set(inspect.signature(train_conditional_pathway).parameters)
+                     - {"model", "sde", "x", "y", "t_end", "generator", "progress"}),
     "classifier_guidance": None, "dps": frozenset({"scales"}), "best_of_n": frozenset({"n"}),
     "optimum": frozenset({"n", "reward"}), "policy_gradient": frozenset({"settings", "ddpo"})}
 
