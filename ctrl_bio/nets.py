@@ -72,11 +72,22 @@ class ConvScoreNet(nn.Module):
         label_blocks: how many of the last blocks receive ``extra_emb`` (None: all of them). Fewer blocks
             make CTRL's paired evaluation cheaper (:meth:`forward_pair`) at the price of a label pathway
             that acts on later features only.
+        output: ``eps`` predicts the noise directly (Ho et al. 2020). ``categorical`` is for one-hot data in
+            {-1, +1}^C: the network outputs per-position logits over the C categories, the exact Gaussian
+            likelihood of x_t at that position, 2 alpha_t x_t / sigma_t^2, is added to them, and the
+            posterior mean x0_hat = 2 softmax - 1 gives the noise (the score interpolation of CDCD, Dieleman
+            et al. 2022, with the one-position likelihood in closed form). The output layer starts at zero, so
+            an untrained network is the exact denoiser of independent uniform categories, and training only
+            has to learn what context adds; at low noise the likelihood dominates and the denoiser is exact.
     """
 
     def __init__(self, sde: SDE, channels_in: int = 4, hidden: int = 128, n_blocks: int = 8, emb_dim: int = 128,
-                 kernel_size: int = 3, n_fourier: int = 32, groups: int = 8, label_blocks: int | None = None):
+                 kernel_size: int = 3, n_fourier: int = 32, groups: int = 8, label_blocks: int | None = None,
+                 output: str = "eps"):
         super().__init__()
+        if output not in ("eps", "categorical"):
+            raise ValueError(f"output must be 'eps' or 'categorical', got {output!r}")
+        self.output = output
         if label_blocks is not None and not 1 <= label_blocks <= n_blocks:
             raise ValueError(f"label_blocks must lie in 1..n_blocks ({n_blocks}) or be None, got {label_blocks}")
         self.label_blocks = label_blocks
@@ -88,7 +99,7 @@ class ConvScoreNet(nn.Module):
         #: The constructor arguments besides the SDE: what a checkpoint needs to rebuild the network.
         self.config = {"channels_in": channels_in, "hidden": hidden, "n_blocks": n_blocks, "emb_dim": emb_dim,
                        "kernel_size": kernel_size, "n_fourier": n_fourier, "groups": groups,
-                       "label_blocks": label_blocks}
+                       "label_blocks": label_blocks, **({"output": output} if output != "eps" else {})}
         self.channels_in, self.emb_dim, self.n_fourier = channels_in, emb_dim, n_fourier
         self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv1d(channels_in, hidden, kernel_size, padding=kernel_size // 2)
@@ -97,6 +108,9 @@ class ConvScoreNet(nn.Module):
             for i in range(n_blocks))
         self.norm_out = nn.GroupNorm(groups, hidden)
         self.conv_out = nn.Conv1d(hidden, channels_in, kernel_size, padding=kernel_size // 2)
+        if output == "categorical":
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     def embed_time(self, t: Tensor, extra_emb: Tensor | None = None) -> Tensor:
         """Time embedding plus ``extra_emb``, passed through the SiLU every block's projection expects, (B, emb_dim)."""
@@ -122,16 +136,23 @@ class ConvScoreNet(nn.Module):
             h = block(h, emb)
         return h, t_vec
 
-    def _head_eps(self, h: Tensor, t_vec: Tensor, extra_emb: Tensor | None) -> Tensor:
+    def _head_eps(self, h: Tensor, x: Tensor, t_vec: Tensor, extra_emb: Tensor | None) -> Tensor:
         emb = self.embed_time(t_vec, extra_emb)
         for block in self.blocks[self.first_label_block:]:
             h = block(h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if self.output == "eps":
+            return out
+        alpha, sigma = append_dims(self.sde.alpha(t_vec), x.ndim), append_dims(self.sde.sigma(t_vec), x.ndim)
+        # log N(x_t; alpha v_c, sigma^2 I) for the one-hot v_c in {-1, +1}^C is 2 alpha x_t[c] / sigma^2 up to
+        # terms shared by all c (every v_c has the same norm), so it enters the softmax as a logit.
+        x0_hat = 2 * torch.softmax(out + 2 * alpha * x / sigma**2, dim=1) - 1
+        return (x - alpha * x0_hat) / sigma
 
     def predict_eps(self, x: Tensor, t: Tensor, extra_emb: Tensor | None = None) -> Tensor:
         """Noise prediction eps(x_t, t), (B, C, L) -> (B, C, L)."""
         h, t_vec = self._trunk(x, t)
-        return self._head_eps(h, t_vec, extra_emb)
+        return self._head_eps(h, x, t_vec, extra_emb)
 
     def forward(self, x: Tensor, t: Tensor, extra_emb: Tensor | None = None) -> Tensor:
         """Score s(x_t, t) = -eps / sigma_t.
@@ -155,7 +176,7 @@ class ConvScoreNet(nn.Module):
         last k blocks run twice, which is what keeps a fine-tuning step close to the cost of the network.
         """
         h, t_vec = self._trunk(x, t)
-        eps, eps_pre = self._head_eps(h, t_vec, extra_emb), self._head_eps(h, t_vec, None)
+        eps, eps_pre = self._head_eps(h, x, t_vec, extra_emb), self._head_eps(h, x, t_vec, None)
         return self.sde.score_from_eps(eps, t_vec), self.sde.score_from_eps(eps_pre, t_vec)
 
 
