@@ -20,6 +20,7 @@ runs/pretrain_dna_30k (the same network pre-trained 30,000 steps; benchmarks/dna
 0.594 / 0.694 / 0.776, effective sample size 8,192 / 4,543 / 2,290 / 854 / 304 / 111.
 """
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -36,11 +37,20 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("pairs", type=int, nargs="*", default=[7877])
 parser.add_argument("--pretrained", type=int, default=0, help="weight this many pre-trained samples, not test data")
 parser.add_argument("--checkpoint", default=None, help="a pretrain run directory or .safetensors (default: shipped)")
+parser.add_argument("--markov", type=int, default=0, metavar="K",
+                    help="with --pretrained N: weight N samples of an order-K Markov chain fitted to the training data")
 args = parser.parse_args()
 ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
 domain = DNADomain(checkpoint=args.checkpoint)
-if args.pretrained:
+if args.pretrained and args.markov:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from markov_reference import fit_markov, sample_markov
+
+    init, trans = fit_markov(base_indices(domain.training_data()), args.markov)
+    idx = sample_markov(init, trans, args.markov, args.pretrained, domain.x_shape[-1], torch.Generator().manual_seed(0))
+    x, source = from_indices(idx), f"{args.pretrained} samples of an order-{args.markov} Markov chain"
+elif args.pretrained:
     net = domain.augment(domain.pretrained_model(), [4]).eval()
     with torch.no_grad():
         x = sample_pretrained_pool(net, domain.sde, domain.x_shape, args.pretrained, n_steps=50, t_end=1e-3,

@@ -1,0 +1,161 @@
+"""Does the pre-trained DNA network know more than k-mer statistics? A data-only reference per noise level (issue 24).
+
+An order-k Markov chain fitted to the training split is a distribution whose exact denoiser E[x_0 | x_t] is
+computable: under the domain's Gaussian one-hot ({-1, +1}, VP-SDE), x_t at each position is a noisy observation of
+one base, so the posterior over bases is a hidden-Markov forward-backward over the 4^k k-mer states. The
+denoising error of that exact denoiser on held-out test sequences, per t, is what k-mer statistics alone buy. The
+shipped network's error beside it (on test and on training sequences) says at which noise levels the network
+uses structure beyond k-mers, and whether it overfits. Samples of the chain, of the network and held-out real
+sequences are then scored against the test sequences with the motif statistics of ``denoise_from_t.py``: if a
+k-mer chain samples motifs as well as the network, the network has learned local statistics and no grammar.
+
+    python benchmarks/dna/markov_reference.py --orders 1 3 5 --n 512
+
+Errors are the summed squared error of x0_hat over the 4 x 200 one-hot entries (0 = exact; 400 = predicting 0
+everywhere for a uniform base) and the share of bases whose argmax is right; ``eps_loss`` is the same error in
+the units of the DSM training loss, alpha_t^2 / sigma_t^2 times the x_0 error.
+"""
+import argparse
+import json
+import time
+
+import torch
+
+from ctrl_bio.sampling import euler_maruyama, time_grid
+from domains.dna.data import base_indices, from_indices, one_hot
+from domains.dna.domain import DNADomain
+from domains.dna.metrics import kmer_correlation
+from domains.dna.motifs import MotifScanner, load_motifs
+
+
+def fit_markov(idx: torch.Tensor, order: int, pseudocount: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order-k chain from (N, L) base indices: log p(first k-mer) (4^k,) and log p(next base | k-mer) (4^k, 4)."""
+    n_states = 4**order
+    codes = torch.zeros(idx.shape[0], idx.shape[1] - order + 1, dtype=torch.long)
+    for j in range(order):  # code of the k-mer starting at each position, most significant base first
+        codes = codes * 4 + idx[:, j:idx.shape[1] - order + 1 + j]
+    init = torch.bincount(codes[:, 0], minlength=n_states).double() + pseudocount
+    pair = codes[:, :-1] * 4 + idx[:, order:]
+    trans = torch.bincount(pair.flatten(), minlength=n_states * 4).double().view(n_states, 4) + pseudocount
+    return (init / init.sum()).log(), (trans / trans.sum(1, keepdim=True)).log()
+
+
+def state_digits(order: int) -> torch.Tensor:
+    """(4^k, k) the bases of each k-mer state, most significant first."""
+    codes = torch.arange(4**order)
+    return torch.stack([(codes // 4**(order - 1 - j)) % 4 for j in range(order)], dim=1)
+
+
+def markov_posterior(emit: torch.Tensor, init: torch.Tensor, trans: torch.Tensor, order: int) -> torch.Tensor:
+    """Exact posterior marginals p(base_i | x_t) (B, L, 4) of an order-k chain from emission log-likelihoods
+    (B, L, 4), by forward-backward over k-mer states (state at position i = the k-mer ending at i)."""
+    batch, length, _ = emit.shape
+    n_states, rest = 4**order, 4**(order - 1)
+    digits = state_digits(order)
+    trans3 = trans.view(4, rest, 4)  # [top base of the k-mer, the other k-1 bases, next base]
+    first = init + sum(emit[:, p, digits[:, p]] for p in range(order))  # (B, S): the first k-mer and its emissions
+    fwd = [first]
+    for i in range(order, length):
+        prev = fwd[-1].view(batch, 4, rest, 1)
+        nxt = torch.logsumexp(prev + trans3, dim=1) + emit[:, i, None, :]  # (B, rest, 4) = state r*4 + b
+        fwd.append(nxt.reshape(batch, n_states))
+    bwd = [torch.zeros(batch, n_states, dtype=emit.dtype)]
+    for i in range(length - 1, order - 1, -1):
+        after = bwd[0].view(batch, 1, rest, 4)
+        cur = torch.logsumexp(trans3 + emit[:, i, None, None, :] + after, dim=-1)  # (B, 4, rest)
+        bwd.insert(0, cur.reshape(batch, n_states))
+    post = torch.empty(batch, length, 4, dtype=emit.dtype)
+    for pos, (f, b) in enumerate(zip(fwd, bwd)):
+        log_state = f + b
+        log_state = log_state - torch.logsumexp(log_state, dim=1, keepdim=True)
+        state_p = log_state.exp()
+        if pos == 0:  # the first k-mer carries the first k positions
+            for p in range(order):
+                post[:, p] = torch.zeros(batch, 4, dtype=emit.dtype).index_add_(1, digits[:, p], state_p)
+        else:
+            post[:, order - 1 + pos] = state_p.view(batch, rest, 4).sum(1)
+    return post
+
+
+def sample_markov(init: torch.Tensor, trans: torch.Tensor, order: int, n: int, length: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """(n, length) base indices drawn from the chain."""
+    digits = state_digits(order)
+    state = torch.multinomial(init.exp(), n, replacement=True, generator=generator)
+    out = [digits[state, p] for p in range(order)]
+    for _ in range(order, length):
+        base = torch.multinomial(trans[state].exp(), 1, generator=generator).squeeze(1)
+        out.append(base)
+        state = (state % 4**(order - 1)) * 4 + base
+    return torch.stack(out, dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--orders", type=int, nargs="+", default=[1, 3, 5])
+    parser.add_argument("--n", type=int, default=512, help="test (and training) sequences denoised at each t")
+    parser.add_argument("--times", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7])
+    parser.add_argument("--n-samples", type=int, default=1024, help="samples of each model scored for motifs")
+    parser.add_argument("--steps", type=int, default=50, help="the network's sampler steps (the suite's 50)")
+    parser.add_argument("--checkpoint", default=None, help="another pre-trained network (default: the shipped one)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(args.seed)
+    domain = DNADomain(checkpoint=args.checkpoint)
+    sde, net = domain.sde, domain.pretrained_model()
+    train_idx = base_indices(one_hot(domain.table.of_split("training").sequences))
+    test_x = one_hot(domain.table.of_split("test").sequences)
+    chains = {k: fit_markov(train_idx, k) for k in args.orders}
+    picks = {"test": test_x[torch.randperm(len(test_x), generator=g)[:args.n]],
+             "train": from_indices(train_idx[torch.randperm(len(train_idx), generator=g)[:args.n]])}
+
+    def report(row: dict) -> None:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    for t in args.times:
+        start = time.perf_counter()
+        tt = torch.tensor(t)
+        alpha, sigma = float(sde.alpha(tt)), float(sde.sigma(tt))
+        snr = alpha**2 / sigma**2
+        for split, x0 in picks.items():
+            x_t = sde.perturb(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g))
+            estimates = {}
+            with torch.no_grad():
+                estimates["network"] = sde.denoise(x_t, torch.full((len(x0),), t), net(x_t, torch.full((len(x0),), t)))
+            if split == "test":
+                # log N(x_t; alpha v_b, sigma^2) up to terms common to all bases b: v_b = 2 e_b - 1.
+                emit = (2 * alpha / sigma**2 * x_t.double()).permute(0, 2, 1)
+                for k, (init, trans) in chains.items():
+                    post = torch.cat([markov_posterior(e, init, trans, k) for e in emit.split(128)])
+                    estimates[f"markov{k}"] = (2 * post - 1).permute(0, 2, 1).float()
+            for name, x0_hat in estimates.items():
+                err = float(((x0_hat - x0) ** 2).sum((1, 2)).mean())
+                report({"t": t, "snr": snr, "split": split, "denoiser": name, "x0_error": err, "eps_loss": snr * err,
+                        "base_accuracy": float((base_indices(x0_hat) == base_indices(x0)).double().mean()),
+                        "seconds": round(time.perf_counter() - start, 1)})
+
+    # Samples of each model against the test sequences.
+    scanner = MotifScanner(load_motifs(None))
+    real_hits = scanner.hits(test_x).double().sum(1).mean()
+    real_freq = scanner.hit_frequencies(test_x)
+
+    def score(name: str, x: torch.Tensor) -> None:
+        freq = scanner.hit_frequencies(x)
+        usage = float(torch.corrcoef(torch.stack([freq, real_freq]))[0, 1])
+        hits = float(scanner.hits(x).double().sum(1).mean() / real_hits)
+        report({"samples": name, "n": len(x), "motif_hits_vs_real": hits,
+                "motif_usage_correlation": usage, "kmer3_correlation": kmer_correlation(x, test_x, 3),
+                "kmer6_correlation": kmer_correlation(x, test_x, 6)})
+
+    score("real_train", from_indices(train_idx[torch.randperm(len(train_idx), generator=g)[:args.n_samples]]))
+    for k, (init, trans) in chains.items():
+        score(f"markov{k}", from_indices(sample_markov(init, trans, k, args.n_samples, test_x.shape[-1], g)))
+    with torch.no_grad():
+        x_init = sde.prior_sampling((args.n_samples, *test_x.shape[1:]), generator=g)
+        out = euler_maruyama(sde, net, x_init, time_grid(args.steps), generator=g, keep_trajectory=False).x
+    score("network", from_indices(base_indices(out)))
+
+
+if __name__ == "__main__":
+    main()
