@@ -39,6 +39,8 @@ parser.add_argument("--pretrained", type=int, default=0, help="weight this many 
 parser.add_argument("--checkpoint", default=None, help="a pretrain run directory or .safetensors (default: shipped)")
 parser.add_argument("--markov", type=int, default=0, metavar="K",
                     help="with --pretrained N: weight N samples of an order-K Markov chain fitted to the training data")
+parser.add_argument("--per-celltype", action="store_true",
+                    help="with --markov: one chain per cell type, mixed in the training proportions")
 args = parser.parse_args()
 ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
@@ -47,9 +49,17 @@ if args.pretrained and args.markov:
     sys.path.insert(0, str(Path(__file__).parent))
     from markov_reference import fit_markov, sample_markov
 
-    init, trans = fit_markov(base_indices(domain.training_data()), args.markov)
-    idx = sample_markov(init, trans, args.markov, args.pretrained, domain.x_shape[-1], torch.Generator().manual_seed(0))
-    x, source = from_indices(idx), f"{args.pretrained} samples of an order-{args.markov} Markov chain"
+    train_idx, g = base_indices(domain.training_data()), torch.Generator().manual_seed(0)
+    if args.per_celltype:  # a sequence commits to one cell type's k-mer statistics end to end
+        cell = torch.from_numpy(domain.table.of_split("training").celltype)
+        counts = torch.bincount(cell[torch.randint(len(cell), (args.pretrained,), generator=g)], minlength=4)
+        idx = torch.cat([sample_markov(*fit_markov(train_idx[cell == k], args.markov), args.markov, int(n),
+                                       domain.x_shape[-1], g) for k, n in enumerate(counts)])
+        source = f"{args.pretrained} samples of a mixture of order-{args.markov} Markov chains, one per cell type"
+    else:
+        idx = sample_markov(*fit_markov(train_idx, args.markov), args.markov, args.pretrained, domain.x_shape[-1], g)
+        source = f"{args.pretrained} samples of an order-{args.markov} Markov chain"
+    x = from_indices(idx)
 elif args.pretrained:
     net = domain.augment(domain.pretrained_model(), [4]).eval()
     with torch.no_grad():
