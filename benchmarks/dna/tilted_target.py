@@ -39,9 +39,26 @@ parser.add_argument("--pretrained", type=int, default=0, help="weight this many 
 parser.add_argument("--checkpoint", default=None, help="a pretrain run directory or .safetensors (default: shipped)")
 parser.add_argument("--markov", type=int, default=0, metavar="K",
                     help="with --pretrained N: weight N samples of an order-K Markov chain fitted to the training data")
+parser.add_argument("--clusters", type=int, default=0, metavar="C",
+                    help="with --markov: one chain per k-means cluster of the 4-mer spectra (no cell types used)")
 parser.add_argument("--per-celltype", action="store_true",
                     help="with --markov: one chain per cell type, mixed in the training proportions")
 args = parser.parse_args()
+
+
+def kmeans_groups(idx: torch.Tensor, n_clusters: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
+    """(N,) k-means cluster (Lloyd, cosine) of each sequence's standardised 4-mer spectrum: groups found without y."""
+    codes = idx[:, :-3] * 64 + idx[:, 1:-2] * 16 + idx[:, 2:-1] * 4 + idx[:, 3:]
+    spec = torch.zeros(len(idx), 256).scatter_add_(1, codes, torch.ones(codes.shape))
+    spec = torch.nn.functional.normalize((spec - spec.mean(0)) / spec.std(0).clamp_min(1e-6), dim=1)
+    centres = spec[torch.randperm(len(spec), generator=generator)[:n_clusters]]
+    for _ in range(iters):
+        assign = (spec @ centres.T).argmax(1)
+        centres = torch.nn.functional.normalize(
+            torch.zeros_like(centres).index_add_(0, assign, spec) + 1e-8, dim=1)
+    return assign
+
+
 ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
 torch.set_num_threads(1)
 domain = DNADomain(checkpoint=args.checkpoint)
@@ -50,12 +67,16 @@ if args.pretrained and args.markov:
     from markov_reference import fit_markov, sample_markov
 
     train_idx, g = base_indices(domain.training_data()), torch.Generator().manual_seed(0)
-    if args.per_celltype:  # a sequence commits to one cell type's k-mer statistics end to end
-        cell = torch.from_numpy(domain.table.of_split("training").celltype)
-        counts = torch.bincount(cell[torch.randint(len(cell), (args.pretrained,), generator=g)], minlength=4)
+    if args.per_celltype or args.clusters:  # a sequence commits to one group's k-mer statistics end to end
+        if args.per_celltype:
+            cell, what = torch.from_numpy(domain.table.of_split("training").celltype), "cell type"
+        else:
+            cell, what = kmeans_groups(train_idx, args.clusters, g), f"k-means cluster of {args.clusters}"
+        counts = torch.bincount(cell[torch.randint(len(cell), (args.pretrained,), generator=g)],
+                                minlength=int(cell.max()) + 1)
         idx = torch.cat([sample_markov(*fit_markov(train_idx[cell == k], args.markov), args.markov, int(n),
                                        domain.x_shape[-1], g) for k, n in enumerate(counts)])
-        source = f"{args.pretrained} samples of a mixture of order-{args.markov} Markov chains, one per cell type"
+        source = f"{args.pretrained} samples of a mixture of order-{args.markov} Markov chains, one per {what}"
     else:
         idx = sample_markov(*fit_markov(train_idx, args.markov), args.markov, args.pretrained, domain.x_shape[-1], g)
         source = f"{args.pretrained} samples of an order-{args.markov} Markov chain"
