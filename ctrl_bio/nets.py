@@ -99,7 +99,9 @@ class ConvScoreNet(nn.Module):
         #: The constructor arguments besides the SDE: what a checkpoint needs to rebuild the network.
         self.config = {"channels_in": channels_in, "hidden": hidden, "n_blocks": n_blocks, "emb_dim": emb_dim,
                        "kernel_size": kernel_size, "n_fourier": n_fourier, "groups": groups,
-                       "label_blocks": label_blocks, **({"output": output} if output != "eps" else {})}
+                       "label_blocks": label_blocks,
+                       # named only when not the default, so every checkpoint written before it reads the same
+                       **({"output": output} if output != "eps" else {})}
         self.channels_in, self.emb_dim, self.n_fourier = channels_in, emb_dim, n_fourier
         self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv1d(channels_in, hidden, kernel_size, padding=kernel_size // 2)
