@@ -24,20 +24,16 @@ import torch
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from domains.dna.data import base_indices, from_indices, one_hot
 from domains.dna.domain import DNADomain
-from domains.dna.metrics import kmer_correlation
+from domains.dna.metrics import MarkovModel, kmer_codes, kmer_correlation
 from domains.dna.motifs import MotifScanner, load_motifs
 
 
 def fit_markov(idx: torch.Tensor, order: int, pseudocount: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order-k chain from (N, L) base indices: log p(first k-mer) (4^k,) and log p(next base | k-mer) (4^k, 4)."""
-    n_states = 4**order
-    codes = torch.zeros(idx.shape[0], idx.shape[1] - order + 1, dtype=torch.long)
-    for j in range(order):  # code of the k-mer starting at each position, most significant base first
-        codes = codes * 4 + idx[:, j:idx.shape[1] - order + 1 + j]
-    init = torch.bincount(codes[:, 0], minlength=n_states).double() + pseudocount
-    pair = codes[:, :-1] * 4 + idx[:, order:]
-    trans = torch.bincount(pair.flatten(), minlength=n_states * 4).double().view(n_states, 4) + pseudocount
-    return (init / init.sum()).log(), (trans / trans.sum(1, keepdim=True)).log()
+    """Order-k chain from (N, L) base indices: log p(first k-mer) (4^k,) and log p(next base | k-mer) (4^k, 4),
+    the transitions those of the naturalness metric's :class:`MarkovModel` on one strand."""
+    init = torch.bincount(kmer_codes(idx[:, :order], order)[:, 0], minlength=4**order).double() + pseudocount
+    trans = MarkovModel(from_indices(idx), order, both_strands=False, pseudocount=pseudocount).log_probs
+    return (init / init.sum()).log(), trans
 
 
 def state_digits(order: int) -> torch.Tensor:
@@ -104,7 +100,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     domain = DNADomain(checkpoint=args.checkpoint)
     sde, net = domain.sde, domain.pretrained_model()
-    train_idx = base_indices(one_hot(domain.table.of_split("training").sequences))
+    train_idx = base_indices(domain.training_data())
     test_x = one_hot(domain.table.of_split("test").sequences)
     chains = {k: fit_markov(train_idx, k) for k in args.orders}
     picks = {"test": test_x[torch.randperm(len(test_x), generator=g)[:args.n]],
@@ -119,10 +115,11 @@ def main() -> None:
         alpha, sigma = float(sde.alpha(tt)), float(sde.sigma(tt))
         snr = alpha**2 / sigma**2
         for split, x0 in picks.items():
-            x_t = sde.perturb(x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g))
+            t_vec = torch.full((len(x0),), t)
+            x_t = sde.perturb(x0, t_vec, torch.randn(x0.shape, generator=g))
             estimates = {}
             with torch.no_grad():
-                estimates["network"] = sde.denoise(x_t, torch.full((len(x0),), t), net(x_t, torch.full((len(x0),), t)))
+                estimates["network"] = sde.denoise(x_t, t_vec, net(x_t, t_vec))
             if split == "test":
                 # log N(x_t; alpha v_b, sigma^2) up to terms common to all bases b: v_b = 2 e_b - 1.
                 emit = (2 * alpha / sigma**2 * x_t.double()).permute(0, 2, 1)

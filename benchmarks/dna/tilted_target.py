@@ -31,6 +31,7 @@ from ctrl_bio.labels import fit_reward_classifier, load_label
 from ctrl_bio.metrics import tilted_accuracy, tilted_objective
 from domains.dna.data import base_indices, from_indices, one_hot
 from domains.dna.domain import DNADomain
+from domains.dna.metrics import kmer_codes
 from domains.dna.oracle import load_oracle
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,7 +49,7 @@ args = parser.parse_args()
 
 def kmeans_groups(idx: torch.Tensor, n_clusters: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
     """(N,) k-means cluster (Lloyd, cosine) of each sequence's standardised 4-mer spectrum: groups found without y."""
-    codes = idx[:, :-3] * 64 + idx[:, 1:-2] * 16 + idx[:, 2:-1] * 4 + idx[:, 3:]
+    codes = kmer_codes(idx, 4)
     spec = torch.zeros(len(idx), 256).scatter_add_(1, codes, torch.ones(codes.shape))
     spec = torch.nn.functional.normalize((spec - spec.mean(0)) / spec.std(0).clamp_min(1e-6), dim=1)
     centres = spec[torch.randperm(len(spec), generator=generator)[:n_clusters]]

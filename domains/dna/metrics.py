@@ -48,7 +48,7 @@ def _pearson(a: Tensor, b: Tensor) -> float:
     return 0.0 if denom < 1e-12 else float((a @ b).item() / denom)
 
 
-def _kmer_codes(idx: Tensor, k: int) -> Tensor:
+def kmer_codes(idx: Tensor, k: int) -> Tensor:
     """(N, L) base indices -> (N, L - k + 1) codes 0..4**k - 1 of the overlapping k-mers (ACGT base 4)."""
     n = idx.shape[1] - k + 1
     codes = torch.zeros(idx.shape[0], n, dtype=torch.long)
@@ -59,7 +59,7 @@ def _kmer_codes(idx: Tensor, k: int) -> Tensor:
 
 def kmer_spectrum(x: Seqs, k: int = 3) -> Tensor:
     """(4**k,) frequencies of overlapping k-mers over all sequences (sum 1), in lexicographic ACGT order."""
-    counts = torch.bincount(_kmer_codes(_indices(x), k).flatten(), minlength=4**k).double()
+    counts = torch.bincount(kmer_codes(_indices(x), k).flatten(), minlength=4**k).double()
     return counts / counts.sum().clamp_min(1)
 
 
@@ -121,7 +121,7 @@ def novelty(x_gen: Seqs, x_train: Seqs, chunk: int = 4096) -> float:
 def kmer_entropy(x: Seqs, k: int = 3) -> Tensor:
     """(N,) Shannon entropy in bits of each sequence's own k-mer distribution: a low-complexity score
     (0 for a homopolymer, 1 for a dinucleotide repeat, at most ``min(2k, log2(L - k + 1))``)."""
-    codes = _kmer_codes(_indices(x), k)
+    codes = kmer_codes(_indices(x), k)
     counts = torch.zeros(codes.shape[0], 4**k, dtype=torch.float64)
     counts.scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float64))
     p = counts / codes.shape[1]
@@ -135,7 +135,7 @@ def gc_content(x: Seqs) -> Tensor:
 
 
 class MarkovModel:
-    """k-th order Markov chain of DNA with Laplace (add-one) smoothing, fitted on real sequences.
+    """k-th order Markov chain of DNA with additive smoothing (Laplace's add-one by default), fitted on real sequences.
 
     ``log_likelihood_per_base`` is the ``naturalness`` score. It is high for homopolymers and some
     dinucleotide repeats (poly-A, (CA)n score above real DNA), so check :func:`kmer_entropy` alongside it.
@@ -147,13 +147,13 @@ class MarkovModel:
         log_probs: (4**k, 4) natural-log transition probabilities, row = context code (ACGT base 4).
     """
 
-    def __init__(self, sequences: Seqs, k: int = 5, both_strands: bool = True):
+    def __init__(self, sequences: Seqs, k: int = 5, both_strands: bool = True, pseudocount: float = 1.0):
         idx = _indices(sequences)
         if both_strands:
             idx = torch.cat([idx, (3 - idx).flip(1)])  # A<->T, C<->G is 3 - index
         self.k = k
-        counts = torch.ones(4**k * 4, dtype=torch.float64)
-        counts += torch.bincount(_kmer_codes(idx, k + 1).flatten(), minlength=4 ** (k + 1)).double()
+        counts = torch.full((4**k * 4,), pseudocount, dtype=torch.float64)
+        counts += torch.bincount(kmer_codes(idx, k + 1).flatten(), minlength=4 ** (k + 1)).double()
         counts = counts.view(4**k, 4)
         self.log_probs = (counts / counts.sum(1, keepdim=True)).log()
 
@@ -164,5 +164,5 @@ class MarkovModel:
         -log 4 = -1.386 under a model of uniform DNA, real DHS sequences more.
         """
         idx = _indices(x)
-        context = _kmer_codes(idx[:, :-1], self.k)
+        context = kmer_codes(idx[:, :-1], self.k)
         return self.log_probs[context, idx[:, self.k:]].mean(1)
