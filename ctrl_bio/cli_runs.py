@@ -203,12 +203,16 @@ def resume_config(command: str, overrides: list[str], resume: str) -> tuple[Dict
 def training_config(command: str, overrides: list[str]) -> tuple[DictConfig, Path, Path | None]:
     """(resolved config without ``hydra``, run directory, checkpoint to resume from) of a training command.
 
+    ``run_dir=<dir>`` is accepted as ``hydra.run.dir=<dir>``.
     ``resume=<run dir or .ckpt>`` reloads that run's saved ``config.yaml`` (:func:`resume_config`). A fresh run's
     default directory is made unique here, in the main process, before ``${run_dir}`` is resolved.
     """
     from ctrl_bio.training.command_config import check_settings
     from ctrl_bio.training.runs import is_main_process
 
+    # The config's run_dir is filled from hydra.run.dir below; a run_dir=... override would otherwise be
+    # overwritten without a word, so it is read as the hydra.run.dir it means.
+    overrides = [f"hydra.run.dir={o.split('=', 1)[1]}" if o.startswith("run_dir=") else o for o in overrides]
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     if resume not in (None, "", "null"):
         cfg, run_dir, ckpt = resume_config(command, overrides, resume)

@@ -37,9 +37,18 @@ class ResidualConvBlock(nn.Module):
         dilation: dilation of both convolutions; growing dilations widen the receptive field over long
             sequences without more parameters (WaveNet, van den Oord et al. 2016).
         groups: GroupNorm groups.
+        global_context: add a per-channel shift computed from the mean of the block's input features over the
+            whole sequence (global context pooling, as in squeeze-and-excitation, Hu et al. 2018, used
+            additively). A dilated stack sees the whole sequence in principle but mixes distant positions
+            weakly; the pooled path lets every position read what the sequence as a whole has committed to.
+            Its projection starts at zero, so an untrained block computes what a local one computes.
+        attention: end the block with a pre-norm multi-head self-attention layer over positions (the
+            attention of DDPM's U-Net, Ho et al. 2020, used by DNA-Diffusion), residual, its output
+            projection zero-initialised for the same reason.
     """
 
-    def __init__(self, hidden: int, emb_dim: int, kernel_size: int = 3, dilation: int = 1, groups: int = 8):
+    def __init__(self, hidden: int, emb_dim: int, kernel_size: int = 3, dilation: int = 1, groups: int = 8,
+                 global_context: bool = False, attention: bool = False):
         super().__init__()
         padding = dilation * (kernel_size // 2)
         self.norm1 = nn.GroupNorm(groups, hidden)
@@ -47,14 +56,29 @@ class ResidualConvBlock(nn.Module):
         self.emb_proj = nn.Linear(emb_dim, hidden)
         self.norm2 = nn.GroupNorm(groups, hidden)
         self.conv2 = nn.Conv1d(hidden, hidden, kernel_size, padding=padding, dilation=dilation)
+        self.global_proj = nn.Linear(hidden, hidden) if global_context else None
+        if self.global_proj is not None:
+            nn.init.zeros_(self.global_proj.weight)
+            nn.init.zeros_(self.global_proj.bias)
+        self.attn_norm = nn.GroupNorm(groups, hidden) if attention else None
+        self.attn = nn.MultiheadAttention(hidden, num_heads=4, batch_first=True) if attention else None
+        if self.attn is not None:
+            nn.init.zeros_(self.attn.out_proj.weight)
+            nn.init.zeros_(self.attn.out_proj.bias)
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
         """(B, hidden, L), (B, emb_dim) -> (B, hidden, L)."""
-        z = self.conv1(F.silu(self.norm1(h)))
+        a = F.silu(self.norm1(h))
+        z = self.conv1(a)
         # A per-channel shift, broadcast over positions: the embedding carries t (and the label), not x.
         z = z + self.emb_proj(emb).unsqueeze(-1)
-        z = self.conv2(F.silu(self.norm2(z)))
-        return h + z
+        if self.global_proj is not None:
+            z = z + self.global_proj(a.mean(dim=-1)).unsqueeze(-1)
+        h = h + self.conv2(F.silu(self.norm2(z)))
+        if self.attn is not None:
+            q = self.attn_norm(h).transpose(1, 2)
+            h = h + self.attn(q, q, q, need_weights=False)[0].transpose(1, 2)
+        return h
 
 
 class ConvScoreNet(nn.Module):
@@ -79,14 +103,23 @@ class ConvScoreNet(nn.Module):
             et al. 2022, with the one-position likelihood in closed form). The output layer starts at zero, so
             an untrained network is the exact denoiser of independent uniform categories, and training only
             has to learn what context adds; at low noise the likelihood dominates and the denoiser is exact.
+        context: ``local`` (dilated convolutions only); ``pool``: every block also adds a shift computed from
+            its features averaged over the sequence (:class:`ResidualConvBlock`'s ``global_context``);
+            ``attention``: every fourth block ends with self-attention over positions. Both let the denoiser
+            at one position depend on what the whole sequence reads as (a regulatory sequence is active in
+            one cell type from end to end), and both keep the network length-agnostic.
     """
 
     def __init__(self, sde: SDE, channels_in: int = 4, hidden: int = 128, n_blocks: int = 8, emb_dim: int = 128,
                  kernel_size: int = 3, n_fourier: int = 32, groups: int = 8, label_blocks: int | None = None,
-                 output: str = "eps"):
+                 output: str = "eps", context: str = "local"):
         super().__init__()
         if output not in ("eps", "categorical"):
             raise ValueError(f"output must be 'eps' or 'categorical', got {output!r}")
+        if context not in ("local", "pool", "attention"):
+            raise ValueError(f"context must be 'local', 'pool' or 'attention', got {context!r}")
+        if context == "attention" and hidden % 4 != 0:
+            raise ValueError(f"context='attention' uses 4 heads, so hidden must be a multiple of 4, got {hidden}")
         self.output = output
         if label_blocks is not None and not 1 <= label_blocks <= n_blocks:
             raise ValueError(f"label_blocks must lie in 1..n_blocks ({n_blocks}) or be None, got {label_blocks}")
@@ -101,12 +134,14 @@ class ConvScoreNet(nn.Module):
                        "kernel_size": kernel_size, "n_fourier": n_fourier, "groups": groups,
                        "label_blocks": label_blocks,
                        # named only when not the default, so every checkpoint written before it reads the same
-                       **({"output": output} if output != "eps" else {})}
+                       **({"output": output} if output != "eps" else {}),
+                       **({"context": context} if context != "local" else {})}
         self.channels_in, self.emb_dim, self.n_fourier = channels_in, emb_dim, n_fourier
         self.time_mlp = nn.Sequential(nn.Linear(n_fourier, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv1d(channels_in, hidden, kernel_size, padding=kernel_size // 2)
         self.blocks = nn.ModuleList(
-            ResidualConvBlock(hidden, emb_dim, kernel_size, dilation=2 ** (i % 4), groups=groups)
+            ResidualConvBlock(hidden, emb_dim, kernel_size, dilation=2 ** (i % 4), groups=groups,
+                              global_context=context == "pool", attention=context == "attention" and i % 4 == 3)
             for i in range(n_blocks))
         self.norm_out = nn.GroupNorm(groups, hidden)
         self.conv_out = nn.Conv1d(hidden, channels_in, kernel_size, padding=kernel_size // 2)

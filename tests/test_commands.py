@@ -237,3 +237,10 @@ training: {{epochs: 20}}
     monkeypatch.setenv("CTRL_BIO_TRUSTED_PACKAGES", "test_commands")
     assert main(["sample", f"run={model}", "y=1", "n=400", "progress=false", f"hydra.run.dir={tmp_path / 'm'}"]) == 0
     assert (tmp_path / "m/samples.csv").read_text() == (tmp_path / "s1/samples.csv").read_text()
+
+
+def test_run_dir_override_is_the_run_directory_not_silently_replaced(tmp_path):
+    from ctrl_bio.cli_runs import training_config
+
+    cfg, run_dir, _ = training_config("pretrain", [*GMM, f"run_dir={tmp_path / 'mine'}"])
+    assert run_dir == tmp_path / "mine" and cfg.run_dir == str(tmp_path / "mine")
