@@ -86,6 +86,25 @@ def sample_markov(init: torch.Tensor, trans: torch.Tensor, order: int, n: int, l
     return torch.stack(out, dim=1)
 
 
+class SampleStatistics:
+    """Motif and k-mer statistics of samples against a reference set (real test sequences): the share of strong
+    JASPAR hits per sequence against the reference's, the correlation of per-motif hit frequencies (motif usage),
+    and 3-mer and 6-mer spectrum correlations."""
+
+    def __init__(self, reference: torch.Tensor):
+        self.reference = reference
+        self.scanner = MotifScanner(load_motifs(None))
+        self.hits = self.scanner.hits(reference).double().sum(1).mean()
+        self.freq = self.scanner.hit_frequencies(reference)
+
+    def __call__(self, x: torch.Tensor) -> dict[str, float]:
+        freq = self.scanner.hit_frequencies(x)
+        return {"motif_hits_vs_real": float(self.scanner.hits(x).double().sum(1).mean() / self.hits),
+                "motif_usage_correlation": float(torch.corrcoef(torch.stack([freq, self.freq]))[0, 1]),
+                "kmer3_correlation": kmer_correlation(x, self.reference, 3),
+                "kmer6_correlation": kmer_correlation(x, self.reference, 6)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, nargs="+", default=[1, 3, 5])
@@ -133,17 +152,10 @@ def main() -> None:
                         "seconds": round(time.perf_counter() - start, 1)})
 
     # Samples of each model against the test sequences.
-    scanner = MotifScanner(load_motifs(None))
-    real_hits = scanner.hits(test_x).double().sum(1).mean()
-    real_freq = scanner.hit_frequencies(test_x)
+    reference = SampleStatistics(test_x)
 
     def score(name: str, x: torch.Tensor) -> None:
-        freq = scanner.hit_frequencies(x)
-        usage = float(torch.corrcoef(torch.stack([freq, real_freq]))[0, 1])
-        hits = float(scanner.hits(x).double().sum(1).mean() / real_hits)
-        report({"samples": name, "n": len(x), "motif_hits_vs_real": hits,
-                "motif_usage_correlation": usage, "kmer3_correlation": kmer_correlation(x, test_x, 3),
-                "kmer6_correlation": kmer_correlation(x, test_x, 6)})
+        report({"samples": name, "n": len(x), **reference(x)})
 
     score("real_train", from_indices(train_idx[torch.randperm(len(train_idx), generator=g)[:args.n_samples]]))
     for k, (init, trans) in chains.items():

@@ -34,18 +34,6 @@ from domains.dna.domain import DNADomain
 from domains.dna.metrics import kmer_codes
 from domains.dna.oracle import load_oracle
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("pairs", type=int, nargs="*", default=[7877])
-parser.add_argument("--pretrained", type=int, default=0, help="weight this many pre-trained samples, not test data")
-parser.add_argument("--checkpoint", default=None, help="a pretrain run directory or .safetensors (default: shipped)")
-parser.add_argument("--markov", type=int, default=0, metavar="K",
-                    help="with --pretrained N: weight N samples of an order-K Markov chain fitted to the training data")
-parser.add_argument("--clusters", type=int, default=0, metavar="C",
-                    help="with --markov: one chain per k-means cluster of the 4-mer spectra (no cell types used)")
-parser.add_argument("--per-celltype", action="store_true",
-                    help="with --markov: one chain per cell type, mixed in the training proportions")
-args = parser.parse_args()
-
 
 def kmeans_groups(idx: torch.Tensor, n_clusters: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
     """(N,) k-means cluster (Lloyd, cosine) of each sequence's standardised 4-mer spectrum: groups found without y."""
@@ -61,48 +49,80 @@ def kmeans_groups(idx: torch.Tensor, n_clusters: int, generator: torch.Generator
 
 
 ROOT = Path(__file__).resolve().parents[2]  # configs are read from the repository, whatever the cwd
-torch.set_num_threads(1)
-domain = DNADomain(checkpoint=args.checkpoint)
-if args.pretrained and args.markov:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from markov_reference import fit_markov, sample_markov
+GAMMAS = (0, 1, 2, 4, 8, 16)
 
-    train_idx, g = base_indices(domain.training_data()), torch.Generator().manual_seed(0)
-    if args.per_celltype or args.clusters:  # a sequence commits to one group's k-mer statistics end to end
-        if args.per_celltype:
-            cell, what = torch.from_numpy(domain.table.of_split("training").celltype), "cell type"
-        else:
-            cell, what = kmeans_groups(train_idx, args.clusters, g), f"k-means cluster of {args.clusters}"
-        counts = torch.bincount(cell[torch.randint(len(cell), (args.pretrained,), generator=g)],
-                                minlength=int(cell.max()) + 1)
-        idx = torch.cat([sample_markov(*fit_markov(train_idx[cell == k], args.markov), args.markov, int(n),
-                                       domain.x_shape[-1], g) for k, n in enumerate(counts)])
-        source = f"{args.pretrained} samples of a mixture of order-{args.markov} Markov chains, one per {what}"
-    else:
-        idx = sample_markov(*fit_markov(train_idx, args.markov), args.markov, args.pretrained, domain.x_shape[-1], g)
-        source = f"{args.pretrained} samples of an order-{args.markov} Markov chain"
-    x = from_indices(idx)
-elif args.pretrained:
+
+def pretrained_samples(domain: DNADomain, n: int, seed: int = 0) -> torch.Tensor:
+    """n samples of the domain's pre-trained network with the suite's 50-step sampler, argmax-decoded."""
     net = domain.augment(domain.pretrained_model(), [4]).eval()
     with torch.no_grad():
-        x = sample_pretrained_pool(net, domain.sde, domain.x_shape, args.pretrained, n_steps=50, t_end=1e-3,
-                                   batch_size=512, generator=torch.Generator().manual_seed(0))
-    x, source = from_indices(base_indices(x)), f"{args.pretrained} pre-trained samples"
-else:
-    x, source = one_hot(domain.table.of_split("test").sequences), "real test sequences"
-oracle = load_oracle()
-with torch.no_grad():
-    oracle_pred = torch.cat([oracle(x[i:i + 1024]) for i in range(0, len(x), 1024)]).argmax(1)
-spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
-for n in args.pairs:
-    spec["pairs"]["n"] = n
+        x = sample_pretrained_pool(net, domain.sde, domain.x_shape, n, n_steps=50, t_end=1e-3,
+                                   batch_size=512, generator=torch.Generator().manual_seed(seed))
+    return from_indices(base_indices(x))
+
+
+def celltype_optimum(domain: DNADomain, x: torch.Tensor, n_pairs: int = 7877, gammas=GAMMAS) -> tuple[float, list]:
+    """(reward classifier's held-out accuracy, [(gamma, oracle accuracy, ESS, J*)]) of the optimum on samples x.
+
+    The suite's celltype label with ``n_pairs`` pairs and the suite's seeds; the oracle scores each sample once.
+    """
+    oracle = load_oracle()
+    with torch.no_grad():
+        oracle_pred = torch.cat([oracle(x[i:i + 1024]) for i in range(0, len(x), 1024)]).argmax(1)
+    spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
+    spec["pairs"]["n"] = n_pairs
     pairs = load_label(spec, domain=domain, seed=7919)  # the suite's seed for its first label
     classifier, report = fit_reward_classifier(pairs, spec, seed=17)
     with torch.no_grad():
         log_p = torch.cat([classifier(x[i:i + 1024]) for i in range(0, len(x), 1024)])
-    cells = []
-    for gamma in (0, 1, 2, 4, 8, 16):
-        acc, ess = tilted_accuracy(log_p, oracle_pred, gamma)
-        cells.append(f"gamma {gamma}: accuracy {acc:.3f} (ESS {ess:.0f}, J* {tilted_objective(log_p, gamma):.2f})")
-    print(f"{source}, {n} pairs, classifier held-out accuracy {report.accuracy:.3f} | " + " | ".join(cells),
-          flush=True)
+    return report.accuracy, [(g, *tilted_accuracy(log_p, oracle_pred, g), tilted_objective(log_p, g)) for g in gammas]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", type=int, nargs="*", default=[7877])
+    parser.add_argument("--pretrained", type=int, default=0, help="weight this many pre-trained samples, not test data")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a pretrain run directory or .safetensors (default: shipped)")
+    parser.add_argument("--markov", type=int, default=0, metavar="K",
+                        help="with --pretrained N: weight N samples of an order-K Markov chain fitted to the training "
+                             "data")
+    parser.add_argument("--clusters", type=int, default=0, metavar="C",
+                        help="with --markov: one chain per k-means cluster of the 4-mer spectra (no cell types used)")
+    parser.add_argument("--per-celltype", action="store_true",
+                        help="with --markov: one chain per cell type, mixed in the training proportions")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    domain = DNADomain(checkpoint=args.checkpoint)
+    if args.pretrained and args.markov:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from markov_reference import fit_markov, sample_markov
+
+        train_idx, g = base_indices(domain.training_data()), torch.Generator().manual_seed(0)
+        if args.per_celltype or args.clusters:  # a sequence commits to one group's k-mer statistics end to end
+            if args.per_celltype:
+                cell, what = torch.from_numpy(domain.table.of_split("training").celltype), "cell type"
+            else:
+                cell, what = kmeans_groups(train_idx, args.clusters, g), f"k-means cluster of {args.clusters}"
+            counts = torch.bincount(cell[torch.randint(len(cell), (args.pretrained,), generator=g)],
+                                    minlength=int(cell.max()) + 1)
+            idx = torch.cat([sample_markov(*fit_markov(train_idx[cell == k], args.markov), args.markov, int(n),
+                                           domain.x_shape[-1], g) for k, n in enumerate(counts)])
+            source = f"{args.pretrained} samples of a mixture of order-{args.markov} Markov chains, one per {what}"
+        else:
+            idx = sample_markov(*fit_markov(train_idx, args.markov), args.markov, args.pretrained,
+                                domain.x_shape[-1], g)
+            source = f"{args.pretrained} samples of an order-{args.markov} Markov chain"
+        x = from_indices(idx)
+    elif args.pretrained:
+        x, source = pretrained_samples(domain, args.pretrained), f"{args.pretrained} pre-trained samples"
+    else:
+        x, source = one_hot(domain.table.of_split("test").sequences), "real test sequences"
+    for n in args.pairs:
+        accuracy, rows = celltype_optimum(domain, x, n)
+        cells = [f"gamma {g}: accuracy {acc:.3f} (ESS {ess:.0f}, J* {j:.2f})" for g, acc, ess, j in rows]
+        print(f"{source}, {n} pairs, classifier held-out accuracy {accuracy:.3f} | " + " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()

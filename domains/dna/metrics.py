@@ -104,18 +104,27 @@ def diversity(x: Seqs, max_n: int = 500) -> float:
     return float(dist.sum().item() / (n * (n - 1)) / length)
 
 
-def novelty(x_gen: Seqs, x_train: Seqs, chunk: int = 4096) -> float:
-    """Mean over generated sequences of (min Hamming distance to any training sequence) / L.
+def nearest_distance(x_gen: Seqs, x_train: Seqs, chunk: int = 4096) -> Tensor:
+    """(N,) Hamming distance in bases from each generated sequence to its nearest training sequence.
 
-    0 for memorised training sequences. One matrix product per chunk of training sequences.
+    0 for a memorised training sequence. One matrix product per chunk of training sequences.
     """
     g, t = _indices(x_gen), _indices(x_train)
-    length = g.shape[1]
     hg = _flat01(g)
     best = torch.zeros(g.shape[0])
     for part in t.split(chunk):
         best = torch.maximum(best, (hg @ _flat01(part).T).amax(1))
-    return float(((length - best) / length).mean().item())
+    return (g.shape[1] - best).round().long()
+
+
+def novelty(x_gen: Seqs, x_train: Seqs, chunk: int = 4096) -> float:
+    """Mean over generated sequences of (min Hamming distance to any training sequence) / L; 0 when memorised."""
+    return float((nearest_distance(x_gen, x_train, chunk).double() / _indices(x_gen).shape[1]).mean().item())
+
+
+def memorised(x_gen: Seqs, x_train: Seqs, max_distance: int = 20) -> float:
+    """Share of generated sequences within ``max_distance`` bases (Hamming) of a training sequence."""
+    return float((nearest_distance(x_gen, x_train) <= max_distance).double().mean().item())
 
 
 def kmer_entropy(x: Seqs, k: int = 3) -> Tensor:
