@@ -42,9 +42,11 @@ def state_digits(order: int) -> torch.Tensor:
     return torch.stack([(codes // 4**(order - 1 - j)) % 4 for j in range(order)], dim=1)
 
 
-def markov_posterior(emit: torch.Tensor, init: torch.Tensor, trans: torch.Tensor, order: int) -> torch.Tensor:
+def markov_posterior(emit: torch.Tensor, init: torch.Tensor, trans: torch.Tensor, order: int,
+                     with_evidence: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact posterior marginals p(base_i | x_t) (B, L, 4) of an order-k chain from emission log-likelihoods
-    (B, L, 4), by forward-backward over k-mer states (state at position i = the k-mer ending at i)."""
+    (B, L, 4), by forward-backward over k-mer states (state at position i = the k-mer ending at i); with
+    ``with_evidence`` also log p(x_t) (B,) up to the terms the emissions leave out (the same for every chain)."""
     batch, length, _ = emit.shape
     n_states, rest = 4**order, 4**(order - 1)
     digits = state_digits(order)
@@ -70,7 +72,17 @@ def markov_posterior(emit: torch.Tensor, init: torch.Tensor, trans: torch.Tensor
                 post[:, p] = torch.zeros(batch, 4, dtype=emit.dtype).index_add_(1, digits[:, p], state_p)
         else:
             post[:, order - 1 + pos] = state_p.view(batch, rest, 4).sum(1)
-    return post
+    return (post, torch.logsumexp(fwd[-1], dim=1)) if with_evidence else post
+
+
+def mixture_posterior(emit: torch.Tensor, chains: list[tuple[torch.Tensor, torch.Tensor]], log_weights: torch.Tensor,
+                      order: int) -> torch.Tensor:
+    """Posterior marginals (B, L, 4) of a mixture of order-k chains: each chain's marginals weighted by its
+    posterior probability given x_t, p(component | x_t) ∝ weight * p_component(x_t). A sequence drawn from
+    it keeps one component's statistics from end to end, which a single chain cannot express."""
+    parts = [markov_posterior(emit, init, trans, order, with_evidence=True) for init, trans in chains]
+    resp = torch.softmax(torch.stack([log_z for _, log_z in parts], 1) + log_weights, dim=1)  # (B, K)
+    return sum(resp[:, k, None, None] * post for k, (post, _) in enumerate(parts))
 
 
 def sample_markov(init: torch.Tensor, trans: torch.Tensor, order: int, n: int, length: int,
@@ -114,6 +126,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="the network's sampler steps (the suite's 50)")
     parser.add_argument("--checkpoint", default=None, help="another pre-trained network (default: the shipped one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-celltype", action="store_true",
+                        help="also the exact denoiser of a mixture of chains, one per training cell type: how much "
+                             "the denoising loss rewards a sequence that keeps to one cell type")
     args = parser.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(args.seed)
@@ -122,6 +137,11 @@ def main() -> None:
     train_idx = base_indices(domain.training_data())
     test_x = one_hot(domain.table.of_split("test").sequences)
     chains = {k: fit_markov(train_idx, k) for k in args.orders}
+    if args.per_celltype:
+        cell = torch.from_numpy(domain.table.of_split("training").celltype)
+        components = {k: [fit_markov(train_idx[cell == c], k) for c in range(int(cell.max()) + 1)]
+                      for k in args.orders}
+        log_weights = torch.bincount(cell).double().log() - torch.tensor(float(len(cell)), dtype=torch.float64).log()
     picks = {"test": test_x[torch.randperm(len(test_x), generator=g)[:args.n]],
              "train": from_indices(train_idx[torch.randperm(len(train_idx), generator=g)[:args.n]])}
 
@@ -145,12 +165,17 @@ def main() -> None:
                 for k, (init, trans) in chains.items():
                     post = torch.cat([markov_posterior(e, init, trans, k) for e in emit.split(128)])
                     estimates[f"markov{k}"] = (2 * post - 1).permute(0, 2, 1).float()
+                    if args.per_celltype:
+                        post = torch.cat([mixture_posterior(e, components[k], log_weights, k) for e in emit.split(128)])
+                        estimates[f"markov{k}_per_celltype"] = (2 * post - 1).permute(0, 2, 1).float()
             for name, x0_hat in estimates.items():
                 err = float(((x0_hat - x0) ** 2).sum((1, 2)).mean())
                 report({"t": t, "snr": snr, "split": split, "denoiser": name, "x0_error": err, "eps_loss": snr * err,
                         "base_accuracy": float((base_indices(x0_hat) == base_indices(x0)).double().mean()),
                         "seconds": round(time.perf_counter() - start, 1)})
 
+    if not args.n_samples:
+        return
     # Samples of each model against the test sequences.
     reference = SampleStatistics(test_x)
 
