@@ -8,7 +8,8 @@ the share of samples within 20 bases (Hamming) of a training sequence (memorisat
 optimum of the suite's celltype label (oracle accuracy of the samples tilted by the reward classifier's
 p(y|x)^gamma, with the smallest per-class effective sample size), on the same samples.
 
-    python benchmarks/dna/pretrained_table.py --n 2048 shipped benchmarks/dna/pretrain_categorical
+    python benchmarks/dna/pretrained_table.py --n 2048 shipped benchmarks/dna/pretrain_categorical > rows.jsonl
+    python benchmarks/dna/pretrained_table.py --render rows.jsonl
 """
 from __future__ import annotations
 
@@ -47,6 +48,26 @@ def table_row(name: str, x: torch.Tensor, domain: DNADomain, reference: SampleSt
     return row
 
 
+COLUMNS = {"motif_hits_vs_real": "strong hits / real", "motif_usage_correlation": "motif usage corr.",
+           "kmer3_correlation": "3-mer corr.", "kmer6_correlation": "6-mer corr.", "naturalness": "naturalness",
+           "diversity": "diversity", "novelty": "novelty",
+           f"memorised_within_{MEMORISED_WITHIN}": f"share within {MEMORISED_WITHIN} bases of training",
+           "closest_to_training": "closest (bases)"}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The recorded table: one line per row of the JSON lines this script prints."""
+    head = ["model", *COLUMNS.values(), "optimum at gamma " + " / ".join(map(str, GAMMAS)), "ESS at gamma 4",
+            "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in COLUMNS]
+        optimum = " / ".join(f"{r[f'optimum_gamma{g}']:.3f}" for g in GAMMAS)
+        lines.append("| " + " | ".join([r["model"], *cells, optimum, f"{r['ess_gamma4']:.0f}", f"{r['seconds']:.0f}"])
+                     + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("networks", nargs="+", help="'shipped' or a pretrain run directory / .safetensors")
@@ -54,7 +75,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=7877, help="labelled pairs of the reward classifier")
     parser.add_argument("--no-real", action="store_true", help="skip the real test row (the ceiling)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true",
+                        help="print the markdown table of the JSON-lines files named as networks, and stop")
     args = parser.parse_args()
+    if args.render:
+        print(markdown([json.loads(line) for path in args.networks for line in open(path) if line.strip()]))
+        return
     torch.set_num_threads(1)
     shipped = DNADomain()
     test_x = one_hot(shipped.table.of_split("test").sequences)
