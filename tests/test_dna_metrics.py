@@ -95,7 +95,6 @@ def test_diversity_novelty_gc():
     assert M.novelty(seqs[3:4], seqs) == 0.0
     assert M.novelty(["AACC"], ["AAAA", "CCCC"]) == 0.5
     assert M.nearest_distance(["AACC", "GGGG", "AAAC"], ["AAAA", "CCCC"]).tolist() == [2, 4, 1]
-    assert M.memorised(["AACC", "GGGG", "AAAC"], ["AAAA", "CCCC"], max_distance=1) == pytest.approx(1 / 3)
     torch.testing.assert_close(M.kmer_entropy(["AAAAAAAA", "ACACACAC", "AACCGGTT"], k=1),
                                torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64))
     torch.testing.assert_close(M.gc_content(["ACGT", "GGCA", "TTTT"]),

@@ -122,11 +122,6 @@ def novelty(x_gen: Seqs, x_train: Seqs, chunk: int = 4096) -> float:
     return float((nearest_distance(x_gen, x_train, chunk).double() / _indices(x_gen).shape[1]).mean().item())
 
 
-def memorised(x_gen: Seqs, x_train: Seqs, max_distance: int = 20) -> float:
-    """Share of generated sequences within ``max_distance`` bases (Hamming) of a training sequence."""
-    return float((nearest_distance(x_gen, x_train) <= max_distance).double().mean().item())
-
-
 def kmer_entropy(x: Seqs, k: int = 3) -> Tensor:
     """(N,) Shannon entropy in bits of each sequence's own k-mer distribution: a low-complexity score
     (0 for a homopolymer, 1 for a dinucleotide repeat, at most ``min(2k, log2(L - k + 1))``)."""
