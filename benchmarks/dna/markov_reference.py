@@ -141,7 +141,7 @@ def main() -> None:
         cell = torch.from_numpy(domain.table.of_split("training").celltype)
         components = {k: [fit_markov(train_idx[cell == c], k) for c in range(int(cell.max()) + 1)]
                       for k in args.orders}
-        log_weights = torch.bincount(cell).double().log() - torch.tensor(float(len(cell)), dtype=torch.float64).log()
+        log_weights = (torch.bincount(cell).double() / len(cell)).log()
     picks = {"test": test_x[torch.randperm(len(test_x), generator=g)[:args.n]],
              "train": from_indices(train_idx[torch.randperm(len(train_idx), generator=g)[:args.n]])}
 
