@@ -26,10 +26,12 @@ from ctrl_bio.estimators import (
     Objective,
     Pathwise,
     Problem,
+    RolloutControl,
     ScoreMatching,
     SoftValue,
     sample_pretrained_pool,
 )
+from ctrl_bio.estimators.rollout_control import DEFAULT_TIMES
 from ctrl_bio.model import ConditionalScore
 from ctrl_bio.objective import MemoryMode, ScoreTarget, WeightedPool, control_fit, pathwise_loss
 from ctrl_bio.pathway_seed import reseed_untrained_pathway
@@ -174,7 +176,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
              sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = (),
              am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
              value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
-             value_spacing: Spacing = "uniform",
+             value_spacing: Spacing = "uniform", rollout_anchors: int = 256, rollout_k: int = 16,
+             rollout_times: Sequence[float] = DEFAULT_TIMES,
              patience: int | None = None, tolerance: float = 0.0) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
@@ -189,8 +192,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
             (:mod:`ctrl_bio.plain_reward`: the pathway then has ``PLAIN_LABELS`` and samples with ``plain_requests``).
         label_prior: p(y) that training labels are drawn from; None for a plain reward.
         x_shape: shape of one sample, e.g. ``(d,)`` or ``(4, 200)``.
-        estimator: ``score_matching`` (default), ``pathwise``, ``adjoint_matching``, ``soft_value``, or ``hybrid``
-            (``pathwise`` with ``warm_start``).
+        estimator: ``score_matching`` (default), ``pathwise``, ``adjoint_matching``, ``soft_value``,
+            ``rollout_control``, or ``hybrid`` (``pathwise`` with ``warm_start``).
         warm_start: run ``sm_steps`` of score matching before ``pathwise`` or ``adjoint_matching``.
         alpha: KL weight; gamma: reward weight (gamma > 1 sharpens like a guidance scale).
         steps, batch_size, lr: updates, labels per update and learning rate of ``pathwise`` / ``adjoint_matching``;
@@ -211,6 +214,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
         value_steps, value_batch_size, value_lr, value_net, value_spacing: the soft value network's regression, its
             architecture and how its t is drawn (:class:`ctrl_bio.estimators.SoftValue`; its pool is ``pool_x0`` /
             ``pool_size``).
+        rollout_anchors, rollout_k, rollout_times: ``rollout_control``'s pre-trained trajectories, continuations per
+            anchor state, and anchor noise levels (:class:`ctrl_bio.estimators.RolloutControl`).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
             a NaN loss restores the last good ones, keeps that file and raises :class:`NonFiniteLossError`.
         seed: seeds every draw of the run (pool, labels, noise, evaluation) and the random weights of an untrained
@@ -225,7 +230,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
                           pool_size=pool_size, pool_x0=pool_x0, sm_target=sm_target, sm_spacing=sm_spacing,
                           am_time_samples=am_time_samples, max_adjoint=max_adjoint, value_steps=value_steps,
                           value_batch_size=value_batch_size, value_lr=value_lr, value_net=value_net,
-                          value_spacing=value_spacing, progress=progress)
+                          value_spacing=value_spacing, rollout_anchors=rollout_anchors, rollout_k=rollout_k,
+                          rollout_times=rollout_times, progress=progress)
     problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
                       n_steps=n_steps, t_end=t_end, spacing=spacing)
     return train(problem, phases, grad_clip=grad_clip, eval_every=eval_every, eval_batch_size=eval_batch_size,
@@ -239,7 +245,9 @@ def build_phases(estimator: str = "score_matching", *, warm_start: bool = False,
                  pool_x0: Tensor | None = None, sm_target: ScoreTarget = "denoising", sm_spacing: Spacing = "uniform",
                  am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
                  value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
-                 value_spacing: Spacing = "uniform", progress: bool = True) -> list[Estimator]:
+                 value_spacing: Spacing = "uniform", rollout_anchors: int = 256, rollout_k: int = 16,
+                 rollout_times: Sequence[float] = DEFAULT_TIMES,
+                 progress: bool = True) -> list[Estimator]:
     """The estimators that ``method.estimator`` names, in the order they run (the flat settings of the configs, as
     :func:`finetune` documents them): the estimator itself, after ``sm_steps`` of score matching when
     ``warm_start`` is set or the name is an alias (``hybrid``). :func:`finetune` and the Lightning
@@ -259,7 +267,10 @@ def build_phases(estimator: str = "score_matching", *, warm_start: bool = False,
             "soft_value": lambda: SoftValue(steps=steps, batch_size=batch_size, lr=lr, value_steps=value_steps,
                                             value_batch_size=value_batch_size, value_lr=value_lr,
                                             value_net=value_net, spacing=value_spacing, pool_size=pool_size,
-                                            pool_x0=pool_x0, progress=progress)}[estimator]()
+                                            pool_x0=pool_x0, progress=progress),
+            "rollout_control": lambda: RolloutControl(steps=steps, batch_size=batch_size, lr=lr,
+                                                      anchors=rollout_anchors, rollouts=rollout_k,
+                                                      times=tuple(rollout_times), progress=progress)}[estimator]()
     return [score_matching, main] if warm_start and estimator != "score_matching" else [main]
 
 

@@ -43,6 +43,8 @@ class TiltedPool(Protocol):
 
     def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
+    def item_log_tilts(self, y: Tensor, index: Tensor) -> Tensor: ...
+
     def posterior_mean(self, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor) -> Tensor: ...
 
     def untilted(self) -> TiltedPool: ...
@@ -192,6 +194,14 @@ class WeightedPool:
             # device), and torch.multinomial needs its weights where its generator is.
             self._probs[key] = torch.softmax(logw.double().cpu(), dim=0)
         return self._probs[key]
+
+    def item_log_tilts(self, y: Tensor, index: Tensor) -> Tensor:
+        """tilt * log p(y_b | x0_i) for the pool items ``index[b]`` of each row of y, unnormalised, (B, M).
+
+        index: (B, M) pool rows per request (the rollouts of one anchor, :mod:`ctrl_bio.estimators.rollout_control`).
+        """
+        return self.tilt * sum(lp[index, y[:, k, None].to(index.device)]
+                               for k, lp in enumerate(self.class_log_probs))
 
     def effective_sample_size(self, y: Tensor) -> float:
         """Kish's effective sample size of the importance weights for one label combination y, (K,)."""
@@ -343,6 +353,12 @@ class ContinuousWeightedPool:
         dtype (the score-matching loop calls it every update).
         """
         z = (y.to(self.pred)[:, None, :] - self.pred[None]) / self.reward.sigma.to(self.pred)
+        return (-0.5 * self.tilt) * torch.nan_to_num(z, nan=0.0).square().sum(-1)
+
+    def item_log_tilts(self, y: Tensor, index: Tensor) -> Tensor:
+        """tilt * log N(y_b; f(x0_i), sigma^2) up to a constant, for the pool items ``index[b]`` of each row of y,
+        (B, M); as :meth:`_tilted_log_likelihood` on a subset of the pool. index: (B, M)."""
+        z = (y.to(self.pred)[:, None, :] - self.pred[index]) / self.reward.sigma.to(self.pred)
         return (-0.5 * self.tilt) * torch.nan_to_num(z, nan=0.0).square().sum(-1)
 
     def log_weights(self, y: Tensor) -> Tensor:

@@ -57,6 +57,11 @@ class CTRLSettings:
     value_batch_size: int = 256
     value_lr: float = 2.0e-3
     value_spacing: str = "uniform"      # soft value: how t is drawn for V and the distillation (uniform | quadratic)
+    rollout_anchors: int = 256          # rollout control: pre-trained trajectories whose states are the anchors
+    rollout_k: int = 16                 # rollout control: continuations of the pre-trained sampler per anchor
+    # rollout control: anchor noise levels (each moved to the sampler's nearest grid point)
+    rollout_times: list[float] = field(default_factory=lambda: [0.03, 0.09, 0.15, 0.21, 0.27, 0.33, 0.39, 0.45,
+                                                                0.51, 0.57, 0.63, 0.69, 0.75, 0.81, 0.87, 0.93])
     # Monitoring, stopping and the row's sampling.
     eval_every: int = 500               # a no-grad estimate of J, reward and KL every this many updates
     patience: int | None = None         # a phase stops when J has not improved in this many evaluations (null: never)

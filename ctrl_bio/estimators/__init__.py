@@ -6,6 +6,8 @@
   (Domingo-Enrich et al. 2025).
 - ``soft_value``: a value network V(x_t, t, y) = log E_pre[p(y|x0)^(gamma/alpha) | x_t] fitted by regression, its
   gradient (the h-transform's control) distilled into the pathway.
+- ``rollout_control``: the control regressed onto Monte Carlo estimates of the h-transform's control, from
+  continuations of the pre-trained sampler (Tweedie's formula for the tilted and untilted posteriors).
 
 ``method.estimator`` names one; ``method.warm_start: true`` runs ``score_matching`` first (``hybrid`` is ``pathwise``
 with the warm start). A new estimator is a file here and a line in :data:`ESTIMATORS`.
@@ -14,14 +16,15 @@ with the warm start). A new estimator is a file here and a line in :data:`ESTIMA
 from ctrl_bio.estimators.adjoint_matching import AdjointMatching, lean_adjoint
 from ctrl_bio.estimators.base import Estimator, Objective, Problem
 from ctrl_bio.estimators.pathwise import Pathwise
+from ctrl_bio.estimators.rollout_control import RolloutControl
 from ctrl_bio.estimators.score_matching import ScoreMatching, sample_pretrained_pool
 from ctrl_bio.estimators.soft_value import SoftValue
 
 #: The on-policy estimators by name (what ``method.estimator`` selects), score matching included.
 ESTIMATORS = {"score_matching": ScoreMatching, "pathwise": Pathwise, "adjoint_matching": AdjointMatching,
-              "soft_value": SoftValue}
+              "soft_value": SoftValue, "rollout_control": RolloutControl}
 #: Names that are a warm start plus an estimator.
 ALIASES = {"hybrid": "pathwise"}
 
 __all__ = ["ALIASES", "AdjointMatching", "ESTIMATORS", "Estimator", "Objective", "Pathwise", "Problem",
-           "ScoreMatching", "SoftValue", "lean_adjoint", "sample_pretrained_pool"]
+           "RolloutControl", "ScoreMatching", "SoftValue", "lean_adjoint", "sample_pretrained_pool"]
