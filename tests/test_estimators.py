@@ -159,3 +159,28 @@ def test_gradient_estimators_refuse_a_reward_without_gradient(estimator):
     with pytest.raises(NonDifferentiableRewardError, match=f"estimator {estimator} follows the reward's gradient"):
         finetune(model, sde, LogLikelihoodReward([decoded]), LabelPrior([torch.ones(2)]), (2,), estimator=estimator,
                  steps=1, batch_size=4, n_steps=3, eval_every=10, eval_batch_size=4, progress=False)
+
+
+def test_rollout_target_is_the_h_transform_control_on_exact_posterior_draws():
+    """For p_pre = N(m, S I) and log w(x0) = c.x0, draws of the exact posterior p_pre(x0 | x_t) give Tweedie's
+    difference of tilted and untilted posterior means, u* = alpha_t S c / (alpha_t^2 S + sigma_t^2) at every x_t
+    (the closed form the lean adjoint test uses), up to Monte Carlo error."""
+    from ctrl_bio.estimators.rollout_control import rollout_target
+    from ctrl_bio.label_space import WeightedPool
+
+    sde = VPSDE()
+    m, s, c = torch.tensor([0.5, -1.0]), 2.0, torch.tensor([1.0, -0.5])
+    g = torch.Generator().manual_seed(0)
+    n_anchor, k = 3, 200_000
+    t = torch.tensor([0.2, 0.5, 0.8])
+    alpha, sigma = sde.alpha(t), sde.sigma(t)
+    x_t = torch.randn(n_anchor, 2, generator=g) * 2
+    var = alpha**2 * s + sigma**2
+    post_mean = m + (alpha * s / var)[:, None] * (x_t - alpha[:, None] * m)
+    post_std = torch.sqrt(s * sigma**2 / var)
+    x0 = post_mean[:, None] + post_std[:, None, None] * torch.randn(n_anchor, k, 2, generator=g)
+    pool = WeightedPool(x0.reshape(-1, 2), [(x0.reshape(-1, 2) @ c)[:, None]], tilt=1.0)
+    index = torch.arange(n_anchor * k).reshape(n_anchor, k)
+    u = rollout_target(pool, torch.zeros(n_anchor, 1, dtype=torch.long), index, x0, alpha, sigma)
+    expected = (alpha * s / var)[:, None] * c
+    torch.testing.assert_close(u, expected, rtol=0.03, atol=0.03)

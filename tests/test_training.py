@@ -94,12 +94,13 @@ def test_ctrl_module_trains_only_the_pathway_and_reaches_the_label(small_testbed
         n for n, _ in model.named_parameters() if n.startswith("pathway.")]
 
 
-@pytest.mark.parametrize("estimator", ["adjoint_matching", "soft_value"])
+@pytest.mark.parametrize("estimator", ["adjoint_matching", "soft_value", "rollout_control"])
 def test_finetune_command_runs_every_estimator(estimator, tmp_path):
     """`ctrl-bio finetune` runs the suites' estimators (one interface, :func:`ctrl_bio.finetune.build_phases`):
     a score-matching warm start, then the named estimator, each phase logged and the pathway trained."""
     args = TINY + [f"method.estimator={estimator}", "method.warm_start=true", "method.sm_steps=2", "method.steps=3",
-                   "method.value_steps=4", "method.value_batch_size=32", f"hydra.run.dir={tmp_path}"]
+                   "method.value_steps=4", "method.value_batch_size=32", "method.rollout_anchors=8",
+                   "method.rollout_k=2", f"hydra.run.dir={tmp_path}"]
     proc = run_cli(["finetune", *args])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
