@@ -65,6 +65,8 @@ class FinetuneResult:
             the pool: ``t``, ``signal`` (mean sigma_t^2 ||u*||^2), ``error`` (mean sigma_t^2 ||u_theta - u*||^2) and
             ``explained`` = 1 - error / signal, ``pretrained_error`` (mean sigma_t^2 ||s_pre - s_pool||^2;
             :func:`ctrl_bio.objective.control_fit`).
+        kept: with ``keep_best``, the evaluation whose parameters the model ends with (its ``step``, ``phase`` and
+            ``objective``); None otherwise.
     """
 
     history: list[dict] = field(default_factory=list)
@@ -73,6 +75,7 @@ class FinetuneResult:
     prepared: dict[str, dict] = field(default_factory=dict)
     stopped_by: dict[str, dict] = field(default_factory=dict)
     control_fit: list[dict] = field(default_factory=list)
+    kept: dict | None = None
 
 
 @dataclass
@@ -125,6 +128,7 @@ class TrainingMonitor:
         if not self.named:
             raise ValueError("the model has no trainable parameters: is the label pathway attached?")
         self.last_good = {n: p.detach().clone() for n, p in self.named.items()}
+        self.best: tuple[dict, dict[str, Tensor]] | None = None  # the evaluation with the highest J, its parameters
         self.path = Path(checkpoint_path) if checkpoint_path is not None else None
 
     @property
@@ -159,8 +163,21 @@ class TrainingMonitor:
         self.history.append({"step": step, "phase": phase, "loss": loss, "reward": float(est.reward),
                              "kl": float(est.kl), "objective": float(est.objective)})
         self.last_good = {n: p.detach().clone() for n, p in self.named.items()}
+        if self.best is None or self.history[-1]["objective"] > self.best[0]["objective"]:
+            self.best = (self.history[-1], self.last_good)
         if self.path is not None:
             save_pathway_checkpoint(self.last_good, self.path)
+
+    @torch.no_grad()
+    def restore_best(self) -> dict:
+        """Load the parameters of the evaluation with the highest estimate of J (init included) and return that
+        evaluation's record (early stopping that keeps the best state, not the last one)."""
+        record, params = self.best
+        for n, p in self.named.items():
+            p.copy_(params[n])
+        if self.path is not None:
+            save_pathway_checkpoint(params, self.path)
+        return record
 
 
 def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Callable[[Tensor], Tensor],
@@ -178,7 +195,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
              value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
              value_spacing: Spacing = "uniform", rollout_anchors: int = 256, rollout_k: int = 16,
              rollout_times: Sequence[float] = DEFAULT_TIMES,
-             patience: int | None = None, tolerance: float = 0.0) -> FinetuneResult:
+             patience: int | None = None, tolerance: float = 0.0, keep_best: bool = False) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
     The flat settings below build the estimators (:mod:`ctrl_bio.estimators`) and hand them to :func:`train`;
@@ -222,6 +239,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
             pathway (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`: drawn again as if the model had been
             built under ``torch.manual_seed(seed)``), so a run is a function of its arguments alone.
         patience, tolerance: stop a phase once J has levelled off (:func:`train`); None: run every update.
+        keep_best: end with the parameters of the evaluation with the highest J (:func:`train`).
     """
     if label_prior is None:  # a plain reward: one label of one class that every request asks for
         label_prior, reward = plain_prior(), reward if isinstance(reward, PlainReward) else PlainReward(reward)
@@ -236,7 +254,7 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
                       n_steps=n_steps, t_end=t_end, spacing=spacing)
     return train(problem, phases, grad_clip=grad_clip, eval_every=eval_every, eval_batch_size=eval_batch_size,
                  checkpoint_path=checkpoint_path, seed=seed, progress=progress, control_fit_times=control_fit_times,
-                 patience=patience, tolerance=tolerance)
+                 patience=patience, tolerance=tolerance, keep_best=keep_best)
 
 
 def build_phases(estimator: str = "score_matching", *, warm_start: bool = False, steps: int = 200,
@@ -276,14 +294,18 @@ def build_phases(estimator: str = "score_matching", *, warm_start: bool = False,
 
 def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | None = 1.0, eval_every: int = 100,
           eval_batch_size: int = 512, checkpoint_path: str | Path | None = None, seed: int = 0, progress: bool = True,
-          control_fit_times: Sequence[float] = (), patience: int | None = None, tolerance: float = 0.0
-          ) -> FinetuneResult:
+          control_fit_times: Sequence[float] = (), patience: int | None = None, tolerance: float = 0.0,
+          keep_best: bool = False) -> FinetuneResult:
     """Run each estimator in turn on ``problem``: ``steps`` Adam updates each, a cosine learning-rate decay per phase,
     the gradient norm clipped at ``grad_clip``, J recorded every ``eval_every`` updates (:class:`TrainingMonitor`).
 
     Stopping: ``steps`` is each phase's budget cap. With ``patience`` set, a phase also stops once its estimate of J
     has not risen above its best by more than ``tolerance`` nats for ``patience`` evaluations in a row (J levelling
     off). ``FinetuneResult.stopped_by`` says, per phase, which criterion ended it and at which update.
+
+    ``keep_best``: the model ends with the parameters of the evaluation (every ``eval_every`` updates, and the
+    untrained pathway) whose estimate of J is highest, rather than the last ones: a regression onto noisy targets can
+    pass J's maximum and go on fitting the noise. ``FinetuneResult.kept`` names that evaluation.
 
     ``seed`` seeds every draw, and an untrained pathway's random weights too
     (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`).
@@ -330,6 +352,8 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
                         break
     if not result.history or result.history[-1]["step"] != step:
         monitor.evaluate(step, ran[-1].name if ran else "init", float("nan"))
+    if keep_best:
+        result.kept = monitor.restore_best()
     with_pool = [est for est in ran if getattr(est, "pool", None) is not None]
     if control_fit_times and with_pool:
         result.control_fit = measure_control_fit(p.model, p.sde, with_pool[0].pool, p.label_prior, control_fit_times,

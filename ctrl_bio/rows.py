@@ -301,7 +301,8 @@ class RowRunner(BaselineRows):
                           checkpoint_path=self.run_dir / "checkpoints" / "ctrl.safetensors", **settings)
         self.histories["ctrl"] = result.history
         self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
-                             "train_seconds": result.seconds, "prepared": result.prepared}
+                             "train_seconds": result.seconds, "prepared": result.prepared,
+                             "stopped_by": result.stopped_by, "kept": result.kept}
         if result.control_fit:
             self.info["ctrl"]["control_fit"] = result.control_fit
         self._ctrl = model

@@ -66,6 +66,7 @@ class CTRLSettings:
     eval_every: int = 500               # a no-grad estimate of J, reward and KL every this many updates
     patience: int | None = None         # a phase stops when J has not improved in this many evaluations (null: never)
     tolerance: float = 0.0              # an improvement of J must exceed this to count
+    keep_best: bool = False             # end with the parameters of the evaluation with the highest J, not the last
     eval_batch_size: int = 512
     control_fit_times: list[float] = field(default_factory=list)  # t where the control is compared with the pool's
     control_scales: list[float] = field(default_factory=lambda: [1.0])  # suites: s_pre + w u, w chosen by J

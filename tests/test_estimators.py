@@ -136,6 +136,31 @@ def test_a_phase_stops_when_j_levels_off_and_says_so(small_testbed):
     assert result.stopped_by["pathwise"] == {"criterion": "budget", "update": 40}
 
 
+def test_keep_best_ends_on_the_evaluation_with_the_highest_j(small_testbed, tmp_path):
+    """``keep_best`` restores the parameters of the best evaluation (saved to the checkpoint too) and names it;
+    here a learning rate far too high makes later evaluations worse than an earlier one."""
+    from safetensors.torch import load_file
+
+    tb = small_testbed
+    label = tb.component_label
+    prior = LabelPrior([label.class_probs()])
+    runs = {}
+    for keep_best in (False, True):  # the same seeded run, ending on its last or its best evaluation
+        model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
+        result = finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator="pathwise",
+                          steps=30, batch_size=8, lr=1.0, grad_clip=None, n_steps=5, eval_every=5,
+                          eval_batch_size=64, keep_best=keep_best, checkpoint_path=tmp_path / "pathway.safetensors",
+                          progress=False)
+        runs[keep_best] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    best = max(result.history, key=lambda h: h["objective"])
+    assert result.kept == best and best is not result.history[-1]
+    assert any(not torch.equal(a, b) for a, b in zip(runs[False], runs[True]))
+    saved = load_file(tmp_path / "pathway.safetensors")
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), saved[name])
+
+
 def test_the_adjoint_clip_acts_per_path_and_step():
     from ctrl_bio.estimators.adjoint_matching import clip_norm
 
