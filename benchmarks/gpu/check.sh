@@ -16,7 +16,7 @@
 # CTRL_BIO_CACHE).
 set -uo pipefail
 
-ESTIMATORS="score_matching pathwise hybrid adjoint_matching soft_value"  # method.estimator values: every one
+ESTIMATORS="score_matching pathwise hybrid adjoint_matching soft_value rollout_control"  # method.estimator values: every one
 SUITES="gmm gmm_pg dna molecules molecules_edm images"
 SPEED_BATCHES="8 64"
 
@@ -90,19 +90,21 @@ task pretrain_molecules "$PRE_STEPS" pretrain domain=molecules domain.data=slice
 # 2. Fine-tuning with every estimator: gmm (exact reward) and dna (the gc label's learned classifier, the shipped
 # network: the exact gc reward counts bases of the decoded sequence and has no gradient for pathwise or adjoint matching).
 steps_of() {  # updates an estimator runs: score matching, the on-policy phase, or both (hybrid); soft_value's
-              # value regression (VALUE_STEPS) comes before its updates and is in its seconds, not in its steps
+              # value regression (VALUE_STEPS) and rollout_control's rollouts come before their updates and are in
+              # their seconds, not in their steps
   case $1 in score_matching) echo "$2" ;; hybrid) echo $(( $2 + $3 )) ;; *) echo "$3" ;; esac
 }
 for estimator in $ESTIMATORS; do
   task "finetune_gmm_$estimator" "$(steps_of "$estimator" "$SM_STEPS" "$PW_STEPS")" finetune domain=gmm \
     label=component reward=exact "method.estimator=$estimator" "method.sm_steps=$SM_STEPS" \
     "method.steps=$PW_STEPS" method.pool_size=4096 method.batch_size=64 n_steps=50 method.eval_every=0 \
-    data.n_pairs=400 "method.value_steps=$VALUE_STEPS"
+    data.n_pairs=400 "method.value_steps=$VALUE_STEPS" method.rollout_anchors=64 method.rollout_k=8
   task "finetune_dna_$estimator" "$(steps_of "$estimator" "$DNA_SM_STEPS" "$DNA_PW_STEPS")" finetune domain=dna \
     domain.data=slice label=gc reward=classifier label.gc.training.epochs=2 data.n_pairs=40 \
     "method.estimator=$estimator" \
     "method.sm_steps=$DNA_SM_STEPS" "method.steps=$DNA_PW_STEPS" method.pool_size=256 method.sm_batch_size=128 \
-    method.batch_size=16 n_steps=20 method.eval_every=0 "method.value_steps=$VALUE_STEPS"
+    method.batch_size=16 n_steps=20 method.eval_every=0 "method.value_steps=$VALUE_STEPS" method.rollout_anchors=32 \
+    method.rollout_k=4
 done
 
 # 3. Every suite at a smoke budget: the same work on any device, so its seconds compare directly.
