@@ -346,20 +346,21 @@ class ContinuousWeightedPool:
         with torch.no_grad():
             self.pred = reward.predict(x0)
 
-    def _tilted_log_likelihood(self, y: Tensor) -> Tensor:
-        """tilt * sum_k log N(y_k; f_k(x0_i), sigma_k^2) up to a constant in i, (B, N); NaN y_k adds 0.
+    def _tilted_log_likelihood(self, y: Tensor, index: Tensor | None = None) -> Tensor:
+        """tilt * sum_k log N(y_k; f_k(x0_i), sigma_k^2) up to a constant in i, (B, N); NaN y_k adds 0. With
+        ``index`` (B, M), only the pool items ``index[b]`` of each row, (B, M).
 
         The normalising constants cancel in the weights, so this is one fused pass over (B, N, K) in the pool's
         dtype (the score-matching loop calls it every update).
         """
-        z = (y.to(self.pred)[:, None, :] - self.pred[None]) / self.reward.sigma.to(self.pred)
+        pred = self.pred[None] if index is None else self.pred[index]
+        z = (y.to(self.pred)[:, None, :] - pred) / self.reward.sigma.to(self.pred)
         return (-0.5 * self.tilt) * torch.nan_to_num(z, nan=0.0).square().sum(-1)
 
     def item_log_tilts(self, y: Tensor, index: Tensor) -> Tensor:
         """tilt * log N(y_b; f(x0_i), sigma^2) up to a constant, for the pool items ``index[b]`` of each row of y,
-        (B, M); as :meth:`_tilted_log_likelihood` on a subset of the pool. index: (B, M)."""
-        z = (y.to(self.pred)[:, None, :] - self.pred[index]) / self.reward.sigma.to(self.pred)
-        return (-0.5 * self.tilt) * torch.nan_to_num(z, nan=0.0).square().sum(-1)
+        (B, M). index: (B, M)."""
+        return self._tilted_log_likelihood(y, index)
 
     def log_weights(self, y: Tensor) -> Tensor:
         """Normalised log weights of every pool sample for every row of y, (B, N), float64."""

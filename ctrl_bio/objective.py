@@ -125,13 +125,22 @@ def pool_optimal_control(pool: WeightedPool, x_t: Tensor, alpha_t: Tensor, sigma
     for each; :meth:`WeightedPool.posterior_mean`): grad log h_t of the Doob h-transform, exact for the pool's
     empirical law. alpha_t, sigma_t: (B,). Shape of x_t.
     """
-    return _control_from_means(*_posterior_means(pool, x_t, alpha_t, sigma_t, y), alpha_t, sigma_t)
+    return control_from_means(*_posterior_means(pool, x_t, alpha_t, sigma_t, y), alpha_t, sigma_t)
 
 
-def _control_from_means(mean_tilted: Tensor, mean_untilted: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
+def control_from_means(mean_tilted: Tensor, mean_untilted: Tensor, alpha_t: Tensor, sigma_t: Tensor) -> Tensor:
     """u* = alpha_t (E_w[x_0 | x_t, y] - E[x_0 | x_t]) / sigma_t^2, from the two posterior means (Tweedie)."""
     a, sigma2 = append_dims(alpha_t, mean_tilted.ndim), append_dims(sigma_t**2, mean_tilted.ndim)
     return a * (mean_tilted - mean_untilted) / sigma2
+
+
+def control_regression_loss(model: AugmentedScore, sde: SDE, x_t: Tensor, t: Tensor, y: Tensor, u_star: Tensor
+                            ) -> Tensor:
+    """E sigma_t^2 || u_theta(x_t, t, y) - u* ||^2: the control u_theta = s_theta - s_pre regressed onto a target u*
+    in noise units (the pool's optimal control, a value function's gradient, a rollout estimate)."""
+    _, u_theta = model.score_and_control(x_t, t, y)
+    sigma = append_dims(sde.sigma(t), x_t.ndim)
+    return sum_except_batch((sigma * (u_theta - u_star)) ** 2).mean()
 
 
 def _posterior_means(pool: WeightedPool, x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, y: Tensor
@@ -180,11 +189,9 @@ def weighted_score_matching_loss(model: AugmentedScore, sde: SDE, pool: Weighted
     t, eps = noise_levels(x0, y.shape[0], t_end, spacing, generator)
     x_t = sde.perturb(x0, t, eps)
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
-    sigma = append_dims(sigma_t, x0.ndim)
     if target == "control":
-        u_star = pool_optimal_control(pool, x_t, alpha_t, sigma_t, y)
-        _, u_theta = model.score_and_control(x_t, t, y)
-        return sum_except_batch((sigma * (u_theta - u_star)) ** 2).mean()
+        return control_regression_loss(model, sde, x_t, t, y, pool_optimal_control(pool, x_t, alpha_t, sigma_t, y))
+    sigma = append_dims(sigma_t, x0.ndim)
     eps_mean = (x_t - append_dims(alpha_t, x0.ndim) * pool.posterior_mean(x_t, alpha_t, sigma_t, y)) / sigma
     return sum_except_batch((sigma * model(x_t, t, y) + eps_mean) ** 2).mean()
 
@@ -211,7 +218,7 @@ def control_fit(model: AugmentedScore, sde: SDE, pool: WeightedPool, y: Tensor, 
     x_t = sde.perturb(x0, t, randn(x0.shape, generator, device=x0.device, dtype=x0.dtype))
     alpha_t, sigma_t = sde.alpha(t), sde.sigma(t)
     mean_tilted, mean_untilted = _posterior_means(pool, x_t, alpha_t, sigma_t, y)
-    u_star = _control_from_means(mean_tilted, mean_untilted, alpha_t, sigma_t)  # the untilted mean is reused below
+    u_star = control_from_means(mean_tilted, mean_untilted, alpha_t, sigma_t)  # the untilted mean is reused below
     a, sigma2 = append_dims(alpha_t, x0.ndim), append_dims(sigma_t**2, x0.ndim)
     s_theta, u_theta = model.score_and_control(x_t, t, y)
     s_pool = (a * mean_untilted - x_t) / sigma2

@@ -33,9 +33,10 @@ from torch import Tensor
 
 from ctrl_bio.estimators.base import Problem
 from ctrl_bio.label_space import TiltedPool, label_space_of
+from ctrl_bio.objective import control_from_means, control_regression_loss
 from ctrl_bio.progress import progress_bar
 from ctrl_bio.sampling import euler_maruyama, time_grid
-from ctrl_bio.utils import append_dims, sum_except_batch
+from ctrl_bio.utils import append_dims
 
 #: Anchor noise levels: 16 across (0, 1), each moved to the sampler's nearest grid point.
 DEFAULT_TIMES = (0.03, 0.09, 0.15, 0.21, 0.27, 0.33, 0.39, 0.45, 0.51, 0.57, 0.63, 0.69, 0.75, 0.81, 0.87, 0.93)
@@ -51,14 +52,13 @@ def grid_levels(grid: Tensor, times: tuple[float, ...] | list[float]) -> list[in
 
 def rollout_target(pool: TiltedPool, y: Tensor, index: Tensor, x0: Tensor, alpha_t: Tensor, sigma_t: Tensor
                    ) -> Tensor:
-    """u_hat = alpha_t / sigma_t^2 sum_k (w_k - 1/K) x0_k for each request, (B, ...).
+    """u_hat = alpha_t / sigma_t^2 sum_k (w_k - 1/K) x0_k for each request, (B, ...): Tweedie's difference of the
+    self-normalised tilted mean and the plain mean of each anchor's rollouts.
 
     index: (B, K) pool rows of each anchor's rollouts; x0: their end points, (B, K, ...); alpha_t, sigma_t: (B,).
     """
     w = torch.softmax(pool.item_log_tilts(y, index).double(), dim=1).to(x0.dtype)
-    centred = w - 1.0 / w.shape[1]
-    diff = (append_dims(centred, x0.ndim) * x0).sum(1)
-    return append_dims(alpha_t / sigma_t**2, diff.ndim) * diff
+    return control_from_means((append_dims(w, x0.ndim) * x0).sum(1), x0.mean(1), alpha_t, sigma_t)
 
 
 @dataclass
@@ -104,12 +104,12 @@ class RolloutControl:
 
         with torch.no_grad():
             x1 = p.sde.prior_sampling((self.anchors, *p.x_shape), generator=generator, device=device)
+            chunks = x1.split(self.chunk)
             states = torch.cat([euler_maruyama(p.sde, pretrained(len(c)), c, grid[:levels[-1] + 1],
                                                generator=generator).states[levels]
-                                for c in x1.split(self.chunk)], dim=1)  # (L, N, ...)
+                                for c in chunks], dim=1)  # (L, N, ...)
             ends = []
-            n_chunks = len(levels) * len(x1.split(self.chunk))
-            with progress_bar(n_chunks, "ctrl rollouts", enabled=self.progress) as advance:
+            with progress_bar(len(levels) * len(chunks), "ctrl rollouts", enabled=self.progress) as advance:
                 for level, x_level in zip(levels, states):
                     for c in x_level.split(self.chunk):
                         x = c.repeat_interleave(self.rollouts, dim=0)
@@ -148,8 +148,5 @@ class RolloutControl:
         if self.pool is None:
             raise RuntimeError("RolloutControl.prepare must run before loss")
         anchor = torch.randint(0, self.x_t.shape[0], (y.shape[0],), generator=generator).to(self.x_t.device)
-        x_t, t = self.x_t[anchor], self.t[anchor]
-        u_star = self._target(problem, y, anchor)
-        _, u = problem.model.score_and_control(x_t, t, y)
-        sigma = append_dims(problem.sde.sigma(t), x_t.ndim)
-        return sum_except_batch((sigma * (u - u_star)) ** 2).mean()
+        return control_regression_loss(problem.model, problem.sde, self.x_t[anchor], self.t[anchor], y,
+                                       self._target(problem, y, anchor))

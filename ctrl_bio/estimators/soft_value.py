@@ -29,9 +29,8 @@ from ctrl_bio.estimators.base import Problem
 from ctrl_bio.estimators.score_matching import tilted_pool
 from ctrl_bio.guidance import NoisyMLPClassifier, fit_adam
 from ctrl_bio.label_space import CategoricalLabels
-from ctrl_bio.objective import WeightedPool, noise_levels
+from ctrl_bio.objective import WeightedPool, control_regression_loss, noise_levels
 from ctrl_bio.sampling import Spacing
-from ctrl_bio.utils import append_dims, sum_except_batch
 
 
 def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
@@ -118,7 +117,4 @@ class SoftValue:
         if self.pool is None or self.value_net is None:
             raise RuntimeError("SoftValue.prepare must run before loss")
         x_t, t = self._noised(problem, self.pool.draw(y, generator), generator)
-        u_star = self.control(problem, x_t, t, y)
-        _, u = problem.model.score_and_control(x_t, t, y)
-        sigma = append_dims(problem.sde.sigma(t), x_t.ndim)
-        return sum_except_batch((sigma * (u - u_star)) ** 2).mean()
+        return control_regression_loss(problem.model, problem.sde, x_t, t, y, self.control(problem, x_t, t, y))
