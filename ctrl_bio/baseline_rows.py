@@ -147,7 +147,7 @@ class BaselineRows:
                                           seed=ctx.seed,
                                           progress=self.progress,
                                           checkpoint_path=self.run_dir / "checkpoints" / f"{variant}.safetensors",
-                                          **settings)
+                                          project=getattr(ctx.domain, "project", None), **settings)
         self.histories[variant] = result.history
         self.info[variant] = {"settings": settings, "train_seconds": result.seconds}
         x, kl = ctx.sample(model.conditioned, ctx.y_eval)

@@ -30,6 +30,7 @@ from ctrl_bio.estimators import (
     ScoreMatching,
     SoftValue,
     sample_pretrained_pool,
+    uses_pool,
 )
 from ctrl_bio.estimators.rollout_control import DEFAULT_TIMES
 from ctrl_bio.model import ConditionalScore
@@ -243,6 +244,9 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
     """
     if label_prior is None:  # a plain reward: one label of one class that every request asks for
         label_prior, reward = plain_prior(), reward if isinstance(reward, PlainReward) else PlainReward(reward)
+    if pool_x0 is not None and not uses_pool(estimator, warm_start):
+        raise ValueError(f"estimator {estimator!r} (warm_start={warm_start}) takes no pool of pre-trained samples: "
+                         "pass pool_x0 only to score_matching, soft_value or a warm-started estimator")
     phases = build_phases(estimator, warm_start=warm_start, steps=steps, batch_size=batch_size, lr=lr, memory=memory,
                           grad_last_k=grad_last_k, sm_steps=sm_steps, sm_batch_size=sm_batch_size, sm_lr=sm_lr,
                           pool_size=pool_size, pool_x0=pool_x0, sm_target=sm_target, sm_spacing=sm_spacing,

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,7 +169,8 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
                              reference_lr: float = 2e-3, reference_estimator: ReferenceEstimator = "score_matching",
                              reference_replay: bool | None = None,
                              grad_clip: float | None = 1.0, seed: int = 0, progress: bool = True,
-                             checkpoint_path: str | Path | None = None) -> PolicyGradientResult:
+                             checkpoint_path: str | Path | None = None,
+                             project: Callable[[Tensor], Tensor] | None = None) -> PolicyGradientResult:
     """Fine-tune the label pathway by a clipped policy gradient on J from reward values only.
 
     Args:
@@ -207,6 +209,11 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             (:func:`soft_optimal_weights`), so that each reward query informs the low-variance regression too, not
             only the policy gradient. Near the optimum these weights are nearly uniform (dP*/dP_theta -> 1).
         checkpoint_path: trainable parameters (and the value network) are saved there after every batch.
+        project: the domain's map of a sampler end point onto the data's support (``DNADomain.project``,
+            ``MoleculeDomain.project``: the argmax one-hot), applied to every end point the score-matching term
+            regresses on. For discrete data the sampler's continuous end points lie off the lattice the network was
+            trained on, and regressing onto them costs a large control near t = 0 (the ``pool=pretrained`` finding of
+            :func:`ctrl_bio.optimum.ctrl_pool`). The reward is unchanged by it when the reward decodes the same way.
         seed: seeds every draw of the run, and an untrained pathway's random weights
             (:func:`ctrl_bio.pathway_seed.reseed_untrained_pathway`).
     """
@@ -250,6 +257,10 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     queries, step = 0, 0
     pool, pool_weights, weight_value = None, None, None
+
+    def snap(x0: Tensor) -> Tensor:
+        return project(x0) if project is not None else x0
+
     use_reference = pool_size > 0 and reference_weight > 0
     if use_reference:
         pool, pool_x0, pool_y, pool_reward = draw_reference_pool(
@@ -259,7 +270,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
         result.failed_rewards += int(pool_size - pool_reward.shape[0])
         pool_weights = soft_optimal_weights(pool_reward, pool_y, alpha)
         # End points the score-matching term regresses on: the pool's, then (replay) every scored training path's.
-        ends = {"x0": pool_x0, "y": pool_y, "reward": pool_reward, "log_ratio": torch.zeros_like(pool_reward),
+        ends = {"x0": snap(pool_x0), "y": pool_y, "reward": pool_reward, "log_ratio": torch.zeros_like(pool_reward),
                 "weights": pool_weights}
         if baseline != "none" and reference_estimator == "path":
             # E_pre[w | x_t]: the baseline of the cross-entropy term's noise (see reference_loss).
@@ -314,7 +325,7 @@ def finetune_policy_gradient(model: ConditionalScore, sde: SDE, reward: Reward, 
             if reference_replay and use_reference and valid.any():
                 # Restarted paths too: their log-density counts only the steps the policy took.
                 keep = valid
-                for name, new_rows in (("x0", batch.x0[keep]), ("y", y[keep]), ("reward", r[keep]),
+                for name, new_rows in (("x0", snap(batch.x0[keep])), ("y", y[keep]), ("reward", r[keep]),
                                        ("log_ratio", batch.log_density_ratio()[keep])):
                     ends[name] = torch.cat([ends[name], new_rows])
                 ends["weights"] = soft_optimal_weights(ends["reward"], ends["y"], alpha, ends["log_ratio"])

@@ -30,9 +30,12 @@ from torch import Tensor, nn
 
 from ctrl_bio.baseline_rows import BaselineRows, RowOutput
 from ctrl_bio.domain import Domain
+from ctrl_bio.estimators import uses_pool
+from ctrl_bio.estimators.soft_value import DenoisedRewardValue
 from ctrl_bio.finetune import finetune
 from ctrl_bio.guidance import classifier_free_guidance, train_conditional_pathway
 from ctrl_bio.harness import Row
+from ctrl_bio.label_space import CategoricalLabels
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import label_metrics, objective_metrics  # noqa: F401  (the suites import them from here)
 from ctrl_bio.objective import Objective, WeightedPool
@@ -290,21 +293,32 @@ class RowRunner(BaselineRows):
         source = settings.pop("pool", "training")
         pool_size = int(settings.pop("pool_size", 8192))
         scales = [float(w) for w in settings.pop("control_scales", [1.0])]
-        pool = ctrl_pool(ctx, source, pool_size)
-        if settings.get("estimator") == "soft_value":  # V has the domain's noisy-classifier architecture
-            hidden = {k: v for k, v in self.baselines.get("classifier_guidance", {}).items() if k == "hidden"}
-            torch.manual_seed(ctx.seed + 7300)
-            settings["value_net"] = ctx.noisy_classifier(math.prod(ctx.n_classes), **hidden)
+        # Only the estimators that read a pool get one; the others draw their own trajectories, and the row's
+        # info says that method.pool / method.pool_size went unused rather than naming a pool nobody read.
+        pooled = uses_pool(settings.get("estimator", "score_matching"), bool(settings.get("warm_start", False)))
+        pool = ctrl_pool(ctx, source, pool_size) if pooled else None
+        if not pooled:
+            log.info("ctrl: estimator %s takes no pool; method.pool and method.pool_size are not used",
+                     settings.get("estimator"))
+        value_model = settings.pop("value_model", "noisy_classifier")
+        if settings.get("estimator") == "soft_value":
+            settings["value_net"] = self.value_network(value_model, reward)
+        elif value_model != "noisy_classifier":
+            raise ValueError(f"method.value_model={value_model!r} is for the soft_value estimator only")
         model = self.new_model()
         result = finetune(model, ctx.domain.sde, reward, self.label_prior(), ctx.domain.x_shape, n_steps=ctx.n_steps,
                           t_end=ctx.t_end, spacing=ctx.spacing, seed=ctx.seed, progress=self.progress, pool_x0=pool,
                           checkpoint_path=self.run_dir / "checkpoints" / "ctrl.safetensors", **settings)
         self.histories["ctrl"] = result.history
-        self.info["ctrl"] = {"pool": source, "pool_size": int(pool.shape[0]), "pool_ess": result.pool_ess,
+        self.info["ctrl"] = {"pool": source if pooled else None, "pool_size": int(pool.shape[0]) if pooled else 0,
+                             "pool_ess": result.pool_ess,
                              "train_seconds": result.seconds, "prepared": result.prepared,
                              "stopped_by": result.stopped_by, "kept": result.kept}
         if result.control_fit:
             self.info["ctrl"]["control_fit"] = result.control_fit
+        if isinstance(settings.get("value_net"), DenoisedRewardValue):  # the fitted calibration of V in t
+            grid = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9], device=ctx.device)
+            self.info["ctrl"]["value_scale"] = dict(zip(grid.tolist(), settings["value_net"].scale(grid).tolist()))
         self._ctrl = model
         if scales == [1.0]:
             x, kl = ctx.sample(model.conditioned, ctx.y_eval)
@@ -315,6 +329,19 @@ class RowRunner(BaselineRows):
         self.info["ctrl"] |= {"per_scale_reward_J": per_scale}
         x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
         return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
+
+    def value_network(self, value_model: str, reward: LogLikelihoodReward) -> torch.nn.Module:
+        """The soft value's V: the domain's noisy-classifier architecture on x_t (``noisy_classifier``), or the reward
+        classifier at the pre-trained denoiser's estimate with a fitted calibration in t (``denoised_reward``)."""
+        ctx = self.ctx
+        torch.manual_seed(ctx.seed + 7300)
+        if value_model == "noisy_classifier":
+            hidden = {k: v for k, v in self.baselines.get("classifier_guidance", {}).items() if k == "hidden"}
+            return ctx.noisy_classifier(math.prod(ctx.n_classes), **hidden)
+        if value_model == "denoised_reward":
+            combos = CategoricalLabels(ctx.n_classes).combinations().to(ctx.device)
+            return DenoisedRewardValue(ctx.pretrained, ctx.domain.sde, reward.log_prob_fns, combos)
+        raise ValueError(f"method.value_model must be 'noisy_classifier' or 'denoised_reward', got {value_model!r}")
 
     def row_optimum(self) -> RowOutput:
         """J's optimum with this pre-trained model and reward classifier: ``n`` pre-trained samples (projected onto

@@ -57,6 +57,9 @@ class CTRLSettings:
     value_batch_size: int = 256
     value_lr: float = 2.0e-3
     value_spacing: str = "uniform"      # soft value: how t is drawn for V and the distillation (uniform | quadratic)
+    # soft value, suites: V's network: noisy_classifier (the domain's noisy classifier of x_t) | denoised_reward (the
+    # reward classifier at the pre-trained denoiser's x0_hat, its scale and offsets in t fitted: DenoisedRewardValue)
+    value_model: str = "noisy_classifier"
     rollout_anchors: int = 256          # rollout control: pre-trained trajectories whose states are the anchors
     rollout_k: int = 16                 # rollout control: continuations of the pre-trained sampler per anchor
     # rollout control: anchor noise levels (each moved to the sampler's nearest grid point)

@@ -209,3 +209,42 @@ def test_rollout_target_is_the_h_transform_control_on_exact_posterior_draws():
     u = rollout_target(pool, torch.zeros(n_anchor, 1, dtype=torch.long), index, x0, alpha, sigma)
     expected = (alpha * s / var)[:, None] * c
     torch.testing.assert_close(u, expected, rtol=0.03, atol=0.03)
+
+
+def test_uses_pool_names_the_estimators_that_read_one():
+    from ctrl_bio.estimators import ESTIMATORS, uses_pool
+
+    assert {name for name in ESTIMATORS if uses_pool(name)} == {"score_matching", "soft_value"}
+    assert uses_pool("hybrid") and uses_pool("pathwise", warm_start=True) and uses_pool("rollout_control", True)
+    assert not uses_pool("pathwise") and not uses_pool("adjoint_matching") and not uses_pool("rollout_control")
+
+
+def test_finetune_refuses_a_pool_its_estimator_would_ignore(small_testbed):
+    tb = small_testbed
+    label = tb.component_label
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
+    with pytest.raises(ValueError, match="takes no pool"):
+        finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), LabelPrior([label.class_probs()]), (2,),
+                 estimator="pathwise", steps=1, pool_x0=torch.zeros(4, 2), progress=False)
+
+
+def test_denoised_reward_value_starts_as_the_reward_at_tweedies_estimate(small_testbed):
+    """V_c(x_t, t) = a(t) log p(c | x0_hat) + b_c(t) with a = 1, b = 0 at initialisation; its only parameters are the
+    calibration's (the frozen network and classifier stay out of SoftValue's regression); grad_x flows through both."""
+    from ctrl_bio.estimators.soft_value import DenoisedRewardValue
+
+    tb = small_testbed
+    classifier = nn.Linear(2, 2)  # a stand-in reward classifier with parameters of its own
+    log_prob = lambda x0: torch.log_softmax(classifier(x0), dim=1)  # noqa: E731
+    combos = torch.tensor([[0], [1]])
+    value = DenoisedRewardValue(tb.pretrained, tb.sde, [log_prob], combos)
+    x_t, t = torch.randn(5, 2), torch.full((5,), 0.3)
+    x0_hat = tb.sde.denoise(x_t, t, tb.pretrained(x_t, t))
+    torch.testing.assert_close(value(x_t, t), log_prob(x0_hat))
+    torch.testing.assert_close(value.scale(t), torch.ones(5))
+    own = {id(p) for p in value.parameters()}
+    frozen = [*classifier.parameters(), *getattr(tb.pretrained, "parameters", list)()]
+    assert own and not own & {id(p) for p in frozen}
+    x = x_t.clone().requires_grad_(True)
+    grad = torch.autograd.grad(value(x, t)[:, 1].sum(), x)[0]
+    assert grad.abs().sum() > 0

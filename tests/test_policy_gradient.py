@@ -288,3 +288,29 @@ def test_jittered_grid_stays_in_the_cells_of_its_spacing(spacing):
     offset = (to_u(grids) - to_u(fixed)) * n
     assert offset.abs().max() <= 0.5 + 1e-5
     assert offset[:, 1:-1].std() > 0.2  # actually jittered: uniform on [-1/2, 1/2] has std 0.29
+
+
+def test_score_matching_reference_regresses_on_projected_end_points(small_testbed, monkeypatch):
+    """``project`` (the domain's snap onto the data's support) reaches every end point the score-matching term
+    regresses on: the pool's and, with replay, every scored training path's; the reward sees the raw end points."""
+    import ctrl_bio.policy_gradient as pg
+
+    tb = small_testbed
+    prior = LabelPrior([tb.component_label.class_probs()])
+    seen, rewarded = [], []
+    real_loss = pg.denoising_score_matching_loss
+
+    def spy(model, sde, x0, y, **kw):
+        seen.append(x0.detach().clone())
+        return real_loss(model, sde, x0, y, **kw)
+
+    def reward(x0, y):
+        rewarded.append(x0.detach().clone())
+        return label_likelihood_black_box(tb.component_label.log_prob)(x0, y)
+
+    monkeypatch.setattr(pg, "denoising_score_matching_loss", spy)
+    finetune_policy_gradient(make_model(tb, std=0.0), tb.sde, reward, prior, (2,), iterations=2, batch_size=8,
+                             updates_per_batch=1, n_steps=4, reference_pool=16, reference_batch=32,
+                             reference_updates=2, project=torch.round, progress=False)
+    assert len(seen) == 4 and all(torch.equal(x, x.round()) for x in seen)
+    assert any(not torch.equal(x, x.round()) for x in rewarded)  # the reward is queried on the raw end points

@@ -190,3 +190,11 @@ def test_exported_network_round_trips_and_refuses_another_sde(tmp_path):
     assert torch.equal(net(x, t), again(x, t)) and not any(p.requires_grad for p in again.parameters())
     with pytest.raises(ValueError, match="trained with SDE"):
         load_network(tmp_path / "score.safetensors", VPSDE(beta_max=10.0))
+
+
+def test_finetune_command_refuses_a_pool_size_its_estimator_ignores(tmp_path):
+    """rollout_control draws its own trajectories: a pool size set for it would be ignored, so it is refused by name."""
+    args = TINY + ["method.estimator=rollout_control", "method.pool_size=64", f"hydra.run.dir={tmp_path}"]
+    proc = run_cli(["finetune", *args])
+    assert proc.returncode != 0
+    assert "method.pool_size=64 has no effect" in proc.stderr

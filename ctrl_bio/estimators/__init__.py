@@ -25,6 +25,17 @@ ESTIMATORS = {"score_matching": ScoreMatching, "pathwise": Pathwise, "adjoint_ma
               "soft_value": SoftValue, "rollout_control": RolloutControl}
 #: Names that are a warm start plus an estimator.
 ALIASES = {"hybrid": "pathwise"}
+#: The estimators that regress onto (score matching) or fit on (the soft value) a pool of pre-trained samples.
+POOL_ESTIMATORS = ("score_matching", "soft_value")
 
-__all__ = ["ALIASES", "AdjointMatching", "ESTIMATORS", "Estimator", "Objective", "Pathwise", "Problem",
-           "RolloutControl", "ScoreMatching", "SoftValue", "lean_adjoint", "sample_pretrained_pool"]
+
+def uses_pool(estimator: str, warm_start: bool = False) -> bool:
+    """Whether ``method.estimator`` (with ``method.warm_start``) reads a pool of pre-trained samples, i.e. whether
+    ``pool`` / ``pool_size`` / ``pool_x0`` mean anything to it; the others draw their own trajectories."""
+    if estimator in ALIASES:
+        return True  # an alias is a score-matching warm start plus an estimator
+    return estimator in POOL_ESTIMATORS or (warm_start and estimator in ESTIMATORS)
+
+__all__ = ["ALIASES", "AdjointMatching", "ESTIMATORS", "Estimator", "Objective", "POOL_ESTIMATORS", "Pathwise",
+           "Problem", "RolloutControl", "ScoreMatching", "SoftValue", "lean_adjoint", "sample_pretrained_pool",
+           "uses_pool"]

@@ -29,6 +29,7 @@ from ctrl_bio.estimators.base import Problem
 from ctrl_bio.estimators.score_matching import tilted_pool
 from ctrl_bio.guidance import NoisyMLPClassifier, fit_adam
 from ctrl_bio.label_space import CategoricalLabels
+from ctrl_bio.model import fourier_features
 from ctrl_bio.objective import WeightedPool, control_regression_loss, noise_levels
 from ctrl_bio.sampling import Spacing
 
@@ -40,6 +41,60 @@ def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
     for k, n in enumerate(n_classes):
         index = index * n + y[:, k]
     return index
+
+
+class DenoisedRewardValue(nn.Module):
+    """V_c(x_t, t) = a(t) L_c(x0_hat(x_t, t)) + b_c(t): the reward classifier read at the pre-trained denoiser's
+    Tweedie estimate x0_hat = (x_t + sigma_t^2 s_pre) / alpha_t, with a learned calibration in t.
+
+    L_c = sum_k log p_k(c_k | x0_hat) is what reconstruction guidance (DPS, Chung et al. 2023) differentiates with one
+    scale for every t; here the scale a(t) >= 0 and the offsets b_c(t) (an MLP of Fourier features of t, a few
+    thousand weights) are fitted by the soft value's own Bregman regression, so that exp(V) approximates
+    E_pre[p(c | x0)^(gamma/alpha) | x_t]. Near the data x0_hat = x0 and the exact value is (gamma/alpha) L_c, so
+    a -> gamma/alpha; where x_t has forgotten the label the regression can flatten V by a -> 0, which one DPS scale
+    cannot do at both ends. Its gradient, the control, is a(t) grad_x L_c through the frozen denoiser and
+    classifier; nothing of either is trained.
+
+    Args:
+        pretrained: the frozen pre-trained score ``(x, t) -> s`` (or ``(s, u)``).
+        sde: its SDE (for Tweedie's formula).
+        log_prob_fns: one ``x0 -> (B, n_classes_k)`` per label (the reward's ``log_prob_fns``).
+        combinations: the label combinations, (C, K), in the order of V's outputs.
+        n_fourier, hidden: the calibration network's features of t and width.
+    """
+
+    def __init__(self, pretrained, sde, log_prob_fns, combinations: Tensor, n_fourier: int = 16, hidden: int = 32):
+        super().__init__()
+        # A tuple, not attributes: the frozen network and classifier must not become submodules, whose weights
+        # SoftValue's regression (it fits every parameter of its value network) would then train.
+        self.frozen = (pretrained, sde, list(log_prob_fns))
+        self.register_buffer("combinations", combinations.clone())
+        self.n_fourier = n_fourier
+        self.calibration = nn.Sequential(nn.Linear(n_fourier, hidden), nn.SiLU(),
+                                         nn.Linear(hidden, 1 + combinations.shape[0]))
+        nn.init.zeros_(self.calibration[-1].weight)
+        with torch.no_grad():  # a(t) = softplus(0.5413) = 1 at initialisation, b_c(t) = 0
+            self.calibration[-1].bias.zero_()
+            self.calibration[-1].bias[0] = math.log(math.e - 1.0)
+
+    def reward_log_probs(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """L_c(x0_hat(x_t, t)) for every combination, (B, C); differentiable in x_t when x_t requires grad."""
+        pretrained, sde, log_prob_fns = self.frozen
+        with torch.set_grad_enabled(x_t.requires_grad):
+            s = pretrained(x_t, t)
+            x0_hat = sde.denoise(x_t, t, s[0] if isinstance(s, tuple) else s)
+            log_probs = [fn(x0_hat) for fn in log_prob_fns]
+            return sum(lp[:, self.combinations[:, k]] for k, lp in enumerate(log_probs))
+
+    @torch.no_grad()
+    def scale(self, t: Tensor) -> Tensor:
+        """The fitted a(t), (B,): how much of the reward classifier's log-likelihood at x0_hat V keeps at t."""
+        return nn.functional.softplus(self.calibration(fourier_features(t, self.n_fourier))[:, 0])
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        out = self.calibration(fourier_features(t, self.n_fourier))
+        a = nn.functional.softplus(out[:, :1])
+        return a * self.reward_log_probs(x_t, t) + out[:, 1:]
 
 
 def value_weights(pool: WeightedPool, combos: Tensor) -> Tensor:

@@ -22,10 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctrl_bio.domain import Domain
+from ctrl_bio.estimators import uses_pool
 from ctrl_bio.finetune import build_phases
 from ctrl_bio.labels import LabelError, build_classifier, check_trusted, exact_log_prob, label_specs, load_label
 from ctrl_bio.reward import CalibratedClassifier, LabelPrior, LogLikelihoodReward
-from ctrl_bio.settings import settings_for
+from ctrl_bio.settings import CTRLSettings, settings_for
 from ctrl_bio.training.command_config import (
     COUNT,
     FRACTION,
@@ -202,6 +203,11 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     method = settings_for(OmegaConf.to_container(cfg.method, resolve=True), (build_phases, CTRLModule),
                           "ctrl-bio finetune")
     phase_keys = inspect.signature(build_phases).parameters
+    estimator, warm_start = method.get("estimator", "score_matching"), bool(method.get("warm_start", False))
+    pool_size = method.get("pool_size", CTRLSettings.pool_size)
+    if not uses_pool(estimator, warm_start) and pool_size != CTRLSettings.pool_size:
+        raise ValueError(f"method.pool_size={pool_size} has no effect: estimator {estimator!r} takes no pool of "
+                         "pre-trained samples (only score_matching, soft_value and warm-started estimators do)")
     phases = build_phases(**{k: v for k, v in method.items() if k in phase_keys}, progress=False)
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, phases=phases,
                         n_steps=cfg.n_steps, t_end=cfg.t_end, spacing=time_spacing(cfg, domain), seed=cfg.seed,

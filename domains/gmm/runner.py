@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ctrl_bio.blackbox import CallableReward
-from ctrl_bio.estimators import Objective
+from ctrl_bio.estimators import Objective, uses_pool
 from ctrl_bio.finetune import finetune, sample_pretrained_pool
 from ctrl_bio.guidance import (
     NoisyMLPClassifier,
@@ -219,12 +219,13 @@ class RowRunner:
         model = self.new_model()
         # The pool is this suite's own pre-trained samples (pool: pretrained); no line search along the control.
         kwargs = settings_for({k: v for k, v in self.method.items() if k != "pool_size"}, finetune, "suite gmm")
-        pool = self.pool() if kwargs.get("estimator", "score_matching") != "pathwise" else None
+        pooled = uses_pool(kwargs.get("estimator", "score_matching"), bool(kwargs.get("warm_start", False)))
+        pool = self.pool() if pooled else None
         result = finetune(model, ctx.testbed.sde, reward, prior, ctx.x_shape, n_steps=ctx.n_steps, t_end=ctx.t_end,
                           seed=ctx.testbed.seed, checkpoint_path=self.run_dir / "checkpoints" / f"{name}.safetensors",
                           progress=self.progress, pool_x0=pool, **kwargs)
         # Score matching asks the reward once per pool sample, all before training (for the queries plot).
-        queries = 0 if kwargs.get("estimator") == "pathwise" else int(pool.shape[0])
+        queries = int(pool.shape[0]) if pooled else 0
         self.histories[name] = [h | {"reward_queries": queries} for h in result.history]
         self.info[f"pool_ess_{name}"] = result.pool_ess
         return model
