@@ -6,6 +6,10 @@ s_pre + grad V (no pathway) for 256 balanced requests and scores them with the e
 can reach by distilling grad V is at most this.
 
     python benchmarks/dna/value_guidance.py --value-steps 1500 --spacing uniform
+    python benchmarks/dna/value_guidance.py --value-model denoised_reward --value-steps 1000 --lr 1e-2 --scales 1
+
+``--value-model denoised_reward`` fits :class:`ctrl_bio.estimators.soft_value.DenoisedRewardValue` instead (the reward
+classifier at the pre-trained denoiser's estimate, its scale a(t) and offsets fitted) and prints the fitted a(t).
 """
 import argparse
 import time
@@ -15,6 +19,7 @@ import torch
 import yaml
 
 from ctrl_bio.estimators import Objective, Problem, SoftValue
+from ctrl_bio.estimators.soft_value import DenoisedRewardValue
 from ctrl_bio.labels import fit_reward_classifier, load_label
 from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
 from ctrl_bio.rows import balanced_requests
@@ -31,6 +36,7 @@ parser.add_argument("--hidden", type=int, default=64)
 parser.add_argument("--spacing", default="uniform")
 parser.add_argument("--gamma", type=float, default=4.0)
 parser.add_argument("--scales", type=float, nargs="*", default=[1.0, 2.0])
+parser.add_argument("--value-model", choices=["noisy_classifier", "denoised_reward"], default="noisy_classifier")
 parser.add_argument("--pool-size", type=int, default=8192, help="training sequences V is fitted on (39,254: all)")
 args = parser.parse_args()
 torch.set_num_threads(1)
@@ -47,18 +53,28 @@ x_train = domain.training_data()
 pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:args.pool_size]]
 model = domain.augment(domain.pretrained_model(), [4]).eval()
 problem = Problem(model, domain.sde, reward, prior, domain.x_shape, Objective(gamma=args.gamma), n_steps=50)
+if args.value_model == "denoised_reward":
+    value_net = DenoisedRewardValue(domain.pretrained_model(), domain.sde, [classifier], torch.arange(4)[:, None])
+else:
+    value_net = NoisySequenceCNN(4, hidden=args.hidden)
 sv = SoftValue(value_steps=args.value_steps, value_batch_size=args.batch_size, value_lr=args.lr, pool_x0=pool,
-               value_net=NoisySequenceCNN(4, hidden=args.hidden), spacing=args.spacing, progress=False)
+               value_net=value_net, spacing=args.spacing, progress=False)
 start = time.perf_counter()
 info = sv.prepare(problem, torch.Generator().manual_seed(1))
 fit_seconds = time.perf_counter() - start
+if args.value_model == "denoised_reward":
+    grid = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9])
+    print("fitted a(t):", {round(t, 2): round(a, 3) for t, a in zip(grid.tolist(), value_net.scale(grid).tolist())})
 oracle = load_oracle()
 y = balanced_requests((4,), 256)
 pre = domain.pretrained_model()
 for scale in [0.0, *args.scales]:
     def score(x, t, scale=scale):
         s = pre(x, t)
-        return (s + scale * sv.control(problem, x, t, y), scale * sv.control(problem, x, t, y)) if scale else s
+        if not scale:
+            return s
+        u = scale * sv.control(problem, x, t, y)
+        return s + u, u
     g = torch.Generator().manual_seed(2000)
     out = euler_maruyama(domain.sde, score, domain.sde.prior_sampling((256, *domain.x_shape), generator=g),
                          time_grid(50), generator=g, keep_trajectory=False)
@@ -69,8 +85,8 @@ for scale in [0.0, *args.scales]:
         # far above the oracle's accuracy means the guidance found what fools the classifier, not cell-type grammar.
         reward_acc = float((classifier(out.x.detach()).argmax(1) == y[:, 0]).float().mean())
         reward_acc_decoded = float((classifier(x).argmax(1) == y[:, 0]).float().mean())
-    print(f"pool {pool.shape[0]} value steps {args.value_steps} spacing {args.spacing} hidden {args.hidden} "
-          f"(fit {fit_seconds:.0f} s, "
+    print(f"{args.value_model}: pool {pool.shape[0]} value steps {args.value_steps} spacing {args.spacing} "
+          f"hidden {args.hidden} (fit {fit_seconds:.0f} s, "
           f"loss {info['value_losses'][0]:.3f} -> {info['value_losses'][-1]:.3f}) | scale {scale}: oracle accuracy "
           f"{acc:.3f}, reward classifier {reward_acc:.3f} (decoded {reward_acc_decoded:.3f}), KL "
           f"{float(out.kl.mean()):.2f}", flush=True)
