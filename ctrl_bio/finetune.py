@@ -194,8 +194,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
              sm_target: ScoreTarget = "denoising", control_fit_times: Sequence[float] = (),
              am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
              value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
-             value_spacing: Spacing = "uniform", rollout_anchors: int = 256, rollout_k: int = 16,
-             rollout_times: Sequence[float] = DEFAULT_TIMES,
+             value_spacing: Spacing = "uniform", value_distill: str = "pool", value_guided_paths: int = 512,
+             rollout_anchors: int = 256, rollout_k: int = 16, rollout_times: Sequence[float] = DEFAULT_TIMES,
              patience: int | None = None, tolerance: float = 0.0, keep_best: bool = False) -> FinetuneResult:
     """Fine-tune the label pathway of ``model`` so that it samples p_pre(x) p(y|x)^(gamma/alpha).
 
@@ -231,7 +231,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
             (:class:`ctrl_bio.estimators.AdjointMatching`).
         value_steps, value_batch_size, value_lr, value_net, value_spacing: the soft value network's regression, its
             architecture and how its t is drawn (:class:`ctrl_bio.estimators.SoftValue`; its pool is ``pool_x0`` /
-            ``pool_size``).
+            ``pool_size``); value_distill, value_guided_paths: where the pathway is regressed onto grad V (``pool``:
+            the tilted pool's forward marginals; ``guided``: the states of that many trajectories guided by grad V).
         rollout_anchors, rollout_k, rollout_times: ``rollout_control``'s pre-trained trajectories, continuations per
             anchor state, and anchor noise levels (:class:`ctrl_bio.estimators.RolloutControl`).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
@@ -252,7 +253,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
                           pool_size=pool_size, pool_x0=pool_x0, sm_target=sm_target, sm_spacing=sm_spacing,
                           am_time_samples=am_time_samples, max_adjoint=max_adjoint, value_steps=value_steps,
                           value_batch_size=value_batch_size, value_lr=value_lr, value_net=value_net,
-                          value_spacing=value_spacing, rollout_anchors=rollout_anchors, rollout_k=rollout_k,
+                          value_spacing=value_spacing, value_distill=value_distill,
+                          value_guided_paths=value_guided_paths, rollout_anchors=rollout_anchors, rollout_k=rollout_k,
                           rollout_times=rollout_times, progress=progress)
     problem = Problem(model, sde, reward, label_prior, x_shape, Objective(alpha=alpha, gamma=gamma),
                       n_steps=n_steps, t_end=t_end, spacing=spacing)
@@ -267,8 +269,8 @@ def build_phases(estimator: str = "score_matching", *, warm_start: bool = False,
                  pool_x0: Tensor | None = None, sm_target: ScoreTarget = "denoising", sm_spacing: Spacing = "uniform",
                  am_time_samples: int = 10, max_adjoint: float | None = None, value_steps: int = 2000,
                  value_batch_size: int = 256, value_lr: float = 2e-3, value_net: torch.nn.Module | None = None,
-                 value_spacing: Spacing = "uniform", rollout_anchors: int = 256, rollout_k: int = 16,
-                 rollout_times: Sequence[float] = DEFAULT_TIMES,
+                 value_spacing: Spacing = "uniform", value_distill: str = "pool", value_guided_paths: int = 512,
+                 rollout_anchors: int = 256, rollout_k: int = 16, rollout_times: Sequence[float] = DEFAULT_TIMES,
                  progress: bool = True) -> list[Estimator]:
     """The estimators that ``method.estimator`` names, in the order they run (the flat settings of the configs, as
     :func:`finetune` documents them): the estimator itself, after ``sm_steps`` of score matching when
@@ -289,7 +291,8 @@ def build_phases(estimator: str = "score_matching", *, warm_start: bool = False,
             "soft_value": lambda: SoftValue(steps=steps, batch_size=batch_size, lr=lr, value_steps=value_steps,
                                             value_batch_size=value_batch_size, value_lr=value_lr,
                                             value_net=value_net, spacing=value_spacing, pool_size=pool_size,
-                                            pool_x0=pool_x0, progress=progress),
+                                            pool_x0=pool_x0, distill_on=value_distill,
+                                            guided_paths=value_guided_paths, progress=progress),
             "rollout_control": lambda: RolloutControl(steps=steps, batch_size=batch_size, lr=lr,
                                                       anchors=rollout_anchors, rollouts=rollout_k,
                                                       times=tuple(rollout_times), progress=progress)}[estimator]()

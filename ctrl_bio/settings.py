@@ -60,6 +60,8 @@ class CTRLSettings:
     # soft value, suites: V's network: noisy_classifier (the domain's noisy classifier of x_t) | denoised_reward (the
     # reward classifier at the pre-trained denoiser's x0_hat, its scale and offsets in t fitted: DenoisedRewardValue)
     value_model: str = "noisy_classifier"
+    value_distill: str = "pool"         # soft value: grad V distilled at the tilted pool's x_t (pool) | guided paths
+    value_guided_paths: int = 512       # soft value, value_distill=guided: trajectories of s_pre + grad V drawn once
     rollout_anchors: int = 256          # rollout control: pre-trained trajectories whose states are the anchors
     rollout_k: int = 16                 # rollout control: continuations of the pre-trained sampler per anchor
     # rollout control: anchor noise levels (each moved to the sampler's nearest grid point)

@@ -82,6 +82,8 @@ def test_every_estimator_name_is_accepted_by_finetune_and_unknown_ones_are_refus
 @pytest.mark.parametrize("estimator,near_exact", [
     (AdjointMatching(steps=150, batch_size=64, lr=1e-2), None),
     (SoftValue(steps=500, batch_size=256, lr=5e-3, value_steps=1000, pool_size=4000, progress=False), 0.3),
+    (SoftValue(steps=500, batch_size=256, lr=5e-3, value_steps=1000, pool_size=4000, distill_on="guided",
+               guided_paths=512, progress=False), 0.3),
     (RolloutControl(steps=500, batch_size=256, lr=5e-3, anchors=256, rollouts=16, progress=False), 0.3),
 ])
 def test_estimator_moves_the_mixture_towards_exact_guidance(small_testbed, estimator, near_exact):

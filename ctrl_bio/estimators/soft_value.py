@@ -29,9 +29,9 @@ from ctrl_bio.estimators.base import Problem
 from ctrl_bio.estimators.score_matching import tilted_pool
 from ctrl_bio.guidance import NoisyMLPClassifier, fit_adam
 from ctrl_bio.label_space import CategoricalLabels
-from ctrl_bio.model import fourier_features
+from ctrl_bio.model import NULL_LABEL, fourier_features
 from ctrl_bio.objective import WeightedPool, control_regression_loss, noise_levels
-from ctrl_bio.sampling import Spacing
+from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
 
 
 def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
@@ -104,6 +104,33 @@ def value_weights(pool: WeightedPool, combos: Tensor) -> Tensor:
 
 
 @dataclass
+class GuidedStates:
+    """States x_t of trajectories guided by grad V, their times, labels and controls grad V (the regression targets),
+    flattened over steps and paths (kept on the CPU); ``kl`` and ``log_likelihood``: the guided sampler's mean path
+    KL and reward, what a perfect distillation would reach."""
+
+    x: Tensor
+    t: Tensor
+    y: Tensor
+    control: Tensor
+    kl: float
+    log_likelihood: float
+
+    def draw(self, y: Tensor, n_classes: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """For each requested label, a uniformly random stored state of a path guided toward that label."""
+        have = combination_index(self.y, n_classes)
+        want = combination_index(y.cpu(), n_classes)
+        order = torch.argsort(have, stable=True)
+        counts = torch.bincount(have, minlength=int(max(have.max(), want.max())) + 1)
+        if (counts[want] == 0).any():
+            raise ValueError("a requested label combination has no guided path: raise guided_paths")
+        starts = torch.cumsum(counts, 0) - counts
+        pick = order[starts[want] + (torch.rand(want.shape[0], generator=generator) * counts[want]).long()]
+        device = y.device
+        return self.x[pick].to(device), self.t[pick].to(device), self.control[pick].to(device)
+
+
+@dataclass
 class SoftValue:
     """Fit V(x_t, t, c) by regression on the noised pre-trained pool, then distil grad V into the label pathway.
 
@@ -116,6 +143,12 @@ class SoftValue:
         pool_size, pool_x0: the pre-trained samples, as for score matching.
         spacing: how t is drawn for both regressions, ``uniform`` on [t_end, 1] or ``quadratic`` (t_end + (1 - t_end)
             u^2: most draws near the data, where a label that noise soon hides is readable at all).
+        distill_on: where the pathway is regressed onto grad V. ``pool``: x_t drawn from the tilted pool's forward
+            marginals. ``guided``: the states of ``guided_paths`` trajectories of the sampler guided by s_pre + grad V
+            itself (drawn once, with their targets, which the guidance computed anyway), i.e. the states the
+            distilled model must steer from; a regression then costs no gradient of V.
+        guided_paths: trajectories drawn for ``distill_on="guided"`` (their states and targets are kept in memory:
+            guided_paths x n_steps x the sample size, twice).
         progress: show a progress bar while the value network is fitted.
     """
 
@@ -129,9 +162,12 @@ class SoftValue:
     pool_size: int = 20000
     pool_x0: Tensor | None = field(default=None, repr=False)
     spacing: Spacing = "uniform"
+    distill_on: str = "pool"
+    guided_paths: int = 512
     progress: bool = True
     name: str = "soft_value"
     pool: WeightedPool | None = field(default=None, init=False, repr=False)
+    guided: GuidedStates | None = field(default=None, init=False, repr=False)
 
     def prepare(self, problem: Problem, generator: torch.Generator) -> dict:
         start = time.perf_counter()
@@ -152,8 +188,39 @@ class SoftValue:
         record = fit_adam(list(net.parameters()), loss_fn, self.value_steps, self.value_lr, "ctrl soft value V",
                           self.progress)
         net.eval().requires_grad_(False)
-        return {"pool_ess": min(self.pool.effective_sample_size(c) for c in combos[:64]),
+        info = {"pool_ess": min(self.pool.effective_sample_size(c) for c in combos[:64]),
                 "value_losses": record.losses, "value_seconds": time.perf_counter() - start}
+        if self.distill_on == "guided":
+            start = time.perf_counter()
+            self.guided = self._guided_states(problem, generator)
+            info |= {"guided_seconds": time.perf_counter() - start, "guided_kl": self.guided.kl,
+                     "guided_log_likelihood": self.guided.log_likelihood}
+        elif self.distill_on != "pool":
+            raise ValueError(f"distill_on must be 'pool' or 'guided', got {self.distill_on!r}")
+        return info
+
+    @torch.no_grad()
+    def _guided_states(self, problem: Problem, generator: torch.Generator) -> GuidedStates:
+        """Every state of ``guided_paths`` trajectories of s_pre + grad V, with grad V there (the targets)."""
+        times = time_grid(problem.n_steps, problem.t_end, spacing=problem.spacing)
+        device = next(p for p in problem.model.parameters()).device
+        y_all = problem.label_prior.sample(self.guided_paths, generator).to(device)
+        xs, ts, ys, us, kls, log_liks = [], [], [], [], [], []
+        for start in range(0, self.guided_paths, self.value_batch_size):
+            y = y_all[start:start + self.value_batch_size]
+            null = torch.full_like(y, NULL_LABEL)
+
+            def score_fn(x: Tensor, t: Tensor, y: Tensor = y, null: Tensor = null) -> tuple[Tensor, Tensor]:
+                u = self.control(problem, x, t, y)
+                xs.append(x.cpu()), ts.append(t.cpu()), ys.append(y.cpu()), us.append(u.cpu())
+                return problem.model(x, t, null) + u, u
+
+            x_init = problem.sde.prior_sampling((y.shape[0], *problem.x_shape), generator=generator).to(device)
+            out = euler_maruyama(problem.sde, score_fn, x_init, times.to(device), generator=generator,
+                                 keep_trajectory=False)
+            kls.append(out.kl.cpu()), log_liks.append(problem.reward(out.x, y).cpu())
+        return GuidedStates(torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(us),
+                            float(torch.cat(kls).mean()), float(torch.cat(log_liks).mean()))
 
     def _noised(self, problem: Problem, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """x_t = alpha_t x0 + sigma_t eps with t drawn on [t_end, 1] by ``spacing``, and t."""
@@ -171,5 +238,8 @@ class SoftValue:
     def loss(self, problem: Problem, y: Tensor, generator: torch.Generator) -> Tensor:
         if self.pool is None or self.value_net is None:
             raise RuntimeError("SoftValue.prepare must run before loss")
+        if self.guided is not None:
+            x_t, t, target = self.guided.draw(y, tuple(problem.label_prior.n_classes), generator)
+            return control_regression_loss(problem.model, problem.sde, x_t, t, y, target)
         x_t, t = self._noised(problem, self.pool.draw(y, generator), generator)
         return control_regression_loss(problem.model, problem.sde, x_t, t, y, self.control(problem, x_t, t, y))
