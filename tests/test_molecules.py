@@ -259,9 +259,9 @@ def test_policy_gradient_rows_query_the_exact_label_as_a_black_box(tmp_path):
     assert (tmp_path / "run" / "reward_vs_queries.png").is_file()
 
 
-def test_ctrl_row_draws_no_pool_for_an_estimator_that_reads_none(tmp_path):
-    """method.pool / method.pool_size mean nothing to the pathwise estimator: the ctrl row draws no pool for it and its
-    info says so, instead of naming a pool nobody read."""
+def _tiny_qed_ctrl_row(tmp_path, *method) -> dict:
+    """Run the molecules suite's ``ctrl`` row alone on the slice with a tiny network and the given ``method.*``
+    overrides; the row's info."""
     import json
 
     from ctrl_bio.cli import main
@@ -274,31 +274,25 @@ def test_ctrl_row_draws_no_pool_for_an_estimator_that_reads_none(tmp_path):
     main(["benchmark", "suite=molecules", "label=qed", "domain.data=slice",
           f"domain.checkpoint={tmp_path / 'score.safetensors'}", "data.n_pairs=60", "label.qed.training.epochs=1",
           "suite.n_eval=6", "suite.n_select=6", "suite.n_steps=3", "suite.batch_size=6", "suite.methods=[ctrl]",
-          "method.estimator=pathwise", "method.steps=2", "method.batch_size=2", "method.eval_every=2",
-          "method.eval_batch_size=4", "method.grad_last_k=1", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])
-    info = json.loads((tmp_path / "run" / "results.json").read_text())["info"]["ctrl"]
+          "method.steps=2", "method.eval_every=2", "method.eval_batch_size=4", *method, "progress=false",
+          f"hydra.run.dir={tmp_path / 'run'}"])
+    return json.loads((tmp_path / "run" / "results.json").read_text())["info"]["ctrl"]
+
+
+def test_ctrl_row_draws_no_pool_for_an_estimator_that_reads_none(tmp_path):
+    """method.pool / method.pool_size mean nothing to the pathwise estimator: the ctrl row draws no pool for it and its
+    info says so, instead of naming a pool nobody read."""
+    info = _tiny_qed_ctrl_row(tmp_path, "method.estimator=pathwise", "method.batch_size=2", "method.grad_last_k=1")
     assert info["pool"] is None and info["pool_size"] == 0 and info["pool_ess"] is None
 
 
 def test_soft_value_with_the_denoised_reward_value_runs_in_the_suite(tmp_path):
     """method.value_model=denoised_reward reaches the soft value: V is the reward classifier at x0_hat with a fitted
-    scale a(t), which the row reports; only the calibration and the pathway are trained."""
-    import json
-
-    from ctrl_bio.cli import main
-    from ctrl_bio.training.runs import export_network
-
-    domain = MoleculeDomain(data="slice")
-    torch.manual_seed(0)
-    export_network(GraphScoreNet(domain.sde, hidden=16, edge_hidden=8, n_layers=1, emb_dim=16),
-                   tmp_path / "score.safetensors")
-    main(["benchmark", "suite=molecules", "label=qed", "domain.data=slice",
-          f"domain.checkpoint={tmp_path / 'score.safetensors'}", "data.n_pairs=60", "label.qed.training.epochs=1",
-          "suite.n_eval=6", "suite.n_select=6", "suite.n_steps=3", "suite.batch_size=6", "suite.methods=[ctrl]",
-          "method.estimator=soft_value", "method.value_model=denoised_reward", "method.value_steps=20",
-          "method.value_batch_size=8", "method.pool_size=16", "method.steps=2", "method.batch_size=4",
-          "method.eval_every=2", "method.eval_batch_size=4", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])
-    info = json.loads((tmp_path / "run" / "results.json").read_text())["info"]["ctrl"]
+    scale a(t), which the row reports; with value_distill=guided the pathway learns on guided paths' states."""
+    info = _tiny_qed_ctrl_row(tmp_path, "method.estimator=soft_value", "method.value_model=denoised_reward",
+                              "method.value_steps=20", "method.value_batch_size=8", "method.pool_size=16",
+                              "method.batch_size=4", "method.value_distill=guided", "method.value_guided_paths=8")
     scale = info["value_scale"]
     assert len(scale) == 9 and all(a >= 0 for a in scale.values())
     assert any(abs(a - 1.0) > 1e-4 for a in scale.values())  # the regression moved a(t) from its initial 1
+    assert info["prepared"]["soft_value"]["guided_kl"] > 0

@@ -201,10 +201,15 @@ class SoftValue:
 
     @torch.no_grad()
     def _guided_states(self, problem: Problem, generator: torch.Generator) -> GuidedStates:
-        """Every state of ``guided_paths`` trajectories of s_pre + grad V, with grad V there (the targets)."""
+        """Every state of ``guided_paths`` trajectories of s_pre + grad V, with grad V there (the targets), the
+        label combinations in turn."""
         times = time_grid(problem.n_steps, problem.t_end, spacing=problem.spacing)
         device = next(p for p in problem.model.parameters()).device
-        y_all = problem.label_prior.sample(self.guided_paths, generator).to(device)
+        # Balanced over label combinations (not drawn from the prior), so that every label a batch asks for has paths.
+        combos = CategoricalLabels(problem.label_prior.n_classes).combinations()
+        if self.guided_paths < combos.shape[0]:
+            raise ValueError(f"guided_paths={self.guided_paths} is fewer than the {combos.shape[0]} label combinations")
+        y_all = combos[torch.arange(self.guided_paths) % combos.shape[0]].to(device)
         xs, ts, ys, us, kls, log_liks = [], [], [], [], [], []
         for start in range(0, self.guided_paths, self.value_batch_size):
             y = y_all[start:start + self.value_batch_size]
