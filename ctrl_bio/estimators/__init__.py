@@ -36,6 +36,7 @@ def uses_pool(estimator: str, warm_start: bool = False) -> bool:
         return True  # an alias is a score-matching warm start plus an estimator
     return estimator in POOL_ESTIMATORS or (warm_start and estimator in ESTIMATORS)
 
+
 __all__ = ["ALIASES", "AdjointMatching", "ESTIMATORS", "Estimator", "Objective", "POOL_ESTIMATORS", "Pathwise",
            "Problem", "RolloutControl", "ScoreMatching", "SoftValue", "lean_adjoint", "sample_pretrained_pool",
            "uses_pool"]

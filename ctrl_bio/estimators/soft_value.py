@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from ctrl_bio.label_space import CategoricalLabels
 from ctrl_bio.model import NULL_LABEL, fourier_features
 from ctrl_bio.objective import WeightedPool, control_regression_loss, noise_levels
 from ctrl_bio.sampling import Spacing, euler_maruyama, time_grid
+from ctrl_bio.sde import SDE
 
 
 def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
@@ -63,7 +65,9 @@ class DenoisedRewardValue(nn.Module):
         n_fourier, hidden: the calibration network's features of t and width.
     """
 
-    def __init__(self, pretrained, sde, log_prob_fns, combinations: Tensor, n_fourier: int = 16, hidden: int = 32):
+    def __init__(self, pretrained: Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]], sde: SDE,
+                 log_prob_fns: Sequence[Callable[[Tensor], Tensor]], combinations: Tensor, n_fourier: int = 16,
+                 hidden: int = 32):
         super().__init__()
         # A tuple, not attributes: the frozen network and classifier must not become submodules, whose weights
         # SoftValue's regression (it fits every parameter of its value network) would then train.
@@ -217,13 +221,15 @@ class SoftValue:
 
             def score_fn(x: Tensor, t: Tensor, y: Tensor = y, null: Tensor = null) -> tuple[Tensor, Tensor]:
                 u = self.control(problem, x, t, y)
-                xs.append(x.cpu()), ts.append(t.cpu()), ys.append(y.cpu()), us.append(u.cpu())
+                for store, value in ((xs, x), (ts, t), (ys, y), (us, u)):
+                    store.append(value.cpu())
                 return problem.model(x, t, null) + u, u
 
             x_init = problem.sde.prior_sampling((y.shape[0], *problem.x_shape), generator=generator).to(device)
             out = euler_maruyama(problem.sde, score_fn, x_init, times.to(device), generator=generator,
                                  keep_trajectory=False)
-            kls.append(out.kl.cpu()), log_liks.append(problem.reward(out.x, y).cpu())
+            kls.append(out.kl.cpu())
+            log_liks.append(problem.reward(out.x, y).cpu())
         return GuidedStates(torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(us),
                             float(torch.cat(kls).mean()), float(torch.cat(log_liks).mean()))
 
