@@ -45,6 +45,12 @@ def combination_index(y: Tensor, n_classes: tuple[int, ...]) -> Tensor:
     return index
 
 
+def combination_log_probs(class_log_probs: Sequence[Tensor], combos: Tensor) -> Tensor:
+    """sum_k log p_k(c_k | x) for every item and label combination c (rows of ``combos``, (C, K)), (N, C), from one
+    (N, n_classes_k) table per label."""
+    return sum(lp[:, combos[:, k]] for k, lp in enumerate(class_log_probs))
+
+
 class DenoisedRewardValue(nn.Module):
     """V_c(x_t, t) = a(t) L_c(x0_hat(x_t, t)) + b_c(t): the reward classifier read at the pre-trained denoiser's
     Tweedie estimate x0_hat = (x_t + sigma_t^2 s_pre) / alpha_t, with a learned calibration in t.
@@ -87,8 +93,7 @@ class DenoisedRewardValue(nn.Module):
         with torch.set_grad_enabled(x_t.requires_grad):
             s = pretrained(x_t, t)
             x0_hat = sde.denoise(x_t, t, s[0] if isinstance(s, tuple) else s)
-            log_probs = [fn(x0_hat) for fn in log_prob_fns]
-            return sum(lp[:, self.combinations[:, k]] for k, lp in enumerate(log_probs))
+            return combination_log_probs([fn(x0_hat) for fn in log_prob_fns], self.combinations)
 
     @torch.no_grad()
     def scale(self, t: Tensor) -> Tensor:
@@ -103,7 +108,7 @@ class DenoisedRewardValue(nn.Module):
 
 def value_weights(pool: WeightedPool, combos: Tensor) -> Tensor:
     """w_ic = p(c | x0_i)^tilt for every pool item and label combination, each column scaled to mean 1, (N, C)."""
-    logw = pool.tilt * sum(lp[:, combos[:, k]] for k, lp in enumerate(pool.class_log_probs))
+    logw = pool.tilt * combination_log_probs(pool.class_log_probs, combos)
     return torch.softmax(logw.double(), dim=0).float() * logw.shape[0]
 
 
@@ -119,19 +124,23 @@ class GuidedStates:
     control: Tensor
     kl: float
     log_likelihood: float
+    n_classes: tuple[int, ...]
 
-    def draw(self, y: Tensor, n_classes: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    def __post_init__(self) -> None:
+        # The states grouped by label combination once, so that each draw is an index computation.
+        have = combination_index(self.y, self.n_classes)
+        self.order = torch.argsort(have, stable=True)
+        self.counts = torch.bincount(have, minlength=math.prod(self.n_classes))
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+
+    def draw(self, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """For each requested label, a uniformly random stored state of a path guided toward that label."""
-        have = combination_index(self.y, n_classes)
-        want = combination_index(y.cpu(), n_classes)
-        order = torch.argsort(have, stable=True)
-        counts = torch.bincount(have, minlength=int(max(have.max(), want.max())) + 1)
-        if (counts[want] == 0).any():
+        want = combination_index(y.cpu(), self.n_classes)
+        if (self.counts[want] == 0).any():
             raise ValueError("a requested label combination has no guided path: raise guided_paths")
-        starts = torch.cumsum(counts, 0) - counts
-        pick = order[starts[want] + (torch.rand(want.shape[0], generator=generator) * counts[want]).long()]
-        device = y.device
-        return self.x[pick].to(device), self.t[pick].to(device), self.control[pick].to(device)
+        pick = self.order[self.starts[want] + (torch.rand(want.shape[0], generator=generator)
+                                               * self.counts[want]).long()]
+        return self.x[pick].to(y.device), self.t[pick].to(y.device), self.control[pick].to(y.device)
 
 
 @dataclass
@@ -231,7 +240,8 @@ class SoftValue:
             kls.append(out.kl.cpu())
             log_liks.append(problem.reward(out.x, y).cpu())
         return GuidedStates(torch.cat(xs), torch.cat(ts), torch.cat(ys), torch.cat(us),
-                            float(torch.cat(kls).mean()), float(torch.cat(log_liks).mean()))
+                            float(torch.cat(kls).mean()), float(torch.cat(log_liks).mean()),
+                            tuple(problem.label_prior.n_classes))
 
     def _noised(self, problem: Problem, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """x_t = alpha_t x0 + sigma_t eps with t drawn on [t_end, 1] by ``spacing``, and t."""
@@ -250,7 +260,7 @@ class SoftValue:
         if self.pool is None or self.value_net is None:
             raise RuntimeError("SoftValue.prepare must run before loss")
         if self.guided is not None:
-            x_t, t, target = self.guided.draw(y, tuple(problem.label_prior.n_classes), generator)
+            x_t, t, target = self.guided.draw(y, generator)
             return control_regression_loss(problem.model, problem.sde, x_t, t, y, target)
         x_t, t = self._noised(problem, self.pool.draw(y, generator), generator)
         return control_regression_loss(problem.model, problem.sde, x_t, t, y, self.control(problem, x_t, t, y))
