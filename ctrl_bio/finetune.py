@@ -232,7 +232,8 @@ def finetune(model: ConditionalScore, sde: SDE, reward: LogLikelihoodReward | Ca
         value_steps, value_batch_size, value_lr, value_net, value_spacing: the soft value network's regression, its
             architecture and how its t is drawn (:class:`ctrl_bio.estimators.SoftValue`; its pool is ``pool_x0`` /
             ``pool_size``); value_distill, value_guided_paths: where the pathway is regressed onto grad V (``pool``:
-            the tilted pool's forward marginals; ``guided``: the states of that many trajectories guided by grad V).
+            the tilted pool's forward marginals; ``guided``: the states of that many trajectories guided by grad V;
+            ``none``: nowhere, with ``steps=0``: ``value_net`` is fitted and the pathway stays untrained).
         rollout_anchors, rollout_k, rollout_times: ``rollout_control``'s pre-trained trajectories, continuations per
             anchor state, and anchor noise levels (:class:`ctrl_bio.estimators.RolloutControl`).
         checkpoint_path: where the trainable parameters are saved (safetensors) at each evaluation;
@@ -330,13 +331,17 @@ def train(problem: Problem, phases: Sequence[Estimator], *, grad_clip: float | N
     device = next(p.model.parameters()).device
     monitor.evaluate(step, "init", float("nan"))
     ran = [est for est in phases if est.steps > 0]
-    for est in ran:
-        params = monitor.params
-        opt = torch.optim.Adam(params, lr=est.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=est.steps)
+    for est in phases:
+        # A phase without updates still prepares: what it prepares may be the result (a soft value with
+        # distill_on="none" is its fitted V).
         result.prepared[est.name] = est.prepare(p, generator)
         if "pool_ess" in result.prepared[est.name]:
             result.pool_ess = result.prepared[est.name]["pool_ess"]
+        if est.steps == 0:
+            continue
+        params = monitor.params
+        opt = torch.optim.Adam(params, lr=est.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=est.steps)
         plateau = Plateau(patience, tolerance)
         result.stopped_by[est.name] = {"criterion": "budget", "update": step + est.steps}
         with progress_bar(est.steps, f"ctrl {est.name}", enabled=progress) as advance:

@@ -31,13 +31,14 @@ from torch import Tensor, nn
 from ctrl_bio.baseline_rows import BaselineRows, RowOutput
 from ctrl_bio.domain import Domain
 from ctrl_bio.estimators import uses_pool
-from ctrl_bio.estimators.soft_value import DenoisedRewardValue
-from ctrl_bio.finetune import finetune
+from ctrl_bio.estimators.soft_value import DenoisedRewardValue, value_guided_score
+from ctrl_bio.finetune import finetune, save_pathway_checkpoint
 from ctrl_bio.guidance import classifier_free_guidance, train_conditional_pathway
 from ctrl_bio.harness import Row
 from ctrl_bio.label_space import CategoricalLabels
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import label_metrics, objective_metrics  # noqa: F401  (the suites import them from here)
+from ctrl_bio.model import NULL_LABEL
 from ctrl_bio.objective import Objective, WeightedPool
 from ctrl_bio.optimum import add_fraction_of_optimum, ctrl_pool, draw_tilted
 from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plot_training_curves
@@ -320,14 +321,27 @@ class RowRunner(BaselineRows):
             grid = torch.tensor([0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9], device=ctx.device)
             self.info["ctrl"]["value_scale"] = dict(zip(grid.tolist(), settings["value_net"].scale(grid).tolist()))
         self._ctrl = model
+        if settings.get("value_distill") == "none":
+            # Nothing was distilled: the control is grad V itself, and the fitted V is what the run saves.
+            save_pathway_checkpoint(dict(settings["value_net"].state_dict()),
+                                    self.run_dir / "checkpoints" / "ctrl_value.safetensors")
+            self.info["ctrl"]["sampling"] = "s_pre + grad V: one gradient of V per sampler step (no distillation)"
+            n_classes = self.label_prior().n_classes
+
+            def controlled(w: float) -> Callable[[Tensor], ScoreFn]:
+                return lambda y: value_guided_score(lambda x, t: model(x, t, torch.full_like(y, NULL_LABEL)),
+                                                    settings["value_net"], n_classes, y, w)
+        else:
+            def controlled(w: float) -> Callable[[Tensor], ScoreFn]:
+                return lambda y: classifier_free_guidance(model, y, w)
         if scales == [1.0]:
-            x, kl = ctx.sample(model.conditioned, ctx.y_eval)
+            x, kl = ctx.sample(controlled(1.0), ctx.y_eval)
             return x, kl, {"score_evals": ctx.n_steps} | self.shared_seconds()
         # A line search of J along the learned control: s_pre + w u. w = 1 is the fitted optimum; a fit that
         # under-reaches it (a shrunk u) is what w > 1 can correct. Chosen by the same rule as the baselines' scales.
-        best, per_scale = self.select_scale(lambda w: lambda y: classifier_free_guidance(model, y, w), scales)
+        best, per_scale = self.select_scale(controlled, scales)
         self.info["ctrl"] |= {"per_scale_reward_J": per_scale}
-        x, kl = ctx.sample(lambda y: classifier_free_guidance(model, y, best), ctx.y_eval)
+        x, kl = ctx.sample(controlled(best), ctx.y_eval)
         return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
 
     def value_network(self, value_model: str, reward: LogLikelihoodReward) -> torch.nn.Module:

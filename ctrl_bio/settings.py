@@ -60,7 +60,9 @@ class CTRLSettings:
     # soft value, suites: V's network: noisy_classifier (the domain's noisy classifier of x_t) | denoised_reward (the
     # reward classifier at the pre-trained denoiser's x0_hat, its scale and offsets in t fitted: DenoisedRewardValue)
     value_model: str = "noisy_classifier"
-    value_distill: str = "pool"         # soft value: grad V distilled at the tilted pool's x_t (pool) | guided paths
+    # soft value: where grad V is distilled: the tilted pool's x_t (pool) | guided paths' states (guided) | nowhere
+    # (none, with steps=0: the row samples s_pre + grad V itself)
+    value_distill: str = "pool"
     value_guided_paths: int = 512       # soft value, value_distill=guided: trajectories of s_pre + grad V drawn once
     rollout_anchors: int = 256          # rollout control: pre-trained trajectories whose states are the anchors
     rollout_k: int = 16                 # rollout control: continuations of the pre-trained sampler per anchor

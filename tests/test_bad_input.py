@@ -47,6 +47,8 @@ CASES = [
     Case("batch_size=0", ["pretrain", "batch_size=0"], 2, "batch_size must be a positive integer, got 0"),
     Case("trainer.max_steps=-1", ["pretrain", "trainer.max_steps=-1"], 2, "trainer.max_steps must be a positive"),
     Case("method.sm_steps=-5", ["finetune", "method.sm_steps=-5"], 2, "method.sm_steps must be an integer >= 0"),
+    Case("method.value_distill=none", ["finetune", *FT, "method.estimator=soft_value", "method.value_distill=none"], 2,
+         "method.value_distill=none trains no pathway"),
     Case("sample n=abc", ["sample", "run={pre}", "n=abc"], 2, "n='abc': expected a number"),
     Case("+trainer.enable_checkpointing", ["pretrain", *PRE, "steps=2", "+trainer.enable_checkpointing=false"], 2,
          "trainer.enable_checkpointing: set by ctrl-bio itself"),

@@ -120,6 +120,34 @@ def test_estimator_moves_the_mixture_towards_exact_guidance(small_testbed, estim
     assert math.isfinite(result.history[-1]["kl"])
 
 
+def test_an_undistilled_soft_value_samples_near_exact_guidance_and_trains_no_pathway(small_testbed):
+    """distill_on="none" with steps=0: train() still prepares the phase (V is fitted), the pathway stays zero, and
+    the sampler guided by s_pre + grad V gets within 0.3 nats of exact guidance's J; updates are refused."""
+    from ctrl_bio.estimators.soft_value import value_guided_score
+
+    tb = small_testbed
+    label = tb.component_label
+    prior = LabelPrior([label.class_probs()])
+    torch.manual_seed(1)
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
+    problem = Problem(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), Objective(), n_steps=50)
+    estimator = SoftValue(steps=0, value_steps=1000, pool_size=4000, distill_on="none", progress=False)
+    result = train(problem, [estimator], eval_every=10**6, eval_batch_size=256, progress=False)
+    assert result.prepared["soft_value"]["value_seconds"] > 0
+    assert not model.pathway.out.weight.detach().any() and not model.pathway.out.bias.detach().any()
+    y = prior.sample(1000, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(5)
+    guided = euler_maruyama(tb.sde, value_guided_score(tb.pretrained, estimator.value_net, (2,), y),
+                            torch.randn(1000, 2, generator=g), time_grid(50), generator=g)
+    exact = euler_maruyama(tb.sde, exact_guidance(tb.pretrained, label, tb.sde, y[:, 0]),
+                           torch.randn(1000, 2, generator=g), time_grid(50), generator=g)
+    j, j_exact = (float((label.log_prob(out.x).gather(1, y).squeeze(1) - out.kl).mean()) for out in (guided, exact))
+    assert j > j_exact - 0.3, (j, j_exact)
+    with pytest.raises(ValueError, match="steps must be 0"):
+        train(problem, [SoftValue(steps=5, value_steps=1, pool_size=16, distill_on="none", progress=False)],
+              progress=False)
+
+
 def test_a_phase_stops_when_j_levels_off_and_says_so(small_testbed):
     """With a tolerance no update can beat, the phase stops two evaluations after its first (which sets the best);
     without patience it runs its whole budget. Either way ``stopped_by`` names the criterion and the update."""

@@ -296,3 +296,17 @@ def test_soft_value_with_the_denoised_reward_value_runs_in_the_suite(tmp_path):
     assert len(scale) == 9 and all(a >= 0 for a in scale.values())
     assert any(abs(a - 1.0) > 1e-4 for a in scale.values())  # the regression moved a(t) from its initial 1
     assert info["prepared"]["soft_value"]["guided_kl"] > 0
+
+
+def test_an_undistilled_soft_value_row_samples_with_grad_v_and_saves_v(tmp_path):
+    """method.value_distill=none with method.steps=0: the row fits V, samples s_pre + grad V, says so in its info
+    and saves V's fitted weights beside the (untrained) pathway's."""
+    from safetensors.torch import load_file
+
+    info = _tiny_qed_ctrl_row(tmp_path, "method.estimator=soft_value", "method.value_model=denoised_reward",
+                              "method.value_steps=20", "method.value_batch_size=8", "method.pool_size=16",
+                              "method.steps=0", "method.value_distill=none")
+    assert info["sampling"].startswith("s_pre + grad V")
+    assert info["prepared"]["soft_value"]["value_seconds"] > 0
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "ctrl_value.safetensors"))
+    assert any(k.startswith("calibration.") for k in saved)

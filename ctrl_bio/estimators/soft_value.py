@@ -13,7 +13,9 @@ combination c minimises the Bregman loss of the log link,
 whose minimiser is exp(V_c) = E[w_c(x0) | x_t] exactly (the per-class normalisation shifts V_c by a constant, which
 no gradient sees). Its gradient is the optimal control; the zero-initialised label pathway is then regressed onto it,
 E sigma_t^2 || u_theta(x_t, t, y) - grad_x V_y(x_t, t) ||^2 with x_t drawn from the tilted pool's forward marginals
-(where the optimum sends the sampler), so sampling needs no extra network.
+(where the optimum sends the sampler), so sampling needs no extra network. Where no pathway holds grad V
+(``distill_on="none"``), :func:`value_guided_score` samples with it directly: s_pre + grad V, at the price of a
+gradient of V at every sampler step.
 """
 
 from __future__ import annotations
@@ -49,6 +51,28 @@ def combination_log_probs(class_log_probs: Sequence[Tensor], combos: Tensor) -> 
     """sum_k log p_k(c_k | x) for every item and label combination c (rows of ``combos``, (C, K)), (N, C), from one
     (N, n_classes_k) table per label."""
     return sum(lp[:, combos[:, k]] for k, lp in enumerate(class_log_probs))
+
+
+def value_gradient(value_net: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, index: Tensor) -> Tensor:
+    """grad_x V_c(x_t, t) for each item's label combination ``index`` (B,), shape of x_t; V is not trained."""
+    with torch.enable_grad():
+        x = x_t.detach().requires_grad_(True)
+        v = value_net(x, t).gather(1, index.to(x.device)[:, None]).sum()
+        return torch.autograd.grad(v, x)[0]
+
+
+def value_guided_score(pretrained: Callable[[Tensor, Tensor], Tensor], value_net: Callable[[Tensor, Tensor], Tensor],
+                       n_classes: Sequence[int], y: Tensor, scale: float = 1.0
+                       ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The sampler's ``(x, t) -> (s, u)`` for labels y (B, K): s = s_pre + u with the soft value's control
+    u = scale grad_x V_y (the h-transform of DESIGN.md at scale 1; the KL is recorded from u)."""
+    index = combination_index(y, tuple(n_classes))
+
+    def score_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        u = scale * value_gradient(value_net, x, t, index)
+        return pretrained(x, t) + u, u
+
+    return score_fn
 
 
 class DenoisedRewardValue(nn.Module):
@@ -159,7 +183,9 @@ class SoftValue:
         distill_on: where the pathway is regressed onto grad V. ``pool``: x_t drawn from the tilted pool's forward
             marginals. ``guided``: the states of ``guided_paths`` trajectories of the sampler guided by s_pre + grad V
             itself (drawn once, with their targets, which the guidance computed anyway), i.e. the states the
-            distilled model must steer from; a regression then costs no gradient of V.
+            distilled model must steer from; a regression then costs no gradient of V. ``none``: no distillation
+            (``steps`` must be 0); the fitted ``value_net`` is the result, sampled by :func:`value_guided_score`
+            (for a pathway that cannot hold grad V: benchmarks/dna/README.md).
         guided_paths: trajectories drawn for ``distill_on="guided"`` (their states and targets are kept in memory:
             guided_paths x n_steps x the sample size, twice).
         progress: show a progress bar while the value network is fitted.
@@ -183,6 +209,10 @@ class SoftValue:
     guided: GuidedStates | None = field(default=None, init=False, repr=False)
 
     def prepare(self, problem: Problem, generator: torch.Generator) -> dict:
+        if self.distill_on not in ("pool", "guided", "none"):
+            raise ValueError(f"distill_on must be 'pool', 'guided' or 'none', got {self.distill_on!r}")
+        if self.distill_on == "none" and self.steps:
+            raise ValueError(f"distill_on='none' fits V and distils nothing: steps must be 0, got {self.steps}")
         start = time.perf_counter()
         self.pool = tilted_pool(problem, self.pool_x0, self.pool_size, generator)
         combos = CategoricalLabels(problem.label_prior.n_classes).combinations()
@@ -208,8 +238,6 @@ class SoftValue:
             self.guided = self._guided_states(problem, generator)
             info |= {"guided_seconds": time.perf_counter() - start, "guided_kl": self.guided.kl,
                      "guided_log_likelihood": self.guided.log_likelihood}
-        elif self.distill_on != "pool":
-            raise ValueError(f"distill_on must be 'pool' or 'guided', got {self.distill_on!r}")
         return info
 
     @torch.no_grad()
@@ -227,12 +255,14 @@ class SoftValue:
         for start in range(0, self.guided_paths, self.value_batch_size):
             y = y_all[start:start + self.value_batch_size]
             null = torch.full_like(y, NULL_LABEL)
+            guided = value_guided_score(lambda x, t, null=null: problem.model(x, t, null), self.value_net,
+                                        problem.label_prior.n_classes, y)
 
-            def score_fn(x: Tensor, t: Tensor, y: Tensor = y, null: Tensor = null) -> tuple[Tensor, Tensor]:
-                u = self.control(problem, x, t, y)
+            def score_fn(x: Tensor, t: Tensor, y: Tensor = y, guided=guided) -> tuple[Tensor, Tensor]:
+                s, u = guided(x, t)
                 for store, value in ((xs, x), (ts, t), (ys, y), (us, u)):
                     store.append(value.cpu())
-                return problem.model(x, t, null) + u, u
+                return s, u
 
             x_init = problem.sde.prior_sampling((y.shape[0], *problem.x_shape), generator=generator).to(device)
             out = euler_maruyama(problem.sde, score_fn, x_init, times.to(device), generator=generator,
@@ -250,15 +280,13 @@ class SoftValue:
 
     def control(self, problem: Problem, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """grad_x V(x_t, t, y): the h-transform's control under the fitted value, shape of x_t."""
-        index = combination_index(y, tuple(problem.label_prior.n_classes)).to(x_t.device)
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
-            v = self.value_net(x, t).gather(1, index[:, None]).sum()
-            return torch.autograd.grad(v, x)[0]
+        return value_gradient(self.value_net, x_t, t, combination_index(y, tuple(problem.label_prior.n_classes)))
 
     def loss(self, problem: Problem, y: Tensor, generator: torch.Generator) -> Tensor:
         if self.pool is None or self.value_net is None:
             raise RuntimeError("SoftValue.prepare must run before loss")
+        if self.distill_on == "none":
+            raise RuntimeError("distill_on='none' distils nothing: sample with value_guided_score")
         if self.guided is not None:
             x_t, t, target = self.guided.draw(y, generator)
             return control_regression_loss(problem.model, problem.sde, x_t, t, y, target)

@@ -208,6 +208,9 @@ def run_finetune(cfg: DictConfig, run_dir: Path, resume: Path | None) -> None:
     if not uses_pool(estimator, warm_start) and pool_size != CTRLSettings.pool_size:
         raise ValueError(f"method.pool_size={pool_size} has no effect: estimator {estimator!r} takes no pool of "
                          "pre-trained samples (only score_matching, soft_value and warm-started estimators do)")
+    if method.get("value_distill") == "none":
+        raise ValueError("method.value_distill=none trains no pathway (the control is grad V at sampling time): run it "
+                         "in a suite or from Python, ctrl_bio.estimators.soft_value.value_guided_score")
     phases = build_phases(**{k: v for k, v in method.items() if k in phase_keys}, progress=False)
     module = CTRLModule(model, domain.sde, LogLikelihoodReward(fns), prior, domain.x_shape, phases=phases,
                         n_steps=cfg.n_steps, t_end=cfg.t_end, spacing=time_spacing(cfg, domain), seed=cfg.seed,
