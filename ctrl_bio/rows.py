@@ -326,23 +326,27 @@ class RowRunner(BaselineRows):
             save_pathway_checkpoint(dict(settings["value_net"].state_dict()),
                                     self.run_dir / "checkpoints" / "ctrl_value.safetensors")
             self.info["ctrl"]["sampling"] = "s_pre + grad V: one gradient of V per sampler step (no distillation)"
+            # The denoised-reward V runs the score network forward and backward on top of s_pre (as dps counts).
+            score_evals = (4 if isinstance(settings["value_net"], DenoisedRewardValue) else 1) * ctx.n_steps
             n_classes = self.label_prior().n_classes
 
             def controlled(w: float) -> Callable[[Tensor], ScoreFn]:
                 return lambda y: value_guided_score(lambda x, t: model(x, t, torch.full_like(y, NULL_LABEL)),
                                                     settings["value_net"], n_classes, y, w)
         else:
+            score_evals = ctx.n_steps
+
             def controlled(w: float) -> Callable[[Tensor], ScoreFn]:
                 return lambda y: classifier_free_guidance(model, y, w)
         if scales == [1.0]:
             x, kl = ctx.sample(controlled(1.0), ctx.y_eval)
-            return x, kl, {"score_evals": ctx.n_steps} | self.shared_seconds()
+            return x, kl, {"score_evals": score_evals} | self.shared_seconds()
         # A line search of J along the learned control: s_pre + w u. w = 1 is the fitted optimum; a fit that
         # under-reaches it (a shrunk u) is what w > 1 can correct. Chosen by the same rule as the baselines' scales.
         best, per_scale = self.select_scale(controlled, scales)
         self.info["ctrl"] |= {"per_scale_reward_J": per_scale}
         x, kl = ctx.sample(controlled(best), ctx.y_eval)
-        return x, kl, {"score_evals": ctx.n_steps, "guidance_scale": best} | self.shared_seconds()
+        return x, kl, {"score_evals": score_evals, "guidance_scale": best} | self.shared_seconds()
 
     def value_network(self, value_model: str, reward: LogLikelihoodReward) -> torch.nn.Module:
         """The soft value's V: the domain's noisy-classifier architecture on x_t (``noisy_classifier``), or the reward
@@ -388,6 +392,9 @@ class RowRunner(BaselineRows):
     def row_ctrl_alpha0(self) -> RowOutput:
         """CTRL's pathway, then pathwise updates of J with alpha ~ 0: the reward alone, no KL to hold it."""
         ctx, s = self.ctx, {"alpha": 0.01, "steps": 60, "batch_size": 16, "lr": 1e-3, "grad_last_k": 5} | self.alpha0
+        if self.method.get("value_distill") == "none":
+            raise ValueError("ctrl_alpha0 continues ctrl's pathway, which method.value_distill=none leaves untrained "
+                             "(its control is grad V): leave ctrl_alpha0 out of suite.methods")
         if self._ctrl is None:
             self.row_ctrl()
         model = self.new_model()

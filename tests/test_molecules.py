@@ -259,11 +259,9 @@ def test_policy_gradient_rows_query_the_exact_label_as_a_black_box(tmp_path):
     assert (tmp_path / "run" / "reward_vs_queries.png").is_file()
 
 
-def _tiny_qed_ctrl_row(tmp_path, *method) -> dict:
+def _tiny_qed_ctrl_run(tmp_path, *method) -> int:
     """Run the molecules suite's ``ctrl`` row alone on the slice with a tiny network and the given ``method.*``
-    overrides; the row's info."""
-    import json
-
+    overrides (later overrides win); the exit status."""
     from ctrl_bio.cli import main
     from ctrl_bio.training.runs import export_network
 
@@ -271,11 +269,18 @@ def _tiny_qed_ctrl_row(tmp_path, *method) -> dict:
     torch.manual_seed(0)
     export_network(GraphScoreNet(domain.sde, hidden=16, edge_hidden=8, n_layers=1, emb_dim=16),
                    tmp_path / "score.safetensors")
-    main(["benchmark", "suite=molecules", "label=qed", "domain.data=slice",
-          f"domain.checkpoint={tmp_path / 'score.safetensors'}", "data.n_pairs=60", "label.qed.training.epochs=1",
-          "suite.n_eval=6", "suite.n_select=6", "suite.n_steps=3", "suite.batch_size=6", "suite.methods=[ctrl]",
-          "method.steps=2", "method.eval_every=2", "method.eval_batch_size=4", *method, "progress=false",
-          f"hydra.run.dir={tmp_path / 'run'}"])
+    return main(["benchmark", "suite=molecules", "label=qed", "domain.data=slice",
+                 f"domain.checkpoint={tmp_path / 'score.safetensors'}", "data.n_pairs=60",
+                 "label.qed.training.epochs=1", "suite.n_eval=6", "suite.n_select=6", "suite.n_steps=3",
+                 "suite.batch_size=6", "suite.methods=[ctrl]", "method.steps=2", "method.eval_every=2",
+                 "method.eval_batch_size=4", *method, "progress=false", f"hydra.run.dir={tmp_path / 'run'}"])
+
+
+def _tiny_qed_ctrl_row(tmp_path, *method) -> dict:
+    """:func:`_tiny_qed_ctrl_run`, which must succeed; the row's info."""
+    import json
+
+    assert _tiny_qed_ctrl_run(tmp_path, *method) == 0
     return json.loads((tmp_path / "run" / "results.json").read_text())["info"]["ctrl"]
 
 
@@ -298,7 +303,7 @@ def test_soft_value_with_the_denoised_reward_value_runs_in_the_suite(tmp_path):
     assert info["prepared"]["soft_value"]["guided_kl"] > 0
 
 
-def test_an_undistilled_soft_value_row_samples_with_grad_v_and_saves_v(tmp_path):
+def test_an_undistilled_soft_value_row_samples_with_grad_v_and_saves_v(tmp_path, capsys):
     """method.value_distill=none with method.steps=0: the row fits V, samples s_pre + grad V, says so in its info
     and saves V's fitted weights beside the (untrained) pathway's."""
     from safetensors.torch import load_file
@@ -310,3 +315,9 @@ def test_an_undistilled_soft_value_row_samples_with_grad_v_and_saves_v(tmp_path)
     assert info["prepared"]["soft_value"]["value_seconds"] > 0
     saved = load_file(str(tmp_path / "run" / "checkpoints" / "ctrl_value.safetensors"))
     assert any(k.startswith("calibration.") for k in saved)
+    # ctrl_alpha0 would continue a pathway nobody trained: refused by name, not run from zero.
+    (tmp_path / "alpha0").mkdir()
+    assert _tiny_qed_ctrl_run(tmp_path / "alpha0", "method.estimator=soft_value", "method.value_steps=2",
+                              "method.pool_size=16", "method.steps=0", "method.value_distill=none",
+                              "suite.methods=[ctrl_alpha0]") == 2
+    assert "leave ctrl_alpha0 out" in capsys.readouterr().err
