@@ -34,6 +34,11 @@ parser.add_argument("--steps", type=int, default=400)
 parser.add_argument("--lr", type=float, default=2e-3)
 parser.add_argument("--batch-size", type=int, default=128)
 parser.add_argument("--weighting", nargs="*", default=["sigma2", "beta"])
+parser.add_argument("--t-range", type=float, nargs=2, default=[0.0, 1.01],
+                    help="fit the pathway on the guided states with t in [lo, hi) only")
+parser.add_argument("--target", choices=["grad_v", "label_constant"], default="grad_v",
+                    help="label_constant: a random fixed control per label instead of grad V (a pathway that cannot "
+                         "fit even this is broken)")
 parser.add_argument("--cut", type=float, nargs="*", default=[0.1, 0.2])
 parser.add_argument("--guided-paths", type=int, default=512)
 parser.add_argument("--cache", default="runs/vd/cache.pt")
@@ -75,13 +80,19 @@ else:
                            "log_likelihood": g.log_likelihood, "n_classes": g.n_classes}}, cache)
 guided = sv.guided
 assert guided.x.shape[0] == 50 * (args.guided_paths + 256), "one stored state per path and step"
+if args.target == "label_constant":
+    scale = float(guided.control[(guided.t >= 0.1) & (guided.t < 0.3)].flatten(1).norm(dim=1).mean()) / 40.0
+    pattern = torch.randn(4, *domain.x_shape, generator=torch.Generator().manual_seed(13)) * scale
+    guided = GuidedStates(guided.x, guided.t, guided.y, pattern[guided.y[:, 0]], guided.kl, guided.log_likelihood,
+                          guided.n_classes)
 print(f"guided paths: KL {guided.kl:.2f}, log-likelihood {guided.log_likelihood:.2f}, states {guided.x.shape[0]}")
 
 # Held-out guided paths: the last 256 of the stored ones (the paths are stored step-major within each batch).
 n_paths = args.guided_paths + 256
 path_id = torch.cat([torch.arange(start, min(start + 128, n_paths)).repeat(50) for start in range(0, n_paths, 128)])
 held = path_id >= args.guided_paths
-train_states = GuidedStates(guided.x[~held], guided.t[~held], guided.y[~held], guided.control[~held],
+fitted = ~held & (guided.t >= args.t_range[0]) & (guided.t < args.t_range[1])
+train_states = GuidedStates(guided.x[fitted], guided.t[fitted], guided.y[fitted], guided.control[fitted],
                             guided.kl, guided.log_likelihood, guided.n_classes)
 bins = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.01])
 t_held, u_held = guided.t[held], guided.control[held]
@@ -101,6 +112,21 @@ target_kl = 0.5 * beta_held * h * sum_except_batch(u_held**2)
 print("t bins:", [f"[{lo:.2f},{hi:.2f})" for lo, hi in zip(bins[:-1].tolist(), bins[1:].tolist())])
 print("guided KL per path from each bin (sum of beta_t h / 2 ||grad V||^2):",
       [round(v, 3) for v in per_bin_sum(target_kl)], f"total {float(target_kl.sum()) / 256:.2f}", flush=True)
+
+# What grad V looks like where it carries the label: how concentrated on a few positions, how alike across states.
+decisive = (guided.t >= 0.1) & (guided.t < 0.3)
+u_dec, y_dec = guided.control[decisive].flatten(1), guided.y[decisive][:, 0]
+per_position = (guided.control[decisive] ** 2).sum(1).sort(1, descending=True).values
+pairs = torch.randperm(u_dec.shape[0], generator=torch.Generator().manual_seed(11))[:2000].view(2, 1000)
+cosine = torch.nn.functional.cosine_similarity(u_dec[pairs[0]], u_dec[pairs[1]])
+same = y_dec[pairs[0]] == y_dec[pairs[1]]
+label_means = torch.stack([u_dec[y_dec == c].mean(0) for c in range(4)])
+print(f"grad V at t in [0.1, 0.3): share of its squared norm on the top 10 / 20 of 200 positions "
+      f"{float((per_position[:, :10].sum(1) / per_position.sum(1)).mean()):.3f} / "
+      f"{float((per_position[:, :20].sum(1) / per_position.sum(1)).mean()):.3f}; cosine between two states' controls: "
+      f"same label {float(cosine[same].mean()):.3f}, other label {float(cosine[~same].mean()):.3f}; share explained by "
+      f"the per-label mean control {float(1 - ((u_dec - label_means[y_dec]) ** 2).sum() / (u_dec**2).sum()):.3f}",
+      flush=True)
 
 oracle = load_oracle()
 y_eval = balanced_requests((4,), 256)
