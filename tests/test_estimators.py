@@ -79,6 +79,16 @@ def test_every_estimator_name_is_accepted_by_finetune_and_unknown_ones_are_refus
         finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator="adjoint", progress=False)
 
 
+def _component_label_problem(tb, hidden: int, depth: int) -> Problem:
+    """The mixture testbed's component label as a fine-tuning problem: a fresh zero-initialised vector pathway (seeded),
+    the Bayes label's log-likelihood as the reward, J with alpha = gamma = 1, the 50-step sampler."""
+    label = tb.component_label
+    torch.manual_seed(1)
+    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=hidden, depth=depth), tb.sde)
+    return Problem(model, tb.sde, LogLikelihoodReward([label.log_prob]), LabelPrior([label.class_probs()]), (2,),
+                   Objective(), n_steps=50)
+
+
 @pytest.mark.parametrize("estimator,near_exact", [
     (AdjointMatching(steps=150, batch_size=64, lr=1e-2), None),
     (SoftValue(steps=500, batch_size=256, lr=5e-3, value_steps=1000, pool_size=4000, progress=False), 0.3),
@@ -94,10 +104,8 @@ def test_estimator_moves_the_mixture_towards_exact_guidance(small_testbed, estim
     its regression target is dominated by rare large values."""
     tb = small_testbed
     label = tb.component_label
-    prior = LabelPrior([label.class_probs()])
-    torch.manual_seed(1)
-    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=64, depth=2), tb.sde)
-    problem = Problem(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), Objective(), n_steps=50)
+    problem = _component_label_problem(tb, hidden=64, depth=2)
+    model, prior = problem.model, problem.label_prior
     result = train(problem, [estimator], eval_every=10**6, eval_batch_size=256, progress=False)
     y = prior.sample(1000, torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(5)
@@ -127,10 +135,8 @@ def test_an_undistilled_soft_value_samples_near_exact_guidance_and_trains_no_pat
 
     tb = small_testbed
     label = tb.component_label
-    prior = LabelPrior([label.class_probs()])
-    torch.manual_seed(1)
-    model = AugmentedScore(tb.pretrained, VectorPathway(2, (2,), hidden=8, depth=1), tb.sde)
-    problem = Problem(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), Objective(), n_steps=50)
+    problem = _component_label_problem(tb, hidden=8, depth=1)
+    model, prior = problem.model, problem.label_prior
     estimator = SoftValue(steps=0, value_steps=1000, pool_size=4000, distill_on="none", progress=False)
     result = train(problem, [estimator], eval_every=10**6, eval_batch_size=256, progress=False)
     assert result.prepared["soft_value"]["value_seconds"] > 0

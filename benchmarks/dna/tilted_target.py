@@ -27,8 +27,9 @@ import torch
 import yaml
 
 from ctrl_bio.finetune import sample_pretrained_pool
-from ctrl_bio.labels import fit_reward_classifier, load_label
+from ctrl_bio.labels import LabelledPairs, fit_reward_classifier, load_label
 from ctrl_bio.metrics import tilted_accuracy, tilted_objective
+from ctrl_bio.reward import LabelPrior
 from domains.dna.data import base_indices, from_indices, one_hot
 from domains.dna.domain import DNADomain
 from domains.dna.metrics import kmer_codes
@@ -61,8 +62,9 @@ def pretrained_samples(domain: DNADomain, n: int, seed: int = 0) -> torch.Tensor
     return from_indices(base_indices(x))
 
 
-def fit_celltype_reward(domain: DNADomain, n_pairs: int = 7877) -> tuple[torch.nn.Module, float]:
-    """The suite's celltype reward classifier from ``n_pairs`` pairs with the suite's seeds, and its held-out accuracy.
+def celltype_pairs_and_reward(domain: DNADomain, n_pairs: int = 7877) -> tuple[LabelledPairs, torch.nn.Module, float]:
+    """The suite's celltype pairs (``n_pairs`` of them, the suite's seeds), the reward classifier fitted on them and its
+    held-out accuracy.
 
     It depends on the data table only, not on the pre-trained network, so one fit serves every set of samples.
     """
@@ -70,7 +72,23 @@ def fit_celltype_reward(domain: DNADomain, n_pairs: int = 7877) -> tuple[torch.n
     spec["pairs"]["n"] = n_pairs
     pairs = load_label(spec, domain=domain, seed=7919)  # the suite's seed for its first label
     classifier, report = fit_reward_classifier(pairs, spec, seed=17)
-    return classifier, report.accuracy
+    return pairs, classifier, report.accuracy
+
+
+def fit_celltype_reward(domain: DNADomain, n_pairs: int = 7877) -> tuple[torch.nn.Module, float]:
+    """The suite's celltype reward classifier and its held-out accuracy (:func:`celltype_pairs_and_reward`)."""
+    return celltype_pairs_and_reward(domain, n_pairs)[1:]
+
+
+def celltype_value_setup(pool_size: int) -> tuple[DNADomain, torch.nn.Module, LabelPrior, torch.Tensor]:
+    """What the soft value probes (``value_guidance.py``, ``value_distillation.py``) share: the domain, the celltype
+    reward classifier, the label prior of its pairs and ``pool_size`` training sequences (a fixed random subset) for
+    V's regression."""
+    domain = DNADomain()
+    pairs, classifier, _ = celltype_pairs_and_reward(domain)
+    x_train = domain.training_data()
+    pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:pool_size]]
+    return domain, classifier, LabelPrior.from_labels([pairs.y], [4]), pool
 
 
 def celltype_optimum(x: torch.Tensor, classifier: torch.nn.Module, gammas=GAMMAS) -> list[tuple]:

@@ -12,21 +12,22 @@ into the label pathway? A probe of where in t the control matters and where the 
     python benchmarks/dna/value_distillation.py --weighting sigma2 beta --steps 400
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from ctrl_bio.estimators import Objective, Problem, SoftValue
 from ctrl_bio.estimators.soft_value import DenoisedRewardValue, GuidedStates
-from ctrl_bio.labels import fit_reward_classifier, load_label
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.reward import LogLikelihoodReward
 from ctrl_bio.rows import balanced_requests
 from ctrl_bio.sampling import euler_maruyama, time_grid
 from ctrl_bio.utils import sum_except_batch
-from domains.dna.domain import DNADomain
 from domains.dna.oracle import load_oracle
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tilted_target import celltype_value_setup  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--value-steps", type=int, default=1000)
@@ -46,16 +47,8 @@ parser.add_argument("--pathway", default="conv", help="the suite's domain.pathwa
 args = parser.parse_args()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-ROOT = Path(__file__).resolve().parents[2]
-domain = DNADomain()
-spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
-spec["pairs"]["n"] = 7877
-pairs = load_label(spec, domain=domain, seed=7919)
-classifier, report = fit_reward_classifier(pairs, spec, seed=17)
+domain, classifier, prior, pool = celltype_value_setup(8192)
 reward = LogLikelihoodReward([classifier])
-prior = LabelPrior.from_labels([pairs.y], [4])
-x_train = domain.training_data()
-pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:8192]]
 pre = domain.pretrained_model()
 sde = domain.sde
 value_net = DenoisedRewardValue(pre, sde, [classifier], torch.arange(4)[:, None])

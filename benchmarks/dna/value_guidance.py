@@ -12,20 +12,22 @@ can reach by distilling grad V is at most this.
 classifier at the pre-trained denoiser's estimate, its scale a(t) and offsets fitted) and prints the fitted a(t).
 """
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from ctrl_bio.estimators import Objective, Problem, SoftValue
 from ctrl_bio.estimators.soft_value import DenoisedRewardValue
-from ctrl_bio.labels import fit_reward_classifier, load_label
-from ctrl_bio.reward import LabelPrior, LogLikelihoodReward
+from ctrl_bio.reward import LogLikelihoodReward
 from ctrl_bio.rows import balanced_requests
 from ctrl_bio.sampling import euler_maruyama, time_grid
-from domains.dna.domain import DNADomain
 from domains.dna.oracle import load_oracle
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tilted_target import celltype_value_setup  # noqa: E402
+
 from domains.dna.suite import NoisySequenceCNN
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,16 +43,8 @@ parser.add_argument("--pool-size", type=int, default=8192, help="training sequen
 args = parser.parse_args()
 torch.set_num_threads(1)
 torch.manual_seed(0)
-ROOT = Path(__file__).resolve().parents[2]
-domain = DNADomain()
-spec = yaml.safe_load(open(ROOT / "configs/label/celltype.yaml"))
-spec["pairs"]["n"] = 7877
-pairs = load_label(spec, domain=domain, seed=7919)
-classifier, report = fit_reward_classifier(pairs, spec, seed=17)
+domain, classifier, prior, pool = celltype_value_setup(args.pool_size)
 reward = LogLikelihoodReward([classifier])
-prior = LabelPrior.from_labels([pairs.y], [4])
-x_train = domain.training_data()
-pool = x_train[torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(7100))[:args.pool_size]]
 model = domain.augment(domain.pretrained_model(), [4]).eval()
 problem = Problem(model, domain.sde, reward, prior, domain.x_shape, Objective(gamma=args.gamma), n_steps=50)
 if args.value_model == "denoised_reward":
