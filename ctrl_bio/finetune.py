@@ -282,6 +282,9 @@ def build_phases(estimator: str = "score_matching", *, warm_start: bool = False,
         raise ValueError(f"estimator must be one of {', '.join(known)}, got {estimator!r}")
     if estimator in ALIASES:
         estimator, warm_start = ALIASES[estimator], True
+    if estimator != "soft_value" and value_distill != "pool":
+        raise ValueError(f"value_distill={value_distill!r} is a setting of the soft_value estimator, "
+                         f"not of {estimator!r}")
     score_matching = ScoreMatching(steps=sm_steps, batch_size=sm_batch_size, lr=sm_lr, pool_size=pool_size,
                                    pool_x0=pool_x0, target=sm_target, spacing=sm_spacing)
     main = {"score_matching": lambda: score_matching,

@@ -75,6 +75,9 @@ def test_every_estimator_name_is_accepted_by_finetune_and_unknown_ones_are_refus
                  sm_steps=1, value_steps=1, batch_size=4, sm_batch_size=4, pool_size=16, n_steps=4, eval_every=10,
                  eval_batch_size=4,
                  progress=False)
+    with pytest.raises(ValueError, match="setting of the soft_value estimator"):
+        finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator="pathwise",
+                 value_distill="none", progress=False)
     with pytest.raises(ValueError, match="adjoint_matching"):
         finetune(model, tb.sde, LogLikelihoodReward([label.log_prob]), prior, (2,), estimator="adjoint", progress=False)
 
