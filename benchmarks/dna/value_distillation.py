@@ -7,9 +7,18 @@ into the label pathway? A probe of where in t the control matters and where the 
 3. Distils grad V into the suite's pathway on the guided states with the loss weighted by sigma_t^2 (the library's
    noise units) or by beta_t (the path KL's own weighting, KL = E int beta_t / 2 ||u - u*||^2 dt for the VP-SDE),
    and reports per t bin the relative fit error on held-out guided states, the KL between the distilled and the
-   guided sampler along those paths, and the distilled sampler's oracle accuracy.
+   guided sampler along those paths, the same error on the states it was fitted on, and the distilled sampler's
+   oracle accuracy. Before that it prints what grad V looks like at t in [0.1, 0.3): how much of it sits on a few
+   positions and how alike two states' controls are.
+
+``--target label_constant`` replaces grad V by a fixed random control per label of about its size (a control on
+the pathway: one that cannot fit even that is broken); ``--t-range`` fits on the states of one range of t only. The
+recorded runs (benchmarks/dna/README.md, output in benchmarks/estimators/probes/dna_value_distillation/):
 
     python benchmarks/dna/value_distillation.py --weighting sigma2 beta --steps 400
+    python benchmarks/dna/value_distillation.py --weighting sigma2 --steps 1500 --lr 5e-3 --cut
+    python benchmarks/dna/value_distillation.py --target label_constant --weighting sigma2 --steps 300 \
+        --batch-size 64 --lr 2e-4 --t-range 0.1 0.3 --cut
 """
 import argparse
 import sys
