@@ -38,7 +38,6 @@ from ctrl_bio.harness import Row
 from ctrl_bio.label_space import CategoricalLabels
 from ctrl_bio.labels import LabelledPairs, evaluation_log_prob, fit_reward_classifiers, load_label
 from ctrl_bio.metrics import label_metrics, objective_metrics  # noqa: F401  (the suites import them from here)
-from ctrl_bio.model import NULL_LABEL
 from ctrl_bio.objective import Objective, WeightedPool
 from ctrl_bio.optimum import add_fraction_of_optimum, ctrl_pool, draw_tilted
 from ctrl_bio.plots import plot_fraction_of_optimum, plot_reward_vs_queries, plot_training_curves
@@ -331,8 +330,8 @@ class RowRunner(BaselineRows):
             n_classes = self.label_prior().n_classes
 
             def controlled(w: float) -> Callable[[Tensor], ScoreFn]:
-                return lambda y: value_guided_score(lambda x, t: model(x, t, torch.full_like(y, NULL_LABEL)),
-                                                    settings["value_net"], n_classes, y, w)
+                # The frozen network itself for s_pre: the untrained pathway adds nothing but its own cost per step.
+                return lambda y: value_guided_score(ctx.pretrained, settings["value_net"], n_classes, y, w)
         else:
             score_evals = ctx.n_steps
 

@@ -67,7 +67,7 @@ problem = Problem(domain.augment(pre, [4]).eval(), sde, reward, prior, domain.x_
                   n_steps=50)
 cache = Path(args.cache)
 if cache.exists():
-    state = torch.load(cache)
+    state = torch.load(cache, weights_only=True)
     value_net.calibration.load_state_dict(state["calibration"])
     sv.value_net = value_net.eval().requires_grad_(False)
     sv.guided = GuidedStates(**state["guided"])
